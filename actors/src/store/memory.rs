@@ -1,0 +1,177 @@
+//! The in-memory store: the embedded single-node default and the store of unit
+//! tests. Same semantics as the Redis store (epochs, fencing, time to live), none
+//! of its durability: everything is gone with the process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::{self, BoxFuture, FutureExt};
+
+use super::{Activation, CheckpointStore, StoreError};
+use crate::ids::SessionId;
+
+#[derive(Debug)]
+struct Entry {
+    epoch: u64,
+    /// `None`: a tombstone (deleted session) or an id that was created but never saved.
+    bytes: Option<Vec<u8>>,
+    expires: Instant,
+}
+
+/// An in-process checkpoint store.
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    // A std mutex: every critical section is a map operation, never an await.
+    map: Arc<Mutex<HashMap<SessionId, Entry>>>,
+    ttl: Duration,
+}
+
+impl MemoryStore {
+    /// A store whose sessions expire `ttl` after their last write.
+    pub fn new(ttl: Duration) -> Self {
+        MemoryStore {
+            map: Arc::default(),
+            ttl,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<SessionId, Entry>, Instant) -> T) -> T {
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Expire lazily, like Redis does on access; a sweep keeps memory bounded.
+        if map.len() % 1024 == 0 {
+            map.retain(|_, e| e.expires > now);
+        }
+        f(&mut map, now)
+    }
+
+    fn live<'m>(map: &'m mut HashMap<SessionId, Entry>, id: &SessionId, now: Instant) -> Option<&'m mut Entry> {
+        map.get_mut(id).filter(|e| e.expires > now)
+    }
+}
+
+impl CheckpointStore for MemoryStore {
+    fn activate(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<Activation>, StoreError>> {
+        let ttl = self.ttl;
+        let r = self.with(|map, now| {
+            let e = Self::live(map, id, now)?;
+            let bytes = e.bytes.clone()?;
+            e.epoch += 1;
+            e.expires = now + ttl;
+            Some(Activation {
+                epoch: e.epoch,
+                checkpoint: bytes,
+            })
+        });
+        future::ready(Ok(r)).boxed()
+    }
+
+    fn create(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
+        let ttl = self.ttl;
+        let epoch = self.with(|map, now| {
+            let prev = Self::live(map, id, now).map_or(0, |e| e.epoch);
+            let e = Entry {
+                epoch: prev + 1,
+                bytes: None,
+                expires: now + ttl,
+            };
+            let epoch = e.epoch;
+            map.insert(id.clone(), e);
+            epoch
+        });
+        future::ready(Ok(epoch)).boxed()
+    }
+
+    fn save(&self, id: &SessionId, epoch: u64, bytes: Vec<u8>) -> BoxFuture<'static, Result<(), StoreError>> {
+        let ttl = self.ttl;
+        let r = self.with(|map, now| {
+            let stored = Self::live(map, id, now).map_or(0, |e| e.epoch);
+            if epoch < stored {
+                return Err(StoreError::Fenced { stored, ours: epoch });
+            }
+            map.insert(
+                id.clone(),
+                Entry {
+                    epoch,
+                    bytes: Some(bytes),
+                    expires: now + ttl,
+                },
+            );
+            Ok(())
+        });
+        future::ready(r).boxed()
+    }
+
+    fn delete(&self, id: &SessionId, epoch: u64) -> BoxFuture<'static, Result<(), StoreError>> {
+        let ttl = self.ttl;
+        let r = self.with(|map, now| {
+            let stored = Self::live(map, id, now).map_or(0, |e| e.epoch);
+            if epoch < stored {
+                return Err(StoreError::Fenced { stored, ours: epoch });
+            }
+            map.insert(
+                id.clone(),
+                Entry {
+                    epoch: epoch + 1,
+                    bytes: None,
+                    expires: now + ttl,
+                },
+            );
+            Ok(())
+        });
+        future::ready(r).boxed()
+    }
+
+    fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        future::ready(Ok(())).boxed()
+    }
+
+    fn is_durable(&self) -> bool {
+        false
+    }
+
+    fn describe(&self) -> String {
+        "memory (not durable)".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn epochs_fence_and_delete_tombstones() {
+        let s = MemoryStore::new(Duration::from_secs(60));
+        let id = SessionId::random();
+        assert_eq!(s.activate(&id).await.unwrap(), None);
+        let e1 = s.create(&id).await.unwrap();
+        assert_eq!(s.activate(&id).await.unwrap(), None, "created but never saved");
+        s.save(&id, e1, b"one".to_vec()).await.unwrap();
+        let a = s.activate(&id).await.unwrap().unwrap();
+        assert!(a.epoch > e1);
+        assert_eq!(a.checkpoint, b"one");
+        assert!(matches!(
+            s.save(&id, e1, b"stale".to_vec()).await,
+            Err(StoreError::Fenced { .. })
+        ));
+        s.save(&id, a.epoch, b"two".to_vec()).await.unwrap();
+        assert!(matches!(s.delete(&id, e1).await, Err(StoreError::Fenced { .. })));
+        s.delete(&id, a.epoch).await.unwrap();
+        assert_eq!(s.activate(&id).await.unwrap(), None);
+        assert!(matches!(
+            s.save(&id, a.epoch, b"zombie".to_vec()).await,
+            Err(StoreError::Fenced { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn sessions_expire() {
+        let s = MemoryStore::new(Duration::from_millis(20));
+        let id = SessionId::random();
+        let e = s.create(&id).await.unwrap();
+        s.save(&id, e, b"x".to_vec()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(s.activate(&id).await.unwrap(), None);
+    }
+}

@@ -1,0 +1,372 @@
+//! The Redis checkpoint store (crate `redis` 1.x on tokio, `ConnectionManager`).
+//!
+//! Keys, per session id `ID`, both carrying the hash tag `{ID}` so they live in
+//! the same Redis Cluster slot and one script can touch both:
+//! - `<prefix>:{ID}:ck`: the checkpoint envelope (see [`crate::codec`]);
+//! - `<prefix>:{ID}:ep`: the session's epoch, an integer.
+//!
+//! Every write goes through one Lua script that refuses an epoch older than the
+//! stored one; both keys expire together `session_ttl` after the last write.
+//!
+//! Writes are **group-committed**: every `save` of every session on the node goes
+//! into one queue; a batcher task takes whatever is queued (up to `batch_max`,
+//! optionally waiting `batch_delay` for more) and sends it as one pipeline, with
+//! at most `max_inflight` pipelines outstanding. Under load the queue grows while
+//! pipelines are in flight, so batches grow by themselves and the round trip is
+//! paid once per batch, not once per op; when idle a write leaves at once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::{BoxFuture, FutureExt};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::{Activation, CheckpointStore, StoreError};
+use crate::ids::SessionId;
+
+/// Activation: read the checkpoint and, if there is one, take the next epoch.
+const ACTIVATE_LUA: &str = r"
+local ck = redis.call('GET', KEYS[1])
+if not ck then return false end
+local e = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return {e, ck}
+";
+
+/// Creation: take the first epoch of a new id.
+const CREATE_LUA: &str = r"
+local e = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return e
+";
+
+/// Fenced write. Returns 0 when written, else the newer stored epoch.
+const SAVE_LUA: &str = r"
+local stored = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[1]) < stored then return stored end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+return 0
+";
+
+/// Fenced delete; leaves epoch + 1 behind as a tombstone.
+const DELETE_LUA: &str = r"
+local stored = tonumber(redis.call('GET', KEYS[2]) or '0')
+local e = tonumber(ARGV[1])
+if e < stored then return stored end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], string.format('%d', e + 1), 'PX', ARGV[2])
+return 0
+";
+
+/// Settings of the Redis store.
+#[derive(Debug, Clone)]
+pub struct RedisStoreConfig {
+    /// `redis://[user:pass@]host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// Sessions expire this long after their last write.
+    pub session_ttl: Duration,
+    /// Longest wait for any Redis answer; past it the op answers `unavailable`.
+    pub op_timeout: Duration,
+    /// Most writes in one pipeline.
+    pub batch_max: usize,
+    /// How long a batch that is not full waits for more writes (zero: send what
+    /// is queued at once; batches still grow under load).
+    pub batch_delay: Duration,
+    /// Most pipelines in flight at once.
+    pub max_inflight: usize,
+}
+
+struct SaveReq {
+    ck_key: String,
+    ep_key: String,
+    epoch: u64,
+    bytes: Vec<u8>,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+struct Scripts {
+    activate: Script,
+    create: Script,
+    save: Script,
+    delete: Script,
+}
+
+/// The Redis store. Cheap to clone; the batcher task ends when the last clone is
+/// dropped.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    queue: mpsc::Sender<SaveReq>,
+    cfg: Arc<RedisStoreConfig>,
+    target: String,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn count_error(op: &'static str) {
+    metrics::counter!("berth_store_errors_total", "op" => op).increment(1);
+}
+
+impl RedisStore {
+    /// Connects lazily (the node starts even while Redis is down and becomes
+    /// ready when it answers) and starts the batcher on the current tokio runtime.
+    pub fn new(cfg: RedisStoreConfig) -> Result<Self, StoreError> {
+        let client = redis::Client::open(cfg.url.as_str())
+            .map_err(|e| StoreError::Unavailable(format!("bad redis url: {e}")))?;
+        let info = client.get_connection_info();
+        let target = format!("redis {}", info.addr());
+        let mcfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.op_timeout))
+            .set_response_timeout(Some(cfg.op_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, mcfg).map_err(unavailable)?;
+        let scripts = Arc::new(Scripts {
+            activate: Script::new(ACTIVATE_LUA),
+            create: Script::new(CREATE_LUA),
+            save: Script::new(SAVE_LUA),
+            delete: Script::new(DELETE_LUA),
+        });
+        let (queue, rx) = mpsc::channel(cfg.batch_max.max(1) * cfg.max_inflight.max(1) * 8);
+        let cfg = Arc::new(cfg);
+        tokio::spawn(run_batcher(rx, conn.clone(), scripts.clone(), cfg.clone()));
+        Ok(RedisStore {
+            conn,
+            scripts,
+            queue,
+            cfg,
+            target,
+        })
+    }
+
+    fn keys(&self, id: &SessionId) -> (String, String) {
+        let p = &self.cfg.key_prefix;
+        (format!("{p}:{{{id}}}:ck"), format!("{p}:{{{id}}}:ep"))
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.cfg.session_ttl.as_millis() as u64
+    }
+
+    async fn timed<T>(
+        op_timeout: Duration,
+        what: &'static str,
+        fut: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(op_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                count_error(what);
+                Err(unavailable(e))
+            }
+            Err(_) => {
+                count_error(what);
+                Err(StoreError::Unavailable(format!(
+                    "no answer from redis within {op_timeout:?}"
+                )))
+            }
+        }
+    }
+}
+
+fn fenced(stored: u64, ours: u64) -> Result<(), StoreError> {
+    if stored == 0 {
+        Ok(())
+    } else {
+        metrics::counter!("berth_fenced_writes_total").increment(1);
+        Err(StoreError::Fenced { stored, ours })
+    }
+}
+
+impl CheckpointStore for RedisStore {
+    fn activate(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<Activation>, StoreError>> {
+        let (ck, ep) = self.keys(id);
+        let (mut conn, scripts, ttl, t) = (self.conn.clone(), self.scripts.clone(), self.ttl_ms(), self.cfg.op_timeout);
+        async move {
+            let r: Option<(u64, Vec<u8>)> = Self::timed(
+                t,
+                "activate",
+                scripts.activate.key(ck).key(ep).arg(ttl).invoke_async(&mut conn),
+            )
+            .await?;
+            Ok(r.map(|(epoch, checkpoint)| Activation { epoch, checkpoint }))
+        }
+        .boxed()
+    }
+
+    fn create(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
+        let (_, ep) = self.keys(id);
+        let (mut conn, scripts, ttl, t) = (self.conn.clone(), self.scripts.clone(), self.ttl_ms(), self.cfg.op_timeout);
+        async move {
+            Self::timed(t, "create", scripts.create.key(ep).arg(ttl).invoke_async(&mut conn)).await
+        }
+        .boxed()
+    }
+
+    fn save(&self, id: &SessionId, epoch: u64, bytes: Vec<u8>) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (ck_key, ep_key) = self.keys(id);
+        let (tx, rx) = oneshot::channel();
+        let req = SaveReq {
+            ck_key,
+            ep_key,
+            epoch,
+            bytes,
+            reply: tx,
+        };
+        let queue = self.queue.clone();
+        let t = self.cfg.op_timeout;
+        async move {
+            let sent = tokio::time::timeout(t, queue.send(req)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                count_error("save");
+                return Err(StoreError::Unavailable("checkpoint queue is full or closed".into()));
+            }
+            // The batcher answers every request (its pipeline has its own timeout);
+            // the outer bound only guards against a lost reply.
+            match tokio::time::timeout(t * 2 + Duration::from_millis(100), rx).await {
+                Ok(Ok(r)) => r,
+                _ => Err(StoreError::Unavailable("checkpoint not confirmed in time".into())),
+            }
+        }
+        .boxed()
+    }
+
+    fn delete(&self, id: &SessionId, epoch: u64) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (ck, ep) = self.keys(id);
+        let (mut conn, scripts, ttl, t) = (self.conn.clone(), self.scripts.clone(), self.ttl_ms(), self.cfg.op_timeout);
+        async move {
+            let stored: u64 = Self::timed(
+                t,
+                "delete",
+                scripts.delete.key(ck).key(ep).arg(epoch).arg(ttl).invoke_async(&mut conn),
+            )
+            .await?;
+            fenced(stored, epoch)
+        }
+        .boxed()
+    }
+
+    fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (mut conn, t) = (self.conn.clone(), self.cfg.op_timeout);
+        async move {
+            let _: String = Self::timed(t, "ping", redis::cmd("PING").query_async(&mut conn)).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn is_durable(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> String {
+        self.target.clone()
+    }
+}
+
+async fn run_batcher(
+    mut rx: mpsc::Receiver<SaveReq>,
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    cfg: Arc<RedisStoreConfig>,
+) {
+    let inflight = Arc::new(Semaphore::new(cfg.max_inflight.max(1)));
+    let max = cfg.batch_max.max(1);
+    // Ends when every RedisStore clone (every sender) is gone.
+    while let Some(first) = rx.recv().await {
+        // Wait for a pipeline slot first: whatever queues meanwhile joins this batch.
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            break;
+        };
+        let mut batch = Vec::with_capacity(max.min(64));
+        batch.push(first);
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        if batch.len() < max && !cfg.batch_delay.is_zero() {
+            let deadline = tokio::time::sleep(cfg.batch_delay);
+            tokio::pin!(deadline);
+            while batch.len() < max {
+                tokio::select! {
+                    r = rx.recv() => match r { Some(r) => batch.push(r), None => break },
+                    _ = &mut deadline => break,
+                }
+            }
+        }
+        let (conn, scripts, cfg) = (conn.clone(), scripts.clone(), cfg.clone());
+        tokio::spawn(async move {
+            flush(conn, &scripts, &cfg, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn flush(mut conn: ConnectionManager, scripts: &Scripts, cfg: &RedisStoreConfig, batch: Vec<SaveReq>) {
+    let started = Instant::now();
+    let ttl = cfg.session_ttl.as_millis() as u64;
+    let mut pipe = redis::pipe();
+    for r in &batch {
+        pipe.invoke_script(
+            scripts
+                .save
+                .key(&r.ck_key)
+                .key(&r.ep_key)
+                .arg(r.epoch)
+                .arg(&r.bytes[..])
+                .arg(ttl),
+        );
+    }
+    let mut result = RedisStore::timed(cfg.op_timeout, "save", pipe.query_async::<Vec<u64>>(&mut conn)).await;
+    if let Err(StoreError::Unavailable(msg)) = &result {
+        // Redis forgets scripts on restart: load it and send the batch again.
+        // NOSCRIPT means no command of the pipeline ran, so the retry is safe.
+        if msg.contains("NOSCRIPT") || msg.contains("NoScript") {
+            let loaded = RedisStore::timed(
+                cfg.op_timeout,
+                "save",
+                scripts.save.prepare_invoke().load_async(&mut conn),
+            )
+            .await;
+            if loaded.is_ok() {
+                result = RedisStore::timed(cfg.op_timeout, "save", pipe.query_async::<Vec<u64>>(&mut conn)).await;
+            }
+        }
+    }
+    metrics::histogram!("berth_checkpoint_batch_size").record(batch.len() as f64);
+    metrics::histogram!("berth_checkpoint_batch_seconds").record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(stored) if stored.len() == batch.len() => {
+            for (r, stored) in batch.into_iter().zip(stored) {
+                let _ = r.reply.send(fenced(stored, r.epoch));
+            }
+        }
+        Ok(other) => {
+            let e = StoreError::Unavailable(format!(
+                "redis answered {} results for {} writes",
+                other.len(),
+                batch.len()
+            ));
+            for r in batch {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, writes = batch.len(), "checkpoint batch failed");
+            for r in batch {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}

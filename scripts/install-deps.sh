@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Installs what berth's tests need on a fresh Debian 12 machine, idempotently:
+#   - Debian's `redis-server` (system package; the tests start their own instances)
+#   - Consul 1.8.7, the last open-source line, from Debian 11's `consul` package.
+#     Debian 12 has none, so the .deb is fetched with `apt-get download` through a
+#     temporary sources list for the `bullseye` suite (built from this machine's own
+#     Debian mirror) and its single binary is unpacked with `dpkg -x` into
+#     `.tools/` (git-ignored). The system's apt configuration is left untouched.
+# Usage: scripts/install-deps.sh        (run as root, or with sudo available)
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+tools="$root/.tools"
+consul_bin="$tools/bin/consul"
+consul_version="1.8.7"
+
+sudo_cmd=()
+if [ "$(id -u)" -ne 0 ]; then sudo_cmd=(sudo); fi
+
+apt_updated=0
+apt_update_once() {
+  if [ "$apt_updated" -eq 0 ]; then
+    "${sudo_cmd[@]}" apt-get update -qq
+    apt_updated=1
+  fi
+}
+
+# --- redis-server ----------------------------------------------------------
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "install-deps: installing redis-server (Debian package)"
+  apt_update_once
+  # The package's postinst tries to start a system service; there may be no init
+  # system here, and the tests never use that instance, so refuse service starts.
+  policy=/usr/sbin/policy-rc.d
+  created_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee "$policy" >/dev/null
+    "${sudo_cmd[@]}" chmod +x "$policy"
+    created_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends redis-server redis-tools
+  if [ "$created_policy" -eq 1 ]; then "${sudo_cmd[@]}" rm -f "$policy"; fi
+fi
+echo "install-deps: $(redis-server --version | head -n1)"
+
+# --- consul 1.8.7 from Debian 11 -------------------------------------------
+if [ -x "$consul_bin" ] && "$consul_bin" version 2>/dev/null | grep -q "v$consul_version"; then
+  echo "install-deps: consul $consul_version already in $consul_bin"
+else
+  echo "install-deps: fetching consul $consul_version from Debian 11 (bullseye)"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  # Reuse the Debian mirror this machine is already configured with.
+  mirror="$(grep -hoE '^(URIs:|deb)[[:space:]]+[^ ]+' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+    | awk '{print $2}' | grep -E '/debian/?$' | head -n1 || true)"
+  if [ -z "$mirror" ]; then
+    echo "install-deps: no Debian mirror found in /etc/apt sources; cannot fetch consul" >&2
+    exit 1
+  fi
+  mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/parts"
+  chmod -R a+rwX "$work"  # apt drops to the _apt user for downloads
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${mirror%/} bullseye main" >"$work/sources.list"
+  apt_opts=(
+    -o "Dir::Etc::SourceList=$work/sources.list"
+    -o "Dir::Etc::SourceParts=$work/parts"
+    -o "Dir::State::Lists=$work/lists"
+    -o "Dir::Cache=$work/cache"
+    -o "Dir::State::Status=/var/lib/dpkg/status"
+    -o "Acquire::Languages=none"
+  )
+  "${sudo_cmd[@]}" apt-get "${apt_opts[@]}" update -qq
+  (cd "$work" && "${sudo_cmd[@]}" apt-get "${apt_opts[@]}" download "consul=$consul_version*")
+  deb="$(ls "$work"/consul_*.deb | head -n1)"
+  dpkg -x "$deb" "$work/root"
+  mkdir -p "$tools/bin"
+  install -m 0755 "$work/root/usr/bin/consul" "$consul_bin"
+fi
+echo "install-deps: $("$consul_bin" version | head -n1) at $consul_bin"
