@@ -104,7 +104,7 @@ impl OpCtx<'_> {
 /// An application: the meaning of ops and the encoding of state.
 pub trait Application: Send + Sync + 'static {
     /// One session's state.
-    type State: Clone + Default + Send + 'static;
+    type State: Clone + Default + Send + Unpin + 'static;
 
     /// Whether `op` never changes state. Reads skip the snapshot taken before an
     /// op and are never checkpointed.

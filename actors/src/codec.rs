@@ -179,7 +179,10 @@ mod tests {
     #[test]
     fn truncated_and_empty_are_corrupt() {
         let bytes = encode(&sample());
-        assert!(matches!(decode(&bytes[..bytes.len() / 2]), Err(CodecError::Corrupt(_))));
+        assert!(matches!(
+            decode(&bytes[..bytes.len() / 2]),
+            Err(CodecError::Corrupt(_))
+        ));
         assert!(matches!(decode(&[]), Err(CodecError::Corrupt(_))));
     }
 

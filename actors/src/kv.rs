@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::app::{AppError, Applied, Application, OpCtx};
+use crate::app::{AppError, Application, Applied, OpCtx};
 use crate::protocol::ErrorCode;
 
 /// The `kv` application.
@@ -13,7 +13,9 @@ use crate::protocol::ErrorCode;
 pub struct KvApp;
 
 /// The ops `kv` knows, as metric labels.
-const OPS: [&str; 8] = ["get", "set", "del", "incr", "append", "state", "emit", "echo"];
+const OPS: [&str; 8] = [
+    "get", "set", "del", "incr", "append", "state", "emit", "echo",
+];
 
 fn args_obj<'a>(args: &'a Value) -> Result<&'a Map<String, Value>, AppError> {
     args.as_object()
@@ -82,9 +84,9 @@ impl Application for KvApp {
                         )
                     })?,
                 };
-                let new = cur.checked_add(by).ok_or_else(|| {
-                    AppError::new(ErrorCode::TypeMismatch, "integer overflow")
-                })?;
+                let new = cur
+                    .checked_add(by)
+                    .ok_or_else(|| AppError::new(ErrorCode::TypeMismatch, "integer overflow"))?;
                 state.insert(k.to_owned(), Value::from(new));
                 Ok(Applied::write(Value::from(new)))
             }

@@ -1,8 +1,49 @@
-//! Sessions for berth: one actor per live session.
+//! Sessions for berth: one actor per live session, the wire protocol, the
+//! application trait, and the checkpoint stores that let a session outlive its
+//! node.
+//!
+//! This crate knows nothing of WebSockets, Consul or the ring: the edge (the
+//! `berth` binary) feeds it protocol messages, and the cluster layer decides
+//! which node hosts which session.
+//!
+//! # Layout
+//! - [`protocol`]: client <-> server message types, error codes, close codes.
+//! - [`ids`]: session ids and resume tokens (random, hashed, constant-time compare).
+//! - [`app`]: the [`app::Application`] trait: what ops mean, how state is encoded.
+//! - [`kv`]: the built-in `kv` application.
+//! - [`state`]: [`state::SessionState`], the pure rules of a session (dedupe,
+//!   versions, outbox), tested without actix.
+//! - [`codec`]: the versioned checkpoint envelope (bincode 2.0.1).
+//! - [`store`]: the [`store::CheckpointStore`] trait, the Redis and in-memory stores.
+//! - [`conn`]: the channel between a session actor and a client connection.
+//! - [`session`]: the session actor (actix), a thin shell around `SessionState`.
+//! - [`host`]: the registry of live session actors on this node.
+//!
+//! # Supervision tree
+//! ```text
+//! actix System (berth binary)
+//! ├── Redis store batcher task ── ends when the last store handle is dropped
+//! └── HTTP worker arbiters (one per core)
+//!     ├── connection tasks (edge) ── one per WebSocket; detach from their actor on exit
+//!     └── SessionActor, one per live session, started on the arbiter of the
+//!         connection that activated it; registered in the Host
+//! ```
+//! Nobody restarts a session actor: its state is in its checkpoint, so an actor
+//! that stops for any reason (passivation, fencing, shutdown, a panic that takes
+//! its arbiter) is re-activated from the store by the next `hello` for it.
+//! [`host::Host::shutdown`] stops them all: final checkpoint, close the client,
+//! within a deadline.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod app;
 pub mod codec;
+pub mod conn;
+pub mod host;
 pub mod ids;
 pub mod kv;
 pub mod protocol;
+pub mod session;
 pub mod state;
 pub mod store;

@@ -321,17 +321,46 @@ mod tests {
     #[test]
     fn every_kv_op() {
         let mut s = fresh();
-        assert_eq!(op(&mut s, 1, "get", json!({"key":"a"})).reply.value, Some(Value::Null));
+        assert_eq!(
+            op(&mut s, 1, "get", json!({"key":"a"})).reply.value,
+            Some(Value::Null)
+        );
         let o = op(&mut s, 2, "set", json!({"key":"a","value":"x"}));
         assert!(o.undo.is_some());
         assert_eq!(o.reply.value, Some(Value::Null));
         assert_eq!(o.reply.version, 1);
-        assert_eq!(op(&mut s, 3, "set", json!({"key":"a","value":5})).reply.value, Some(json!("x")));
-        assert_eq!(op(&mut s, 4, "incr", json!({"key":"a","by":-7})).reply.value, Some(json!(-2)));
-        assert_eq!(op(&mut s, 5, "incr", json!({"key":"n"})).reply.value, Some(json!(1)));
-        assert_eq!(op(&mut s, 6, "append", json!({"key":"l","value":1})).reply.value, Some(json!(1)));
-        assert_eq!(op(&mut s, 7, "append", json!({"key":"l","value":[2]})).reply.value, Some(json!(2)));
-        assert_eq!(op(&mut s, 8, "del", json!({"key":"n"})).reply.value, Some(json!(1)));
+        assert_eq!(
+            op(&mut s, 3, "set", json!({"key":"a","value":5}))
+                .reply
+                .value,
+            Some(json!("x"))
+        );
+        assert_eq!(
+            op(&mut s, 4, "incr", json!({"key":"a","by":-7}))
+                .reply
+                .value,
+            Some(json!(-2))
+        );
+        assert_eq!(
+            op(&mut s, 5, "incr", json!({"key":"n"})).reply.value,
+            Some(json!(1))
+        );
+        assert_eq!(
+            op(&mut s, 6, "append", json!({"key":"l","value":1}))
+                .reply
+                .value,
+            Some(json!(1))
+        );
+        assert_eq!(
+            op(&mut s, 7, "append", json!({"key":"l","value":[2]}))
+                .reply
+                .value,
+            Some(json!(2))
+        );
+        assert_eq!(
+            op(&mut s, 8, "del", json!({"key":"n"})).reply.value,
+            Some(json!(1))
+        );
         let st = op(&mut s, 9, "state", Value::Null);
         assert_eq!(st.reply.value, Some(json!({"a":-2,"l":[1,[2]]})));
         assert!(st.undo.is_none());
@@ -348,14 +377,29 @@ mod tests {
         op(&mut s, 1, "set", json!({"key":"s","value":"str"}));
         let before = s.app.clone();
         let code = |o: Outcome<_>| o.reply.error.unwrap().code;
-        assert_eq!(code(op(&mut s, 2, "incr", json!({"key":"s"}))), ErrorCode::TypeMismatch);
-        assert_eq!(code(op(&mut s, 3, "append", json!({"key":"s","value":1}))), ErrorCode::TypeMismatch);
+        assert_eq!(
+            code(op(&mut s, 2, "incr", json!({"key":"s"}))),
+            ErrorCode::TypeMismatch
+        );
+        assert_eq!(
+            code(op(&mut s, 3, "append", json!({"key":"s","value":1}))),
+            ErrorCode::TypeMismatch
+        );
         assert_eq!(code(op(&mut s, 4, "nope", json!({}))), ErrorCode::UnknownOp);
-        assert_eq!(code(op(&mut s, 5, "set", json!({"key":1}))), ErrorCode::BadArgs);
+        assert_eq!(
+            code(op(&mut s, 5, "set", json!({"key":1}))),
+            ErrorCode::BadArgs
+        );
         assert_eq!(code(op(&mut s, 6, "set", json!("x"))), ErrorCode::BadArgs);
-        assert_eq!(code(op(&mut s, 7, "incr", json!({"key":"n","by":"x"}))), ErrorCode::BadArgs);
+        assert_eq!(
+            code(op(&mut s, 7, "incr", json!({"key":"n","by":"x"}))),
+            ErrorCode::BadArgs
+        );
         op(&mut s, 8, "set", json!({"key":"big","value":i64::MAX}));
-        assert_eq!(code(op(&mut s, 9, "incr", json!({"key":"big"}))), ErrorCode::TypeMismatch);
+        assert_eq!(
+            code(op(&mut s, 9, "incr", json!({"key":"big"}))),
+            ErrorCode::TypeMismatch
+        );
         s.app.remove("big");
         assert_eq!(s.app, before);
         // Deterministic failures consume the id; the retry gets the same answer.
@@ -371,10 +415,24 @@ mod tests {
             max_state_bytes: 50,
             ..Limits::default()
         };
-        let ok = s.apply(&KvApp, 1, "set", &json!({"key":"a","value":"x"}), 0, &limits);
+        let ok = s.apply(
+            &KvApp,
+            1,
+            "set",
+            &json!({"key":"a","value":"x"}),
+            0,
+            &limits,
+        );
         assert!(ok.reply.ok);
         let big = "y".repeat(100);
-        let o = s.apply(&KvApp, 2, "set", &json!({"key":"b","value":big}), 0, &limits);
+        let o = s.apply(
+            &KvApp,
+            2,
+            "set",
+            &json!({"key":"b","value":big}),
+            0,
+            &limits,
+        );
         assert_eq!(o.reply.error.unwrap().code, ErrorCode::TooLarge);
         assert!(o.undo.is_none());
         assert_eq!(s.app.len(), 1);
@@ -403,18 +461,35 @@ mod tests {
     fn events_wait_their_turn_and_ack_trims() {
         let mut s = fresh();
         let limits = Limits::default();
-        let a = s.apply(&KvApp, 1, "emit", &json!({"body":"late","delay_ms":500}), 1_000, &limits);
+        let a = s.apply(
+            &KvApp,
+            1,
+            "emit",
+            &json!({"body":"late","delay_ms":500}),
+            1_000,
+            &limits,
+        );
         assert_eq!(a.reply.value, Some(json!(1)));
         let b = s.apply(&KvApp, 2, "emit", &json!({"body":"now"}), 1_000, &limits);
         assert_eq!(b.reply.value, Some(json!(2)));
-        assert_eq!(s.outbox.due_after(0, 1_000).count(), 0, "seq 2 waits for seq 1");
+        assert_eq!(
+            s.outbox.due_after(0, 1_000).count(),
+            0,
+            "seq 2 waits for seq 1"
+        );
         assert_eq!(s.outbox.next_due_after(0), Some(1_500));
         let due: Vec<u64> = s.outbox.due_after(0, 1_500).map(|e| e.seq).collect();
         assert_eq!(due, vec![1, 2]);
-        assert!(!s.outbox.ack(2, 1_200), "undelivered events cannot be acked");
+        assert!(
+            !s.outbox.ack(2, 1_200),
+            "undelivered events cannot be acked"
+        );
         assert!(s.outbox.ack(1, 1_600));
         assert_eq!(s.outbox.len(), 1);
-        assert_eq!(s.outbox.due_after(1, 1_600).next().unwrap().body, json!("now"));
+        assert_eq!(
+            s.outbox.due_after(1, 1_600).next().unwrap().body,
+            json!("now")
+        );
     }
 
     #[test]
@@ -425,20 +500,29 @@ mod tests {
             ..Limits::default()
         };
         for id in 1..=2 {
-            assert!(s.apply(&KvApp, id, "emit", &json!({"body":id}), 0, &limits).reply.ok);
+            assert!(
+                s.apply(&KvApp, id, "emit", &json!({"body":id}), 0, &limits)
+                    .reply
+                    .ok
+            );
         }
-        let r = s.apply(&KvApp, 3, "emit", &json!({"body":3}), 0, &limits).reply;
+        let r = s
+            .apply(&KvApp, 3, "emit", &json!({"body":3}), 0, &limits)
+            .reply;
         assert_eq!(r.error.unwrap().code, ErrorCode::RateLimited);
         assert_eq!(s.last_op, 2);
         s.outbox.ack(2, 0);
-        let r = s.apply(&KvApp, 3, "emit", &json!({"body":3}), 0, &limits).reply;
+        let r = s
+            .apply(&KvApp, 3, "emit", &json!({"body":3}), 0, &limits)
+            .reply;
         assert_eq!(r.value, Some(json!(3)));
     }
 
     fn arb_op() -> impl Strategy<Value = (String, Value)> {
         let key = prop::sample::select(vec!["a", "b", "c"]);
         prop_oneof![
-            (key.clone(), any::<i32>()).prop_map(|(k, v)| ("set".into(), json!({"key":k,"value":v}))),
+            (key.clone(), any::<i32>())
+                .prop_map(|(k, v)| ("set".into(), json!({"key":k,"value":v}))),
             (key.clone(), -5i64..5).prop_map(|(k, by)| ("incr".into(), json!({"key":k,"by":by}))),
             key.clone().prop_map(|k| ("del".into(), json!({"key":k}))),
             key.clone().prop_map(|k| ("get".into(), json!({"key":k}))),

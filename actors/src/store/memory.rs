@@ -46,13 +46,20 @@ impl MemoryStore {
         f(&mut map, now)
     }
 
-    fn live<'m>(map: &'m mut HashMap<SessionId, Entry>, id: &SessionId, now: Instant) -> Option<&'m mut Entry> {
+    fn live<'m>(
+        map: &'m mut HashMap<SessionId, Entry>,
+        id: &SessionId,
+        now: Instant,
+    ) -> Option<&'m mut Entry> {
         map.get_mut(id).filter(|e| e.expires > now)
     }
 }
 
 impl CheckpointStore for MemoryStore {
-    fn activate(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<Activation>, StoreError>> {
+    fn activate(
+        &self,
+        id: &SessionId,
+    ) -> BoxFuture<'static, Result<Option<Activation>, StoreError>> {
         let ttl = self.ttl;
         let r = self.with(|map, now| {
             let e = Self::live(map, id, now)?;
@@ -83,12 +90,20 @@ impl CheckpointStore for MemoryStore {
         future::ready(Ok(epoch)).boxed()
     }
 
-    fn save(&self, id: &SessionId, epoch: u64, bytes: Vec<u8>) -> BoxFuture<'static, Result<(), StoreError>> {
+    fn save(
+        &self,
+        id: &SessionId,
+        epoch: u64,
+        bytes: Vec<u8>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
         let ttl = self.ttl;
         let r = self.with(|map, now| {
             let stored = Self::live(map, id, now).map_or(0, |e| e.epoch);
             if epoch < stored {
-                return Err(StoreError::Fenced { stored, ours: epoch });
+                return Err(StoreError::Fenced {
+                    stored,
+                    ours: epoch,
+                });
             }
             map.insert(
                 id.clone(),
@@ -108,7 +123,10 @@ impl CheckpointStore for MemoryStore {
         let r = self.with(|map, now| {
             let stored = Self::live(map, id, now).map_or(0, |e| e.epoch);
             if epoch < stored {
-                return Err(StoreError::Fenced { stored, ours: epoch });
+                return Err(StoreError::Fenced {
+                    stored,
+                    ours: epoch,
+                });
             }
             map.insert(
                 id.clone(),
@@ -146,7 +164,11 @@ mod tests {
         let id = SessionId::random();
         assert_eq!(s.activate(&id).await.unwrap(), None);
         let e1 = s.create(&id).await.unwrap();
-        assert_eq!(s.activate(&id).await.unwrap(), None, "created but never saved");
+        assert_eq!(
+            s.activate(&id).await.unwrap(),
+            None,
+            "created but never saved"
+        );
         s.save(&id, e1, b"one".to_vec()).await.unwrap();
         let a = s.activate(&id).await.unwrap().unwrap();
         assert!(a.epoch > e1);
@@ -156,7 +178,10 @@ mod tests {
             Err(StoreError::Fenced { .. })
         ));
         s.save(&id, a.epoch, b"two".to_vec()).await.unwrap();
-        assert!(matches!(s.delete(&id, e1).await, Err(StoreError::Fenced { .. })));
+        assert!(matches!(
+            s.delete(&id, e1).await,
+            Err(StoreError::Fenced { .. })
+        ));
         s.delete(&id, a.epoch).await.unwrap();
         assert_eq!(s.activate(&id).await.unwrap(), None);
         assert!(matches!(

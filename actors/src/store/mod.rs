@@ -52,7 +52,10 @@ pub struct Activation {
 pub trait CheckpointStore: Send + Sync + 'static {
     /// Takes the next epoch for an existing session and reads its checkpoint;
     /// `Ok(None)` if the session is unknown or expired (no epoch is taken).
-    fn activate(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<Activation>, StoreError>>;
+    fn activate(
+        &self,
+        id: &SessionId,
+    ) -> BoxFuture<'static, Result<Option<Activation>, StoreError>>;
 
     /// Takes the first epoch for a brand-new session id.
     fn create(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>>;

@@ -188,14 +188,27 @@ fn fenced(stored: u64, ours: u64) -> Result<(), StoreError> {
 }
 
 impl CheckpointStore for RedisStore {
-    fn activate(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<Activation>, StoreError>> {
+    fn activate(
+        &self,
+        id: &SessionId,
+    ) -> BoxFuture<'static, Result<Option<Activation>, StoreError>> {
         let (ck, ep) = self.keys(id);
-        let (mut conn, scripts, ttl, t) = (self.conn.clone(), self.scripts.clone(), self.ttl_ms(), self.cfg.op_timeout);
+        let (mut conn, scripts, ttl, t) = (
+            self.conn.clone(),
+            self.scripts.clone(),
+            self.ttl_ms(),
+            self.cfg.op_timeout,
+        );
         async move {
             let r: Option<(u64, Vec<u8>)> = Self::timed(
                 t,
                 "activate",
-                scripts.activate.key(ck).key(ep).arg(ttl).invoke_async(&mut conn),
+                scripts
+                    .activate
+                    .key(ck)
+                    .key(ep)
+                    .arg(ttl)
+                    .invoke_async(&mut conn),
             )
             .await?;
             Ok(r.map(|(epoch, checkpoint)| Activation { epoch, checkpoint }))
@@ -205,14 +218,29 @@ impl CheckpointStore for RedisStore {
 
     fn create(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
         let (_, ep) = self.keys(id);
-        let (mut conn, scripts, ttl, t) = (self.conn.clone(), self.scripts.clone(), self.ttl_ms(), self.cfg.op_timeout);
+        let (mut conn, scripts, ttl, t) = (
+            self.conn.clone(),
+            self.scripts.clone(),
+            self.ttl_ms(),
+            self.cfg.op_timeout,
+        );
         async move {
-            Self::timed(t, "create", scripts.create.key(ep).arg(ttl).invoke_async(&mut conn)).await
+            Self::timed(
+                t,
+                "create",
+                scripts.create.key(ep).arg(ttl).invoke_async(&mut conn),
+            )
+            .await
         }
         .boxed()
     }
 
-    fn save(&self, id: &SessionId, epoch: u64, bytes: Vec<u8>) -> BoxFuture<'static, Result<(), StoreError>> {
+    fn save(
+        &self,
+        id: &SessionId,
+        epoch: u64,
+        bytes: Vec<u8>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
         let (ck_key, ep_key) = self.keys(id);
         let (tx, rx) = oneshot::channel();
         let req = SaveReq {
@@ -228,13 +256,17 @@ impl CheckpointStore for RedisStore {
             let sent = tokio::time::timeout(t, queue.send(req)).await;
             if !matches!(sent, Ok(Ok(()))) {
                 count_error("save");
-                return Err(StoreError::Unavailable("checkpoint queue is full or closed".into()));
+                return Err(StoreError::Unavailable(
+                    "checkpoint queue is full or closed".into(),
+                ));
             }
             // The batcher answers every request (its pipeline has its own timeout);
             // the outer bound only guards against a lost reply.
             match tokio::time::timeout(t * 2 + Duration::from_millis(100), rx).await {
                 Ok(Ok(r)) => r,
-                _ => Err(StoreError::Unavailable("checkpoint not confirmed in time".into())),
+                _ => Err(StoreError::Unavailable(
+                    "checkpoint not confirmed in time".into(),
+                )),
             }
         }
         .boxed()
@@ -242,12 +274,23 @@ impl CheckpointStore for RedisStore {
 
     fn delete(&self, id: &SessionId, epoch: u64) -> BoxFuture<'static, Result<(), StoreError>> {
         let (ck, ep) = self.keys(id);
-        let (mut conn, scripts, ttl, t) = (self.conn.clone(), self.scripts.clone(), self.ttl_ms(), self.cfg.op_timeout);
+        let (mut conn, scripts, ttl, t) = (
+            self.conn.clone(),
+            self.scripts.clone(),
+            self.ttl_ms(),
+            self.cfg.op_timeout,
+        );
         async move {
             let stored: u64 = Self::timed(
                 t,
                 "delete",
-                scripts.delete.key(ck).key(ep).arg(epoch).arg(ttl).invoke_async(&mut conn),
+                scripts
+                    .delete
+                    .key(ck)
+                    .key(ep)
+                    .arg(epoch)
+                    .arg(ttl)
+                    .invoke_async(&mut conn),
             )
             .await?;
             fenced(stored, epoch)
@@ -258,7 +301,8 @@ impl CheckpointStore for RedisStore {
     fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>> {
         let (mut conn, t) = (self.conn.clone(), self.cfg.op_timeout);
         async move {
-            let _: String = Self::timed(t, "ping", redis::cmd("PING").query_async(&mut conn)).await?;
+            let _: String =
+                Self::timed(t, "ping", redis::cmd("PING").query_async(&mut conn)).await?;
             Ok(())
         }
         .boxed()
@@ -313,7 +357,12 @@ async fn run_batcher(
     }
 }
 
-async fn flush(mut conn: ConnectionManager, scripts: &Scripts, cfg: &RedisStoreConfig, batch: Vec<SaveReq>) {
+async fn flush(
+    mut conn: ConnectionManager,
+    scripts: &Scripts,
+    cfg: &RedisStoreConfig,
+    batch: Vec<SaveReq>,
+) {
     let started = Instant::now();
     let ttl = cfg.session_ttl.as_millis() as u64;
     let mut pipe = redis::pipe();
@@ -328,7 +377,12 @@ async fn flush(mut conn: ConnectionManager, scripts: &Scripts, cfg: &RedisStoreC
                 .arg(ttl),
         );
     }
-    let mut result = RedisStore::timed(cfg.op_timeout, "save", pipe.query_async::<Vec<u64>>(&mut conn)).await;
+    let mut result = RedisStore::timed(
+        cfg.op_timeout,
+        "save",
+        pipe.query_async::<Vec<u64>>(&mut conn),
+    )
+    .await;
     if let Err(StoreError::Unavailable(msg)) = &result {
         // Redis forgets scripts on restart: load it and send the batch again.
         // NOSCRIPT means no command of the pipeline ran, so the retry is safe.
@@ -340,7 +394,12 @@ async fn flush(mut conn: ConnectionManager, scripts: &Scripts, cfg: &RedisStoreC
             )
             .await;
             if loaded.is_ok() {
-                result = RedisStore::timed(cfg.op_timeout, "save", pipe.query_async::<Vec<u64>>(&mut conn)).await;
+                result = RedisStore::timed(
+                    cfg.op_timeout,
+                    "save",
+                    pipe.query_async::<Vec<u64>>(&mut conn),
+                )
+                .await;
             }
         }
     }

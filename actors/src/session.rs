@@ -1,0 +1,629 @@
+//! The session actor: the actix shell around one [`SessionState`].
+//!
+//! One actor per live session, on the arbiter of the connection that
+//! activated it. It applies one op at a time: a state-changing op holds the
+//! mailbox (`AtomicResponse` / `ctx.wait`) until its checkpoint is confirmed, so
+//! the answer a client receives always describes durable state (default
+//! `sync` durability). Phases: `Loading` (creating, or reading the checkpoint
+//! and taking an epoch) -> `Live` -> `Gone`.
+//!
+//! What stops a session actor, and what happens then:
+//! - detached longer than `detach_timeout`: final checkpoint, stop
+//!   (passivation); the next resume re-activates it from the store;
+//! - `bye`: the checkpoint is deleted, the connection closed with 1000;
+//! - a fenced write (a newer epoch exists): stop at once, close the client
+//!   with 1012 so it resumes where the session lives now;
+//! - node shutdown ([`Shutdown`]): final checkpoint, close with the given code.
+//!
+//! Messages that were queued for a stopped actor fail with a mailbox error,
+//! which the edge answers as `unavailable` (not applied, retry with same id).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use serde_json::Value;
+
+use crate::app::Application;
+use crate::codec;
+use crate::conn::ConnHandle;
+use crate::host::{Durability, HostShared};
+use crate::ids::{SessionId, TokenHash};
+use crate::protocol::{CloseCode, ErrorCode, OpReply, Welcome};
+use crate::state::SessionState;
+use crate::store::StoreError;
+
+/// Largest number of messages queued for one session before senders wait.
+const MAILBOX: usize = 256;
+/// How long a gone actor lingers to answer messages that were already queued.
+const GONE_LINGER: Duration = Duration::from_millis(500);
+/// Retry delay of a passivation or interval flush whose checkpoint failed.
+const RETRY_SAVE: Duration = Duration::from_secs(2);
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How an actor begins.
+#[derive(Debug)]
+pub(crate) enum Init {
+    /// A brand-new session with this token hash.
+    New(TokenHash),
+    /// An existing session, read from the store.
+    Resume,
+}
+
+/// Why a session cannot be attached to.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AttachError {
+    /// The token does not match.
+    #[error("the resume token does not match this session")]
+    BadToken,
+    /// The session is unknown or expired.
+    #[error("session unknown or expired")]
+    NotFound,
+    /// The store could not be reached: try again later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The session moved to a newer activation.
+    #[error("the session moved")]
+    Moved,
+    /// The node is stopping.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// The stored checkpoint could not be read.
+    #[error("stored session is unreadable: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Loading,
+    Live,
+    Gone(AttachError),
+}
+
+struct Attached {
+    conn: ConnHandle,
+    /// Highest event seq written to this connection (or acknowledged by it).
+    sent_upto: u64,
+}
+
+/// Attach a connection (after `hello`). Answers the `welcome` to send; replayed
+/// events are queued on the connection behind it.
+#[derive(Message)]
+#[rtype(result = "Result<Welcome, AttachError>")]
+pub struct Attach {
+    /// The connection.
+    pub conn: ConnHandle,
+    /// The token the client presented.
+    pub token: String,
+    /// Highest event seq the client has received.
+    pub ack: u64,
+}
+
+/// Run an op.
+#[derive(Message)]
+#[rtype(result = "OpReply")]
+pub struct Op {
+    /// Connection that sent it (ops of a connection that was taken over are refused).
+    pub conn_id: u64,
+    /// Client op id.
+    pub id: u64,
+    /// Op name.
+    pub op: String,
+    /// Op arguments.
+    pub args: Value,
+}
+
+/// The client acknowledged events up to `seq`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ack {
+    /// Connection that sent it.
+    pub conn_id: u64,
+    /// Highest seq received.
+    pub seq: u64,
+}
+
+/// The connection ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Detach {
+    /// Connection that ended.
+    pub conn_id: u64,
+}
+
+/// `bye`: delete the session.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Bye {
+    /// Connection that sent it.
+    pub conn_id: u64,
+}
+
+/// Node shutdown: checkpoint, close the client with `code`, stop. Answers
+/// whether the final checkpoint was written (or nothing needed writing).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Shutdown {
+    /// Close code for the attached client (1001 when the node goes away).
+    pub code: CloseCode,
+}
+
+/// One live session.
+pub struct SessionActor<A: Application> {
+    id: SessionId,
+    gen: u64,
+    host: Arc<HostShared<A>>,
+    init: Option<Init>,
+    phase: Phase,
+    state: SessionState<A::State>,
+    epoch: u64,
+    /// Created by this activation and not yet welcomed.
+    fresh: bool,
+    conn: Option<Attached>,
+    passivate_timer: Option<SpawnHandle>,
+    event_timer: Option<SpawnHandle>,
+    flush_timer: Option<SpawnHandle>,
+    /// Changes not in the store that may be lost (acks; interval-mode writes).
+    dirty: bool,
+    /// Interval mode: acknowledged writes not yet checkpointed.
+    unsaved_writes: bool,
+    /// Interval mode: the last flush failed, so writes are refused until one works.
+    flush_failing: bool,
+    /// Interval mode: a background checkpoint is in flight.
+    flush_inflight: bool,
+    last_saved: Instant,
+}
+
+impl<A: Application> SessionActor<A> {
+    pub(crate) fn new(id: SessionId, gen: u64, host: Arc<HostShared<A>>, init: Init) -> Self {
+        SessionActor {
+            id,
+            gen,
+            host,
+            fresh: matches!(init, Init::New(_)),
+            init: Some(init),
+            phase: Phase::Loading,
+            state: SessionState::new(TokenHash([0; 32])),
+            epoch: 0,
+            conn: None,
+            passivate_timer: None,
+            event_timer: None,
+            flush_timer: None,
+            dirty: false,
+            unsaved_writes: false,
+            flush_failing: false,
+            flush_inflight: false,
+            last_saved: Instant::now(),
+        }
+    }
+
+    fn checkpoint_bytes(&self) -> Vec<u8> {
+        codec::encode(&self.state.to_checkpoint(&self.host.app))
+    }
+
+    fn go_live(&mut self, epoch: u64, ctx: &mut Context<Self>) {
+        self.epoch = epoch;
+        self.phase = Phase::Live;
+        self.last_saved = Instant::now();
+        metrics::gauge!("berth_sessions_live").increment(1.0);
+        // Nobody attached yet: if nobody does, passivate like a detached session.
+        self.schedule_passivation(ctx);
+    }
+
+    /// Leaves service: answers everything still queued with `reason`, then stops.
+    fn gone(&mut self, reason: AttachError, ctx: &mut Context<Self>) {
+        if self.phase == Phase::Live {
+            metrics::gauge!("berth_sessions_live").decrement(1.0);
+        }
+        self.phase = Phase::Gone(reason);
+        self.host.remove(&self.id, self.gen);
+        ctx.run_later(GONE_LINGER, |_, ctx| ctx.stop());
+    }
+
+    fn close_conn(&mut self, code: CloseCode, reason: &str) {
+        if let Some(a) = self.conn.take() {
+            a.conn.close(code, reason);
+        }
+    }
+
+    fn superseded(&mut self, stored: u64, ctx: &mut Context<Self>) {
+        tracing::warn!(session = %self.id, ours = self.epoch, stored, "checkpoint fenced: a newer activation owns this session; stopping");
+        self.close_conn(CloseCode::Restart, "session moved: resume");
+        self.gone(AttachError::Moved, ctx);
+    }
+
+    fn schedule_passivation(&mut self, ctx: &mut Context<Self>) {
+        if let Some(h) = self.passivate_timer.take() {
+            ctx.cancel_future(h);
+        }
+        let after = self.host.cfg.detach_timeout;
+        self.passivate_timer = Some(ctx.run_later(after, |act, ctx| {
+            act.passivate_timer = None;
+            if act.conn.is_none() && act.phase == Phase::Live {
+                act.passivate(ctx);
+            }
+        }));
+    }
+
+    fn passivate(&mut self, ctx: &mut Context<Self>) {
+        let fut = self
+            .host
+            .store
+            .save(&self.id, self.epoch, self.checkpoint_bytes());
+        ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
+            Ok(()) => {
+                tracing::debug!(session = %act.id, "passivated");
+                act.gone(AttachError::NotFound, ctx);
+            }
+            Err(StoreError::Fenced { stored, .. }) => act.superseded(stored, ctx),
+            Err(e) if act.unsaved_writes => {
+                tracing::warn!(session = %act.id, error = %e, "final checkpoint failed; keeping the session live and retrying");
+                act.passivate_timer = Some(ctx.run_later(RETRY_SAVE, |act, ctx| {
+                    act.passivate_timer = None;
+                    if act.conn.is_none() && act.phase == Phase::Live {
+                        act.passivate(ctx);
+                    }
+                }));
+            }
+            Err(e) => {
+                // Every acknowledged write is already durable; only acks are lost
+                // (their events will be replayed and filtered by the client's ack).
+                tracing::debug!(session = %act.id, error = %e, "final checkpoint failed; nothing acknowledged is lost");
+                act.gone(AttachError::NotFound, ctx);
+            }
+        }));
+    }
+
+    /// Writes due events to the attached connection, and arms a timer for the
+    /// next one that is not due yet.
+    fn deliver(&mut self, ctx: &mut Context<Self>) {
+        if let Some(h) = self.event_timer.take() {
+            ctx.cancel_future(h);
+        }
+        let Some(att) = self.conn.as_mut() else {
+            return;
+        };
+        let now = now_ms();
+        for e in self.state.outbox.due_after(att.sent_upto, now) {
+            let seq = e.seq;
+            if !att.conn.send_event(e) {
+                return;
+            }
+            att.sent_upto = seq;
+        }
+        if let Some(due) = self.state.outbox.next_due_after(att.sent_upto) {
+            let wait = Duration::from_millis(due.saturating_sub(now).max(1));
+            self.event_timer = Some(ctx.run_later(wait, |act, ctx| {
+                act.event_timer = None;
+                act.deliver(ctx);
+            }));
+        }
+    }
+
+    fn schedule_flush(&mut self, ctx: &mut Context<Self>, after: Duration) {
+        if self.flush_timer.is_some() {
+            return;
+        }
+        self.flush_timer = Some(ctx.run_later(after, |act, ctx| {
+            act.flush_timer = None;
+            act.flush(ctx);
+        }));
+    }
+
+    /// Interval mode: writes the current state in the background.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if !self.unsaved_writes || self.phase != Phase::Live {
+            return;
+        }
+        if self.flush_inflight {
+            // One write per session in flight, so checkpoints land in order.
+            self.schedule_flush(ctx, self.host.cfg.checkpoint_interval);
+            return;
+        }
+        self.flush_inflight = true;
+        self.unsaved_writes = false;
+        let fut = self
+            .host
+            .store
+            .save(&self.id, self.epoch, self.checkpoint_bytes());
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| match res {
+            Ok(()) => {
+                act.flush_inflight = false;
+                act.flush_failing = false;
+                act.last_saved = Instant::now();
+                if !act.unsaved_writes {
+                    act.dirty = false;
+                }
+            }
+            Err(StoreError::Fenced { stored, .. }) => act.superseded(stored, ctx),
+            Err(e) => {
+                tracing::warn!(session = %act.id, error = %e, "interval checkpoint failed; refusing writes until one succeeds");
+                act.flush_inflight = false;
+                act.flush_failing = true;
+                act.unsaved_writes = true;
+                act.schedule_flush(ctx, RETRY_SAVE);
+            }
+        }));
+    }
+
+    fn unavailable(&self, id: u64, why: impl Into<String>) -> OpReply {
+        OpReply::err(id, ErrorCode::Unavailable, why, self.state.version)
+    }
+}
+
+impl<A: Application> Actor for SessionActor<A> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX);
+        let store = self.host.store.clone();
+        let id = self.id.clone();
+        match self.init.take() {
+            Some(Init::New(hash)) => {
+                self.state = SessionState::new(hash);
+                let bytes = self.checkpoint_bytes();
+                // The session exists in the store before the client hears of it,
+                // so a crash right after `welcome` still leaves it resumable.
+                let fut = async move {
+                    let epoch = store.create(&id).await?;
+                    store.save(&id, epoch, bytes).await?;
+                    Ok::<_, StoreError>(epoch)
+                };
+                ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
+                    Ok(epoch) => act.go_live(epoch, ctx),
+                    Err(e) => act.gone(AttachError::Unavailable(e.to_string()), ctx),
+                }));
+            }
+            Some(Init::Resume) | None => {
+                let fut = store.activate(&id);
+                ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
+                    Ok(Some(a)) => {
+                        let decoded = codec::decode(&a.checkpoint)
+                            .map_err(|e| e.to_string())
+                            .and_then(|ck| SessionState::from_checkpoint(&act.host.app, ck));
+                        match decoded {
+                            Ok(state) => {
+                                act.state = state;
+                                act.go_live(a.epoch, ctx);
+                            }
+                            Err(e) => {
+                                tracing::error!(session = %act.id, error = %e, "stored checkpoint is unreadable");
+                                act.gone(AttachError::Corrupt(e), ctx);
+                            }
+                        }
+                    }
+                    Ok(None) => act.gone(AttachError::NotFound, ctx),
+                    Err(e) => act.gone(AttachError::Unavailable(e.to_string()), ctx),
+                }));
+            }
+        }
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        if self.phase == Phase::Live {
+            metrics::gauge!("berth_sessions_live").decrement(1.0);
+        }
+        self.host.remove(&self.id, self.gen);
+    }
+}
+
+impl<A: Application> Handler<Attach> for SessionActor<A> {
+    type Result = Result<Welcome, AttachError>;
+
+    fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) -> Self::Result {
+        match &self.phase {
+            Phase::Live => {}
+            Phase::Gone(r) => return Err(r.clone()),
+            Phase::Loading => return Err(AttachError::Unavailable("session is loading".into())),
+        }
+        if !self.state.token_hash.verify(&msg.token) {
+            return Err(AttachError::BadToken);
+        }
+        if let Some(old) = self.conn.take() {
+            if old.conn.id() != msg.conn.id() {
+                old.conn.close(
+                    CloseCode::TakenOver,
+                    "a newer connection took this session over",
+                );
+            }
+        }
+        if let Some(h) = self.passivate_timer.take() {
+            ctx.cancel_future(h);
+        }
+        if self.state.outbox.ack(msg.ack, now_ms()) {
+            self.dirty = true;
+        }
+        let welcome = Welcome {
+            session: self.id.to_string(),
+            token: msg.token,
+            resumed: !self.fresh,
+            version: self.state.version,
+            last_op: self.state.last_op,
+            node: self.host.cfg.node_id.clone(),
+        };
+        self.fresh = false;
+        self.conn = Some(Attached {
+            conn: msg.conn,
+            sent_upto: msg.ack.min(self.state.outbox.last_seq()),
+        });
+        self.deliver(ctx);
+        Ok(welcome)
+    }
+}
+
+impl<A: Application> Handler<Op> for SessionActor<A> {
+    type Result = AtomicResponse<Self, OpReply>;
+
+    fn handle(&mut self, msg: Op, ctx: &mut Context<Self>) -> Self::Result {
+        let done = |r: OpReply| AtomicResponse::new(Box::pin(actix::fut::ready(r)));
+        if self.phase != Phase::Live {
+            return done(self.unavailable(msg.id, "session is not live on this node: retry"));
+        }
+        if self.conn.as_ref().map(|a| a.conn.id()) != Some(msg.conn_id) {
+            return done(self.unavailable(msg.id, "this connection no longer holds the session"));
+        }
+        let interval = self.host.cfg.durability == Durability::Interval;
+        if interval && self.flush_failing && !self.host.app.is_read_only(&msg.op) {
+            return done(self.unavailable(msg.id, "checkpoint store unreachable: retry"));
+        }
+        let limits = self.host.limits();
+        let outcome = self.state.apply(
+            &self.host.app,
+            msg.id,
+            &msg.op,
+            &msg.args,
+            now_ms(),
+            &limits,
+        );
+        let Some(undo) = outcome.undo else {
+            let reply = outcome.reply;
+            // Reads keep a session alive in the store too: refresh its time to
+            // live now and then.
+            if self.last_saved.elapsed() <= self.host.cfg.touch_after {
+                return done(reply);
+            }
+            if interval {
+                self.unsaved_writes = true;
+                self.schedule_flush(ctx, Duration::ZERO);
+                return done(reply);
+            }
+            let fut = self
+                .host
+                .store
+                .save(&self.id, self.epoch, self.checkpoint_bytes());
+            return AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+                move |res, act, ctx| {
+                    match res {
+                        Ok(()) => {
+                            act.dirty = false;
+                            act.last_saved = Instant::now();
+                        }
+                        Err(StoreError::Fenced { stored, .. }) => act.superseded(stored, ctx),
+                        Err(_) => {} // a read needs no checkpoint; the next write retries
+                    }
+                    reply
+                },
+            )));
+        };
+        if interval {
+            self.dirty = true;
+            self.unsaved_writes = true;
+            self.schedule_flush(ctx, self.host.cfg.checkpoint_interval);
+            self.deliver(ctx);
+            return done(outcome.reply);
+        }
+        let reply = outcome.reply;
+        let fut = self
+            .host
+            .store
+            .save(&self.id, self.epoch, self.checkpoint_bytes());
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+            move |res, act, ctx| match res {
+                Ok(()) => {
+                    act.dirty = false;
+                    act.last_saved = Instant::now();
+                    act.deliver(ctx);
+                    reply
+                }
+                Err(StoreError::Fenced { stored, .. }) => {
+                    act.state = *undo;
+                    let r = act.unavailable(reply.id, "session moved: retry");
+                    act.superseded(stored, ctx);
+                    r
+                }
+                Err(e) => {
+                    act.state = *undo;
+                    act.unavailable(reply.id, format!("not applied, retry: {e}"))
+                }
+            },
+        )))
+    }
+}
+
+impl<A: Application> Handler<Ack> for SessionActor<A> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Ack, _ctx: &mut Context<Self>) {
+        let Some(att) = self.conn.as_mut().filter(|a| a.conn.id() == msg.conn_id) else {
+            return;
+        };
+        // A client cannot have received what was never sent to it.
+        let seq = msg.seq.min(att.sent_upto);
+        if self.state.outbox.ack(seq, now_ms()) {
+            self.dirty = true;
+        }
+    }
+}
+
+impl<A: Application> Handler<Detach> for SessionActor<A> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Detach, ctx: &mut Context<Self>) {
+        if self.conn.as_ref().map(|a| a.conn.id()) == Some(msg.conn_id) {
+            self.conn = None;
+            if self.phase == Phase::Live {
+                self.schedule_passivation(ctx);
+            }
+        }
+    }
+}
+
+impl<A: Application> Handler<Bye> for SessionActor<A> {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: Bye, _ctx: &mut Context<Self>) -> Self::Result {
+        let attached = self.conn.as_ref().map(|a| a.conn.id()) == Some(msg.conn_id);
+        if self.phase != Phase::Live || !attached {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
+        let fut = self.host.store.delete(&self.id, self.epoch);
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+            |res, act, ctx| match res {
+                Ok(()) => {
+                    act.close_conn(CloseCode::Normal, "bye");
+                    act.gone(AttachError::NotFound, ctx);
+                }
+                Err(StoreError::Fenced { stored, .. }) => act.superseded(stored, ctx),
+                Err(e) => {
+                    tracing::warn!(session = %act.id, error = %e, "bye: delete failed");
+                    act.close_conn(
+                        CloseCode::Internal,
+                        "could not end the session: resume and retry",
+                    );
+                }
+            },
+        )))
+    }
+}
+
+impl<A: Application> Handler<Shutdown> for SessionActor<A> {
+    type Result = AtomicResponse<Self, bool>;
+
+    fn handle(&mut self, msg: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.phase != Phase::Live {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(true)));
+        }
+        let fut = self
+            .host
+            .store
+            .save(&self.id, self.epoch, self.checkpoint_bytes());
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
+            let ok = match res {
+                Ok(()) => true,
+                Err(e) => {
+                    let lost = act.unsaved_writes;
+                    tracing::warn!(session = %act.id, error = %e, unsaved_writes = lost, "final checkpoint failed at shutdown");
+                    !lost
+                }
+            };
+            act.close_conn(msg.code, "node going away: resume");
+            act.gone(AttachError::ShuttingDown, ctx);
+            ok
+        })))
+    }
+}

@@ -1,0 +1,747 @@
+//! Configuration: one serde struct per section, a doc comment and a named
+//! default on every field (garage's `util/config.rs` pattern).
+//!
+//! Sources, later winning: compiled defaults <- TOML file (`--config PATH`,
+//! `BERTH_CONFIG`, else `config/berth.toml` when present) <- the same TOML
+//! base64-encoded in `BERTH_CONFIG_BASE64` <- `BERTH__SECTION__KEY` environment
+//! variables. A bad value stops start-up with a message naming the key and the
+//! source it came from. `config/berth.toml` lists every key with its default,
+//! and a test checks that it matches [`Config::default`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Environment variable naming the config file.
+pub const ENV_FILE: &str = "BERTH_CONFIG";
+/// Environment variable holding the config file's content, base64-encoded.
+pub const ENV_BASE64: &str = "BERTH_CONFIG_BASE64";
+/// Prefix of per-key environment variables (`BERTH__SERVER__LISTEN`).
+pub const ENV_PREFIX: &str = "BERTH";
+/// Config file read when present and no other is named.
+pub const DEFAULT_FILE: &str = "config/berth.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Public WebSocket endpoint.
+    pub server: ServerConfig,
+    /// Operator HTTP endpoint.
+    pub admin: AdminConfig,
+    /// Checkpoint store.
+    pub store: StoreConfig,
+    /// Session lifecycle.
+    pub session: SessionConfig,
+    /// Per-connection and per-session limits (reloaded on SIGHUP).
+    pub limits: LimitsConfig,
+    /// Cluster membership (used by the cluster layer; a node without it is a cluster of one).
+    pub cluster: ClusterConfig,
+    /// Logging (the filter is reloaded on SIGHUP).
+    pub log: LogConfig,
+    /// Shutdown.
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the public endpoint: `/ws` and the demo page `/`.
+    pub listen: String,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Largest accepted WebSocket frame (and message), in bytes; larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Server ping period, in ms; a connection silent for two periods is dropped.
+    pub ping_interval_ms: u64,
+    /// Allowed `Origin` values (exact match, e.g. `https://app.example.com`);
+    /// empty allows any. Requests without an `Origin` (native apps) always pass.
+    pub origins: Vec<String>,
+    /// Most client connections at once; above it new ones are closed with 1013.
+    pub max_connections: usize,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8080".into()
+}
+fn default_max_frame_bytes() -> usize {
+    64 * 1024
+}
+fn default_ping_interval_ms() -> u64 {
+    20_000
+}
+fn default_max_connections() -> usize {
+    100_000
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            workers: 0,
+            max_frame_bytes: default_max_frame_bytes(),
+            ping_interval_ms: default_ping_interval_ms(),
+            origins: Vec::new(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the operator endpoint (health, metrics, cluster, drain). Keep it private.
+    pub listen: String,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+/// When a state change is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityMode {
+    /// After its checkpoint is written: nothing acknowledged is lost.
+    Sync,
+    /// At once; checkpoints every `checkpoint_interval_ms` (bounded loss window).
+    Interval,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Redis URL for checkpoints (`redis://host:port/db`). Unset: the in-memory
+    /// store (single node only, not durable).
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+    /// A session expires from the store this many seconds after its last activity.
+    pub session_ttl_s: u64,
+    /// Longest wait for a store answer, in ms; past it the op answers `unavailable`.
+    pub op_timeout_ms: u64,
+    /// Most checkpoint writes in one pipelined batch.
+    pub batch_max: usize,
+    /// How long a batch that is not full waits for more writes, in microseconds
+    /// (0: send at once; batches still grow under load).
+    pub batch_delay_us: u64,
+    /// Most checkpoint batches in flight at once.
+    pub max_inflight_batches: usize,
+    /// `sync` (checkpoint before ack) or `interval` (ack at once, checkpoint
+    /// every `checkpoint_interval_ms`: a node loss loses up to that window).
+    pub durability: DurabilityMode,
+    /// Checkpoint period of `interval` durability, in ms.
+    pub checkpoint_interval_ms: u64,
+    /// How often readiness checks the store, in ms.
+    pub health_interval_ms: u64,
+}
+
+fn default_key_prefix() -> String {
+    "berth".into()
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            redis_url: None,
+            key_prefix: default_key_prefix(),
+            session_ttl_s: 24 * 3600,
+            op_timeout_ms: 2_000,
+            batch_max: 256,
+            batch_delay_us: 0,
+            max_inflight_batches: 4,
+            durability: DurabilityMode::Sync,
+            checkpoint_interval_ms: 1_000,
+            health_interval_ms: 1_000,
+        }
+    }
+}
+
+/// `[session]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// How long a session without a connection stays in memory, in seconds,
+    /// before it is checkpointed and passivated.
+    pub detach_timeout_s: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            detach_timeout_s: 120,
+        }
+    }
+}
+
+/// `[limits]`: reloaded on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Frames per second a connection may send, sustained (token bucket); ops
+    /// over it answer `rate_limited`.
+    pub frames_per_sec: u32,
+    /// Burst size of the frame bucket.
+    pub frames_burst: u32,
+    /// Ops of one connection in flight at once; past it the connection is not
+    /// read until answers go out (TCP back-pressure).
+    pub max_inflight_ops: usize,
+    /// Largest encoded session state, in bytes; writes past it answer `too_large`.
+    pub max_state_bytes: usize,
+    /// Most unacknowledged events per session; `emit` past it answers `rate_limited`.
+    pub outbox_max: usize,
+    /// Longest `emit` delay, in ms.
+    pub max_emit_delay_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            frames_per_sec: 500,
+            frames_burst: 1000,
+            max_inflight_ops: 64,
+            max_state_bytes: 64 * 1024,
+            outbox_max: 1000,
+            max_emit_delay_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// `[cluster]`: read by the cluster layer (not in this build yet, except `node_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's member id; unset: `<host name>:<public port>`.
+    pub node_id: Option<String>,
+    /// Consul HTTP address (`http://127.0.0.1:8500`); unset: no Consul.
+    pub consul_addr: Option<String>,
+    /// Consul service name.
+    pub service: String,
+    /// Node-to-node listener.
+    pub peer_listen: String,
+    /// Address other nodes use to reach this node's peer port; unset: derived.
+    pub advertise: Option<String>,
+    /// Shared secret that authenticates peer links (required when clustered).
+    pub secret: Option<String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: None,
+            consul_addr: None,
+            service: "berth".into(),
+            peer_listen: "0.0.0.0:7070".into(),
+            advertise: None,
+            secret: None,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter (`info`, `berth=debug,info`); `RUST_LOG` overrides it at start-up.
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            filter: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// The whole shutdown (checkpoint every session, close every client) ends
+    /// within this many ms.
+    pub deadline_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            deadline_ms: 10_000,
+        }
+    }
+}
+
+/// Where a configuration value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Compiled default.
+    Default,
+    /// The TOML file at this path.
+    File(PathBuf),
+    /// `BERTH_CONFIG_BASE64`.
+    Base64,
+    /// This environment variable.
+    Env(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Default => f.write_str("the compiled defaults"),
+            Source::File(p) => write!(f, "file {}", p.display()),
+            Source::Base64 => write!(f, "{ENV_BASE64}"),
+            Source::Env(v) => write!(f, "environment variable {v}"),
+        }
+    }
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read at all.
+    #[error("cannot read {origin}: {message}")]
+    Unreadable {
+        /// The source.
+        origin: Source,
+        /// Why.
+        message: String,
+    },
+    /// A key has a bad value.
+    #[error("invalid value for `{key}` (from {origin}): {message}")]
+    Invalid {
+        /// Dotted key, e.g. `server.listen`.
+        key: String,
+        /// The source that set it.
+        origin: Source,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The loaded configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The configuration.
+    pub config: Config,
+    /// The file used, if any.
+    pub file: Option<PathBuf>,
+}
+
+/// The layers, as plain TOML/JSON trees, lowest precedence first.
+struct Layers {
+    file: Option<(PathBuf, Value)>,
+    base64: Option<Value>,
+    env: Vec<(String, String, String)>, // (variable, dotted key, value)
+}
+
+impl Layers {
+    fn source_of(&self, key: &str) -> Source {
+        if let Some((var, _, _)) = self.env.iter().rev().find(|(_, k, _)| k == key) {
+            return Source::Env(var.clone());
+        }
+        if self
+            .base64
+            .as_ref()
+            .is_some_and(|v| lookup(v, key).is_some())
+        {
+            return Source::Base64;
+        }
+        if let Some((p, v)) = &self.file {
+            if lookup(v, key).is_some() {
+                return Source::File(p.clone());
+            }
+        }
+        Source::Default
+    }
+}
+
+fn lookup<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    key.split('.').try_fold(v, |v, k| v.get(k))
+}
+
+fn parse_toml(text: &str, source: &Source) -> Result<Value, ConfigError> {
+    let v: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Unreadable {
+        origin: source.clone(),
+        message: e.to_string(),
+    })?;
+    serde_json::to_value(v).map_err(|e| ConfigError::Unreadable {
+        origin: source.clone(),
+        message: e.to_string(),
+    })
+}
+
+/// Loads the configuration from the file named by `--config` (`cli_file`),
+/// `BERTH_CONFIG`, or the default path, and from the environment `env`.
+pub fn load(
+    cli_file: Option<&Path>,
+    env: &BTreeMap<String, String>,
+) -> Result<Loaded, ConfigError> {
+    let named = cli_file
+        .map(Path::to_path_buf)
+        .or_else(|| env.get(ENV_FILE).map(PathBuf::from));
+    let path = match named {
+        Some(p) => Some(p),
+        None => Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.exists()),
+    };
+    let file = match &path {
+        Some(p) => {
+            let src = Source::File(p.clone());
+            let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Unreadable {
+                origin: src.clone(),
+                message: e.to_string(),
+            })?;
+            Some((p.clone(), parse_toml(&text, &src)?))
+        }
+        None => None,
+    };
+    let base64_text = match env.get(ENV_BASE64).filter(|s| !s.trim().is_empty()) {
+        Some(b64) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| ConfigError::Unreadable {
+                    origin: Source::Base64,
+                    message: format!("not base64: {e}"),
+                })?;
+            let text = String::from_utf8(bytes).map_err(|_| ConfigError::Unreadable {
+                origin: Source::Base64,
+                message: "not UTF-8 text".into(),
+            })?;
+            Some(text)
+        }
+        None => None,
+    };
+    let base64 = match &base64_text {
+        Some(text) => Some(parse_toml(text, &Source::Base64)?),
+        None => None,
+    };
+    let prefix = format!("{ENV_PREFIX}__");
+    let env_layer: Vec<_> = env
+        .iter()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix(&prefix)?;
+            Some((k.clone(), rest.to_lowercase().replace("__", "."), v.clone()))
+        })
+        .collect();
+    let layers = Layers {
+        file,
+        base64,
+        env: env_layer,
+    };
+
+    // The layering itself is the `config` crate's; the plain trees above only
+    // serve to say which source set a key that turns out to be bad.
+    let unreadable = |source: Source| {
+        move |e: config::ConfigError| ConfigError::Unreadable {
+            origin: source.clone(),
+            message: e.to_string(),
+        }
+    };
+    let defaults =
+        config::Config::try_from(&Config::default()).map_err(unreadable(Source::Default))?;
+    let mut builder = config::Config::builder().add_source(defaults);
+    if let Some((p, _)) = &layers.file {
+        builder =
+            builder.add_source(config::File::from(p.as_path()).format(config::FileFormat::Toml));
+    }
+    if let Some(text) = &base64_text {
+        builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
+    }
+    let env_map: config::Map<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(&prefix))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("server.origins")
+            .source(Some(env_map)),
+    );
+    let merged = builder.build().map_err(|e| match &e {
+        config::ConfigError::FileParse { .. } | config::ConfigError::Foreign(_) => {
+            unreadable(Source::Base64)(e)
+        }
+        _ => unreadable(Source::Default)(e),
+    })?;
+    let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // An unknown key is reported by its parent; name the key itself.
+        let key = match inner.strip_prefix("unknown field `") {
+            Some(rest) => {
+                let field = rest.split('`').next().unwrap_or_default();
+                if key == "." || key.is_empty() {
+                    field.to_owned()
+                } else {
+                    format!("{key}.{field}")
+                }
+            }
+            None => key,
+        };
+        ConfigError::Invalid {
+            origin: layers.source_of(&key),
+            key,
+            message: inner,
+        }
+    })?;
+    config
+        .validate()
+        .map_err(|(key, message)| ConfigError::Invalid {
+            origin: layers.source_of(key),
+            key: key.to_owned(),
+            message,
+        })?;
+    Ok(Loaded { config, file: path })
+}
+
+impl Config {
+    /// Checks what types alone cannot; answers the key at fault and why.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let addr = |key: &'static str, v: &str| {
+            v.parse::<SocketAddr>().map(drop).map_err(|e| {
+                (
+                    key,
+                    format!("{v:?} is not an address like 127.0.0.1:8080: {e}"),
+                )
+            })
+        };
+        addr("server.listen", &self.server.listen)?;
+        addr("admin.listen", &self.admin.listen)?;
+        addr("cluster.peer_listen", &self.cluster.peer_listen)?;
+        let positive = |key: &'static str, v: u64| {
+            if v == 0 {
+                Err((key, "must be greater than 0".to_owned()))
+            } else {
+                Ok(())
+            }
+        };
+        positive("server.max_frame_bytes", self.server.max_frame_bytes as u64)?;
+        positive("server.ping_interval_ms", self.server.ping_interval_ms)?;
+        positive("server.max_connections", self.server.max_connections as u64)?;
+        positive("store.session_ttl_s", self.store.session_ttl_s)?;
+        positive("store.op_timeout_ms", self.store.op_timeout_ms)?;
+        positive("store.batch_max", self.store.batch_max as u64)?;
+        positive(
+            "store.max_inflight_batches",
+            self.store.max_inflight_batches as u64,
+        )?;
+        positive(
+            "store.checkpoint_interval_ms",
+            self.store.checkpoint_interval_ms,
+        )?;
+        positive("store.health_interval_ms", self.store.health_interval_ms)?;
+        positive("limits.frames_per_sec", self.limits.frames_per_sec as u64)?;
+        positive("limits.frames_burst", self.limits.frames_burst as u64)?;
+        positive(
+            "limits.max_inflight_ops",
+            self.limits.max_inflight_ops as u64,
+        )?;
+        positive("limits.max_state_bytes", self.limits.max_state_bytes as u64)?;
+        positive("limits.outbox_max", self.limits.outbox_max as u64)?;
+        positive("shutdown.deadline_ms", self.shutdown.deadline_ms)?;
+        if let Some(url) = &self.store.redis_url {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+unix://")
+                || url.starts_with("unix://"))
+            {
+                return Err(("store.redis_url", format!("{url:?} is not a redis:// URL")));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            return Err(("log.filter", e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The ping period.
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.server.ping_interval_ms)
+    }
+
+    /// The per-session limits of the actors crate.
+    pub fn session_limits(&self) -> berth_actors::state::Limits {
+        berth_actors::state::Limits {
+            max_state_bytes: self.limits.max_state_bytes,
+            outbox_max: self.limits.outbox_max,
+            max_emit_delay_ms: self.limits.max_emit_delay_ms,
+        }
+    }
+
+    /// This configuration as dotted keys, with secrets masked, for diffs and logs.
+    pub fn flatten(&self) -> BTreeMap<String, String> {
+        fn walk(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
+            match v {
+                Value::Object(m) => {
+                    for (k, v) in m {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                other => {
+                    out.insert(prefix.to_owned(), other.to_string());
+                }
+            }
+        }
+        let mut v = serde_json::to_value(self).expect("config serializes");
+        if let Some(s) = v.pointer_mut("/cluster/secret") {
+            if !s.is_null() {
+                *s = Value::String("***".into());
+            }
+        }
+        if let Some(Value::String(url)) = v.pointer_mut("/store/redis_url") {
+            // Mask a password in redis://user:pass@host.
+            if let Some((scheme_user, rest)) = url.split_once('@') {
+                if let Some((head, _pass)) = scheme_user.rsplit_once(':') {
+                    if !head.ends_with('/') {
+                        *url = format!("{head}:***@{rest}");
+                    }
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk("", &v, &mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn shipped_file_lists_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_FILE);
+        let loaded = load(Some(&path), &BTreeMap::new()).unwrap();
+        assert_eq!(loaded.config, Config::default());
+        // Every key of the struct appears in the file (commented-out keys are
+        // the unset options).
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in Config::default().flatten().keys() {
+            let leaf = key.rsplit('.').next().unwrap();
+            assert!(
+                text.lines().any(|l| l
+                    .trim_start_matches(['#', ' '])
+                    .starts_with(&format!("{leaf} ="))),
+                "config/berth.toml does not show `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn precedence_file_then_base64_then_env() {
+        let dir = std::env::temp_dir().join(format!("berth-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.toml");
+        std::fs::write(&file, "[server]\nping_interval_ms = 1\nmax_frame_bytes = 10\n[store]\nkey_prefix = \"file\"\n").unwrap();
+        let b = b64("[server]\nping_interval_ms = 2\n[store]\nkey_prefix = \"b64\"\n");
+        let e = env(&[
+            (ENV_BASE64, &b),
+            ("BERTH__STORE__KEY_PREFIX", "env"),
+            ("BERTH__SERVER__ORIGINS", "https://a,https://b"),
+        ]);
+        let c = load(Some(&file), &e).unwrap().config;
+        assert_eq!(c.server.max_frame_bytes, 10, "file beats defaults");
+        assert_eq!(c.server.ping_interval_ms, 2, "base64 beats file");
+        assert_eq!(c.store.key_prefix, "env", "env beats base64");
+        assert_eq!(
+            c.server.origins,
+            vec!["https://a".to_string(), "https://b".to_string()]
+        );
+        assert_eq!(c.admin, AdminConfig::default());
+        let e = env(&[(ENV_FILE, file.to_str().unwrap())]);
+        assert_eq!(load(None, &e).unwrap().config.store.key_prefix, "file");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_source() {
+        let e = env(&[("BERTH__SERVER__PING_INTERVAL_MS", "soon")]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(
+            msg.contains("server.ping_interval_ms")
+                && msg.contains("BERTH__SERVER__PING_INTERVAL_MS"),
+            "{msg}"
+        );
+
+        let e = env(&[(ENV_BASE64, &b64("[admin]\nlisten = \"nowhere\"\n"))]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(
+            msg.contains("admin.listen") && msg.contains(ENV_BASE64),
+            "{msg}"
+        );
+
+        let e = env(&[("BERTH__STORE__DURABILITY", "sometimes")]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(
+            msg.contains("store.durability") && msg.contains("BERTH__STORE__DURABILITY"),
+            "{msg}"
+        );
+
+        let e = env(&[("BERTH__SERVER__LISTN", "x")]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(
+            msg.contains("server.listn") && msg.contains("unknown field"),
+            "{msg}"
+        );
+
+        let e = env(&[(ENV_BASE64, "%%%")]);
+        assert!(load(None, &e).unwrap_err().to_string().contains(ENV_BASE64));
+    }
+
+    #[test]
+    fn secrets_are_masked_in_flattened_view() {
+        let mut c = Config::default();
+        c.cluster.secret = Some("s3cret".into());
+        c.store.redis_url = Some("redis://u:pw@h:1/0".into());
+        let f = c.flatten();
+        assert!(!format!("{f:?}").contains("s3cret"));
+        assert!(!format!("{f:?}").contains("pw@"));
+    }
+}

@@ -1,0 +1,99 @@
+//! The running node's shared state: configuration, the host, readiness.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use berth_actors::host::Host;
+use berth_actors::kv::KvApp;
+use tokio::sync::watch;
+
+use crate::config::{Config, LimitsConfig};
+
+/// Why the node is not ready, if it is not.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness {
+    /// Last store error, while the store is unreachable.
+    pub store_error: Option<String>,
+    /// Whether the store has answered at least once.
+    pub store_seen: bool,
+}
+
+/// Everything the HTTP handlers share.
+pub struct Node {
+    /// This node's id.
+    pub node_id: String,
+    /// Configuration at start-up (`limits` and `log` may change, see below).
+    pub cfg: Config,
+    /// Current limits (replaced on SIGHUP).
+    limits: RwLock<Arc<LimitsConfig>>,
+    /// The session host.
+    pub host: Host<KvApp>,
+    /// Open client connections.
+    pub connections: AtomicUsize,
+    /// Set once shutdown or drain began.
+    pub stopping: watch::Sender<bool>,
+    /// Set by `POST /drain`.
+    pub drain_requested: watch::Sender<bool>,
+    /// Store reachability.
+    pub readiness: Mutex<Readiness>,
+    /// ETag of the demo page.
+    pub demo_etag: String,
+    /// When the node started.
+    pub started: Instant,
+}
+
+impl Node {
+    /// A node in its initial state.
+    pub fn new(node_id: String, cfg: Config, host: Host<KvApp>) -> Self {
+        Node {
+            node_id,
+            limits: RwLock::new(Arc::new(cfg.limits.clone())),
+            cfg,
+            host,
+            connections: AtomicUsize::new(0),
+            stopping: watch::Sender::new(false),
+            drain_requested: watch::Sender::new(false),
+            readiness: Mutex::new(Readiness::default()),
+            demo_etag: crate::edge::demo_etag(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The current limits.
+    pub fn limits(&self) -> Arc<LimitsConfig> {
+        self.limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the limits (SIGHUP).
+    pub fn set_limits(&self, l: LimitsConfig) {
+        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(l);
+    }
+
+    /// Whether shutdown or drain has begun.
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Why the node is not ready (empty when ready).
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if self.is_stopping() {
+            why.push("node is shutting down".to_owned());
+        }
+        let r = self
+            .readiness
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match (r.store_error, r.store_seen) {
+            (Some(e), _) => why.push(format!("store unreachable: {e}")),
+            (None, false) => why.push("store not checked yet".to_owned()),
+            (None, true) => {}
+        }
+        why
+    }
+}

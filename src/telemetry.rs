@@ -1,0 +1,85 @@
+//! Logs (`tracing`, text or JSON, filter reloadable) and metrics (Prometheus).
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Changes the log filter at run time.
+pub type LogHandle = reload::Handle<EnvFilter, Registry>;
+
+/// Installs the global subscriber; logs go to stderr (stdout carries only the
+/// start-up line that tools parse).
+pub fn init_logging(cfg: &LogConfig) -> anyhow::Result<LogHandle> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => EnvFilter::try_new(f).context("RUST_LOG")?,
+        _ => EnvFilter::try_new(&cfg.filter).context("log.filter")?,
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    let json = cfg.format == LogFormat::Json;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json.then(|| fmt::layer().json().with_writer(std::io::stderr)))
+        .with((!json).then(|| {
+            fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr)
+        }))
+        .try_init()
+        .context("installing the log subscriber")?;
+    Ok(handle)
+}
+
+/// Op latencies: 50 µs .. 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// Installs the Prometheus recorder (rendered by the admin endpoint, no listener of its own).
+pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("berth_op_duration_seconds".into()),
+            LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("berth_checkpoint_batch_seconds".into()),
+            LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("berth_checkpoint_batch_size".into()),
+            BATCH_BUCKETS,
+        )?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    metrics::describe_gauge!("berth_sessions_live", "Session actors live on this node");
+    metrics::describe_gauge!("berth_connections", "Open client WebSocket connections");
+    metrics::describe_counter!("berth_ops_total", "Ops answered, by op and result code");
+    metrics::describe_histogram!(
+        "berth_op_duration_seconds",
+        "Op latency from frame received to result sent"
+    );
+    metrics::describe_histogram!(
+        "berth_checkpoint_batch_size",
+        "Checkpoint writes per Redis pipeline"
+    );
+    metrics::describe_histogram!(
+        "berth_checkpoint_batch_seconds",
+        "Duration of one checkpoint pipeline"
+    );
+    metrics::describe_counter!(
+        "berth_store_errors_total",
+        "Store operations that failed, by operation"
+    );
+    metrics::describe_counter!(
+        "berth_fenced_writes_total",
+        "Checkpoint writes refused because a newer epoch exists"
+    );
+    metrics::describe_gauge!("berth_store_up", "1 when the checkpoint store answers");
+    Ok(handle)
+}
