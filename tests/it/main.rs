@@ -1,1 +1,13 @@
-fn main() {}
+//! berth's integration tests: the real `berth` binary, a real `redis-server`
+//! on free loopback ports, and a real WebSocket client.
+//!
+//! # Layout
+//! - `common`: process guards (Redis, berth) and the test client.
+//! - `protocol`: every message, error and close code of protocol.md.
+//! - `durability`: kill -9, Redis outages, fencing between activations.
+//! - `lifecycle`: configuration sources, SIGHUP, SIGTERM, drain.
+
+mod common;
+mod durability;
+mod lifecycle;
+mod protocol;

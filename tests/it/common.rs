@@ -1,0 +1,424 @@
+//! Real processes for the integration tests: `redis-server` and the `berth`
+//! binary on free loopback ports, each killed when its guard drops (chitchat's
+//! `KillOnDrop`), and a WebSocket client (tokio-tungstenite).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+/// A `redis-server` on a free loopback port, without persistence; killed on drop.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let bin = which("redis-server").unwrap_or_else(|| {
+            panic!("redis-server is not installed: run `scripts/install-deps.sh` (installs Debian's redis-server)")
+        });
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!("berth-it-redis-{port}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut r = Redis { child: None, port, dir };
+            r.child = Some(r.spawn(&bin));
+            if r.wait_up() {
+                return r;
+            }
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn spawn(&self, bin: &PathBuf) -> Child {
+        Command::new(bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server")
+    }
+
+    fn wait_up(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(c) = redis::Client::open(self.url()) {
+                if let Ok(mut conn) = c.get_connection() {
+                    if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                        return true;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: nothing was persisted).
+    pub fn restart(&mut self) {
+        self.stop();
+        let bin = which("redis-server").unwrap();
+        self.child = Some(self.spawn(&bin));
+        assert!(self.wait_up(), "redis-server did not restart");
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `berth` binary; killed on drop. Its stderr is collected for assertions.
+pub struct Berth {
+    child: Option<Child>,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub node: String,
+    log: Arc<Mutex<String>>,
+}
+
+/// Environment for a node on loopback ports chosen by the OS.
+pub fn base_env() -> Vec<(String, String)> {
+    vec![
+        ("BERTH__SERVER__LISTEN".into(), "127.0.0.1:0".into()),
+        ("BERTH__ADMIN__LISTEN".into(), "127.0.0.1:0".into()),
+        ("BERTH__LOG__FILTER".into(), "info,berth=debug,berth_actors=debug".into()),
+        ("BERTH__STORE__HEALTH_INTERVAL_MS".into(), "200".into()),
+        ("BERTH__STORE__OP_TIMEOUT_MS".into(), "500".into()),
+    ]
+}
+
+impl Berth {
+    /// A node with the in-memory store.
+    pub fn start_memory() -> Berth {
+        Self::start_with(&base_env(), &[])
+    }
+
+    /// A node with Redis at `url`.
+    pub fn start_redis(url: &str) -> Berth {
+        let mut env = base_env();
+        env.push(("BERTH__STORE__REDIS_URL".into(), url.into()));
+        Self::start_with(&env, &[])
+    }
+
+    pub fn start_with(env: &[(String, String)], args: &[&str]) -> Berth {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.args(args)
+            .current_dir(std::env::temp_dir()) // no config/berth.toml picked up by accident
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("BERTH") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn berth");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut g = l.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read berth stdout");
+        std::thread::spawn(move || for _ in out.lines() {});
+        let Some(rest) = line.trim().strip_prefix("berth listening ") else {
+            let _ = child.kill();
+            std::thread::sleep(Duration::from_millis(100));
+            panic!("berth did not start: stdout {line:?}, stderr:\n{}", log.lock().unwrap());
+        };
+        let field = |name: &str| {
+            rest.split(' ')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .unwrap()
+                .to_owned()
+        };
+        Berth {
+            child: Some(child),
+            public: field("public").parse().unwrap(),
+            admin: field("admin").parse().unwrap(),
+            node: field("node"),
+            log,
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.public)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("berth never logged {needle:?}; log:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("berth did not exit within {within:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET on the admin port: (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http(self.admin, "GET", path, &[])
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A minimal HTTP/1.1 request (no client crate needed for a loopback GET).
+pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A protocol client for tests: raw frames in, JSON values out.
+pub struct Client {
+    pub ws: Ws,
+    pub session: Option<String>,
+    pub token: Option<String>,
+    next_id: u64,
+}
+
+/// What `Client::recv` saw.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Got {
+    Json(Value),
+    Close(Option<u16>, String),
+    Ended,
+}
+
+impl Got {
+    pub fn json(self) -> Value {
+        match self {
+            Got::Json(v) => v,
+            other => panic!("expected a JSON frame, got {other:?}"),
+        }
+    }
+}
+
+impl Client {
+    /// Wraps an already connected stream.
+    pub fn from_ws(ws: Ws) -> Client {
+        Client { ws, session: None, token: None, next_id: 1 }
+    }
+
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timeout")
+            .expect("connect");
+        Client { ws, session: None, token: None, next_id: 1 }
+    }
+
+    pub async fn send_text(&mut self, s: &str) {
+        self.ws.send(Message::text(s.to_owned())).await.unwrap();
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    /// Next text or close frame (pings are answered by tungstenite).
+    pub async fn recv(&mut self) -> Got {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next()).await.expect("recv timeout");
+            match m {
+                None | Some(Err(_)) => return Got::Ended,
+                Some(Ok(Message::Text(t))) => return Got::Json(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(f))) => {
+                    let f: Option<CloseFrame> = f;
+                    return Got::Close(f.as_ref().map(|f| u16::from(f.code)), f.map(|f| f.reason.to_string()).unwrap_or_default());
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    pub async fn recv_json(&mut self) -> Value {
+        self.recv().await.json()
+    }
+
+    /// Waits for a close frame, skipping other frames; its code.
+    pub async fn recv_close(&mut self) -> Option<u16> {
+        loop {
+            match self.recv().await {
+                Got::Close(code, _) => return code,
+                Got::Ended => return None,
+                Got::Json(_) => continue,
+            }
+        }
+    }
+
+    /// `hello`; returns the welcome and remembers session and token.
+    pub async fn hello(&mut self, session: Option<&str>, token: Option<&str>, ack: u64) -> Value {
+        self.send(json!({"type":"hello","session":session,"token":token,"ack":ack})).await;
+        let w = self.recv_json().await;
+        if w["type"] == "welcome" {
+            self.session = w["session"].as_str().map(str::to_owned);
+            self.token = w["token"].as_str().map(str::to_owned);
+            self.next_id = w["last_op"].as_u64().unwrap() + 1;
+        }
+        w
+    }
+
+    /// A new session.
+    pub async fn new_session(url: &str) -> Client {
+        let mut c = Client::connect(url).await;
+        let w = c.hello(None, None, 0).await;
+        assert_eq!(w["type"], "welcome", "{w}");
+        c
+    }
+
+    /// Resume `other`'s session on a new connection.
+    pub async fn resume(url: &str, session: &str, token: &str, ack: u64) -> (Client, Value) {
+        let mut c = Client::connect(url).await;
+        let w = c.hello(Some(session), Some(token), ack).await;
+        (c, w)
+    }
+
+    /// Sends an op with the next id and returns its `result` (events in between are skipped).
+    pub async fn op(&mut self, name: &str, args: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.op_with_id(id, name, args).await
+    }
+
+    pub async fn op_with_id(&mut self, id: u64, name: &str, args: Value) -> Value {
+        self.send(json!({"type":"op","id":id,"op":name,"args":args})).await;
+        loop {
+            let v = self.recv_json().await;
+            if v["type"] == "result" {
+                assert_eq!(v["id"], id, "results come in op order: {v}");
+                return v;
+            }
+        }
+    }
+
+    pub fn set_next_id(&mut self, id: u64) {
+        self.next_id = id;
+    }
+}
+
+/// Polls `f` until it is true.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
