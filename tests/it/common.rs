@@ -36,10 +36,21 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    /// Append-only file with fsync on every write, so a restart keeps everything.
+    persistent: bool,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Self::start_opts(false)
+    }
+
+    /// A Redis that keeps its data across `restart` (AOF, `appendfsync always`).
+    pub fn start_persistent() -> Redis {
+        Self::start_opts(true)
+    }
+
+    fn start_opts(persistent: bool) -> Redis {
         let bin = which("redis-server").unwrap_or_else(|| {
             panic!("redis-server is not installed: run `scripts/install-deps.sh` (installs Debian's redis-server)")
         });
@@ -47,7 +58,7 @@ impl Redis {
             let port = free_port();
             let dir = std::env::temp_dir().join(format!("berth-it-redis-{port}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
-            let mut r = Redis { child: None, port, dir };
+            let mut r = Redis { child: None, port, dir, persistent };
             r.child = Some(r.spawn(&bin));
             if r.wait_up() {
                 return r;
@@ -58,7 +69,12 @@ impl Redis {
 
     fn spawn(&self, bin: &PathBuf) -> Child {
         Command::new(bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "no"]
+            })
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
