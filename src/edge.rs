@@ -192,13 +192,15 @@ impl Conn {
                 _ = stopping.wait_for(|s| *s), if self.attached.is_none() => {
                     break Exit::Close(CloseCode::GoingAway, "node going away".into());
                 }
-                m = rx.recv() => match m {
-                    Some(ConnMsg::Event(e)) => {
-                        if send(&mut self.ws, &ServerMsg::Event(e)).await.is_err() { break Exit::Gone; }
-                    }
-                    Some(ConnMsg::Close(code, why)) => break Exit::Close(code, why),
-                    None => {}
-                },
+                m = rx.recv() => {
+                    // `None` cannot happen: this task holds a handle itself.
+                    let sent = match m {
+                        Some(ConnMsg::Event(e)) => send(&mut self.ws, &ServerMsg::Event(e)).await,
+                        Some(ConnMsg::Close(code, why)) => break Exit::Close(code, why),
+                        None => Ok(()),
+                    };
+                    if sent.is_err() { break Exit::Gone; }
+                }
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
                     if self.finish(done).await.is_err() { break Exit::Gone; }
                 }

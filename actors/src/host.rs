@@ -51,12 +51,15 @@ pub struct HostConfig {
     pub touch_after: Duration,
 }
 
+/// Live actors by session id, with the generation that registered each.
+type Registry<A> = HashMap<SessionId, (u64, Addr<SessionActor<A>>)>;
+
 pub(crate) struct HostShared<A: Application> {
     pub(crate) app: A,
     pub(crate) store: Arc<dyn CheckpointStore>,
     pub(crate) cfg: HostConfig,
     limits: RwLock<Arc<Limits>>,
-    sessions: Mutex<HashMap<SessionId, (u64, Addr<SessionActor<A>>)>>,
+    sessions: Mutex<Registry<A>>,
     next_gen: AtomicU64,
 }
 
@@ -136,7 +139,7 @@ impl<A: Application> Host<A> {
         self.start(id.clone(), Init::Resume)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, (u64, Addr<SessionActor<A>>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry<A>> {
         self.shared
             .sessions
             .lock()

@@ -17,7 +17,7 @@ const OPS: [&str; 8] = [
     "get", "set", "del", "incr", "append", "state", "emit", "echo",
 ];
 
-fn args_obj<'a>(args: &'a Value) -> Result<&'a Map<String, Value>, AppError> {
+fn args_obj(args: &Value) -> Result<&Map<String, Value>, AppError> {
     args.as_object()
         .ok_or_else(|| AppError::bad_args("args must be an object"))
 }

@@ -20,7 +20,11 @@ use tokio_tungstenite::tungstenite::Message;
 pub const WAIT: Duration = Duration::from_secs(10);
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn which(bin: &str) -> Option<PathBuf> {
@@ -56,9 +60,15 @@ impl Redis {
         });
         for _ in 0..5 {
             let port = free_port();
-            let dir = std::env::temp_dir().join(format!("berth-it-redis-{port}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("berth-it-redis-{port}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
-            let mut r = Redis { child: None, port, dir, persistent };
+            let mut r = Redis {
+                child: None,
+                port,
+                dir,
+                persistent,
+            };
             r.child = Some(r.spawn(&bin));
             if r.wait_up() {
                 return r;
@@ -69,7 +79,14 @@ impl Redis {
 
     fn spawn(&self, bin: &PathBuf) -> Child {
         Command::new(bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(if self.persistent {
                 ["--appendonly", "yes", "--appendfsync", "always"]
             } else {
@@ -119,7 +136,10 @@ impl Redis {
     }
 
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
     }
 }
 
@@ -144,7 +164,10 @@ pub fn base_env() -> Vec<(String, String)> {
     vec![
         ("BERTH__SERVER__LISTEN".into(), "127.0.0.1:0".into()),
         ("BERTH__ADMIN__LISTEN".into(), "127.0.0.1:0".into()),
-        ("BERTH__LOG__FILTER".into(), "info,berth=debug,berth_actors=debug".into()),
+        (
+            "BERTH__LOG__FILTER".into(),
+            "info,berth=debug,berth_actors=debug".into(),
+        ),
         ("BERTH__STORE__HEALTH_INTERVAL_MS".into(), "200".into()),
         ("BERTH__STORE__OP_TIMEOUT_MS".into(), "500".into()),
     ]
@@ -197,7 +220,10 @@ impl Berth {
         let Some(rest) = line.trim().strip_prefix("berth listening ") else {
             let _ = child.kill();
             std::thread::sleep(Duration::from_millis(100));
-            panic!("berth did not start: stdout {line:?}, stderr:\n{}", log.lock().unwrap());
+            panic!(
+                "berth did not start: stdout {line:?}, stderr:\n{}",
+                log.lock().unwrap()
+            );
         };
         let field = |name: &str| {
             rest.split(' ')
@@ -239,7 +265,10 @@ impl Berth {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -284,7 +313,9 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]
     use std::io::{Read, Write};
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n"
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -293,11 +324,16 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     (status, text)
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A protocol client for tests: raw frames in, JSON values out.
 pub struct Client {
@@ -327,7 +363,12 @@ impl Got {
 impl Client {
     /// Wraps an already connected stream.
     pub fn from_ws(ws: Ws) -> Client {
-        Client { ws, session: None, token: None, next_id: 1 }
+        Client {
+            ws,
+            session: None,
+            token: None,
+            next_id: 1,
+        }
     }
 
     pub async fn connect(url: &str) -> Client {
@@ -335,7 +376,12 @@ impl Client {
             .await
             .expect("connect timeout")
             .expect("connect");
-        Client { ws, session: None, token: None, next_id: 1 }
+        Client {
+            ws,
+            session: None,
+            token: None,
+            next_id: 1,
+        }
     }
 
     pub async fn send_text(&mut self, s: &str) {
@@ -349,13 +395,18 @@ impl Client {
     /// Next text or close frame (pings are answered by tungstenite).
     pub async fn recv(&mut self) -> Got {
         loop {
-            let m = tokio::time::timeout(WAIT, self.ws.next()).await.expect("recv timeout");
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("recv timeout");
             match m {
                 None | Some(Err(_)) => return Got::Ended,
                 Some(Ok(Message::Text(t))) => return Got::Json(serde_json::from_str(&t).unwrap()),
                 Some(Ok(Message::Close(f))) => {
                     let f: Option<CloseFrame> = f;
-                    return Got::Close(f.as_ref().map(|f| u16::from(f.code)), f.map(|f| f.reason.to_string()).unwrap_or_default());
+                    return Got::Close(
+                        f.as_ref().map(|f| u16::from(f.code)),
+                        f.map(|f| f.reason.to_string()).unwrap_or_default(),
+                    );
                 }
                 Some(Ok(_)) => continue,
             }
@@ -379,7 +430,8 @@ impl Client {
 
     /// `hello`; returns the welcome and remembers session and token.
     pub async fn hello(&mut self, session: Option<&str>, token: Option<&str>, ack: u64) -> Value {
-        self.send(json!({"type":"hello","session":session,"token":token,"ack":ack})).await;
+        self.send(json!({"type":"hello","session":session,"token":token,"ack":ack}))
+            .await;
         let w = self.recv_json().await;
         if w["type"] == "welcome" {
             self.session = w["session"].as_str().map(str::to_owned);
@@ -412,7 +464,8 @@ impl Client {
     }
 
     pub async fn op_with_id(&mut self, id: u64, name: &str, args: Value) -> Value {
-        self.send(json!({"type":"op","id":id,"op":name,"args":args})).await;
+        self.send(json!({"type":"op","id":id,"op":name,"args":args}))
+            .await;
         loop {
             let v = self.recv_json().await;
             if v["type"] == "result" {
@@ -420,6 +473,14 @@ impl Client {
                 return v;
             }
         }
+    }
+
+    /// After an immediate `emit`: its event and its result, which may arrive in
+    /// either order, as `[event, result]`.
+    pub async fn recv_event_and_result(&mut self) -> [Value; 2] {
+        let mut got = [self.recv_json().await, self.recv_json().await];
+        got.sort_by_key(|v| v["type"].as_str().unwrap().to_owned());
+        got
     }
 
     pub fn set_next_id(&mut self, id: u64) {

@@ -21,7 +21,9 @@ async fn kill_9_then_resume_on_a_new_node_keeps_everything_acknowledged() {
     }
     // Two events, one received and one scheduled for later, none acknowledged.
     c.op_with_id(7, "emit", json!({"body":"now"})).await;
-    let last = c.op_with_id(8, "emit", json!({"body":"later","delay_ms":200})).await;
+    let last = c
+        .op_with_id(8, "emit", json!({"body":"later","delay_ms":200}))
+        .await;
     assert_eq!(last["version"], 8);
     a.kill9();
 
@@ -31,13 +33,27 @@ async fn kill_9_then_resume_on_a_new_node_keeps_everything_acknowledged() {
     assert_eq!(w["version"], 8, "{w}");
     assert_eq!(w["last_op"], 8);
     assert_eq!(w["node"], b.node);
-    assert_eq!(c.recv_json().await, json!({"type":"event","seq":1,"body":"now"}));
-    assert_eq!(c.recv_json().await, json!({"type":"event","seq":2,"body":"later"}));
+    assert_eq!(
+        c.recv_json().await,
+        json!({"type":"event","seq":1,"body":"now"})
+    );
+    assert_eq!(
+        c.recv_json().await,
+        json!({"type":"event","seq":2,"body":"later"})
+    );
     // The retried last op is still deduplicated on the new node, with its result.
-    let retry = c.op_with_id(8, "emit", json!({"body":"later","delay_ms":200})).await;
-    assert_eq!((retry["value"].clone(), retry["duplicate"].clone()), (json!(2), json!(true)));
+    let retry = c
+        .op_with_id(8, "emit", json!({"body":"later","delay_ms":200}))
+        .await;
+    assert_eq!(
+        (retry["value"].clone(), retry["duplicate"].clone()),
+        (json!(2), json!(true))
+    );
     c.set_next_id(9);
-    assert_eq!(c.op("state", json!({})).await["value"], json!({"name":"berth","n":5}));
+    assert_eq!(
+        c.op("state", json!({})).await["value"],
+        json!({"name":"berth","n":5})
+    );
 }
 
 #[tokio::test]
@@ -46,7 +62,10 @@ async fn redis_outage_answers_unavailable_and_loses_nothing() {
     let node = Berth::start_redis(&redis.url());
     let mut c = Client::new_session(&node.ws_url()).await;
     let (sid, tok) = (c.session.clone().unwrap(), c.token.clone().unwrap());
-    assert_eq!(c.op_with_id(1, "incr", json!({"key":"n"})).await["value"], 1);
+    assert_eq!(
+        c.op_with_id(1, "incr", json!({"key":"n"})).await["value"],
+        1
+    );
     eventually("ready", || node.admin_get("/health/ready").0 == 200).await;
 
     redis.stop();
@@ -118,7 +137,11 @@ async fn redis_refuses_writes_with_an_older_epoch() {
     let redis = Redis::start();
     let s = store(&redis);
     let id = SessionId::random();
-    assert_eq!(s.activate(&id).await.unwrap(), None, "unknown session takes no epoch");
+    assert_eq!(
+        s.activate(&id).await.unwrap(),
+        None,
+        "unknown session takes no epoch"
+    );
     let e1 = s.create(&id).await.unwrap();
     s.save(&id, e1, b"v1".to_vec()).await.unwrap();
     let a = s.activate(&id).await.unwrap().unwrap();
@@ -129,17 +152,32 @@ async fn redis_refuses_writes_with_an_older_epoch() {
         other => panic!("stale write accepted: {other:?}"),
     }
     s.save(&id, a.epoch, b"v2".to_vec()).await.unwrap();
-    assert!(matches!(s.delete(&id, e1).await, Err(StoreError::Fenced { .. })));
+    assert!(matches!(
+        s.delete(&id, e1).await,
+        Err(StoreError::Fenced { .. })
+    ));
     // Keys carry the session's hash tag (Redis Cluster: one slot per session).
     let mut conn = redis.conn();
-    let v: Vec<u8> = redis::cmd("GET").arg(format!("berth:{{{id}}}:ck")).query(&mut conn).unwrap();
+    let v: Vec<u8> = redis::cmd("GET")
+        .arg(format!("berth:{{{id}}}:ck"))
+        .query(&mut conn)
+        .unwrap();
     assert_eq!(v, b"v2");
-    let ttl: i64 = redis::cmd("PTTL").arg(format!("berth:{{{id}}}:ep")).query(&mut conn).unwrap();
-    assert!(ttl > 0 && ttl <= 60_000, "epoch expires with the session: {ttl}");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("berth:{{{id}}}:ep"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        ttl > 0 && ttl <= 60_000,
+        "epoch expires with the session: {ttl}"
+    );
     // Delete leaves a tombstone epoch: the deleting writer cannot resurrect it.
     s.delete(&id, a.epoch).await.unwrap();
     assert_eq!(s.activate(&id).await.unwrap(), None);
-    assert!(matches!(s.save(&id, a.epoch, b"zombie".to_vec()).await, Err(StoreError::Fenced { .. })));
+    assert!(matches!(
+        s.save(&id, a.epoch, b"zombie".to_vec()).await,
+        Err(StoreError::Fenced { .. })
+    ));
 }
 
 #[tokio::test]
@@ -152,7 +190,9 @@ async fn concurrent_saves_are_group_committed() {
         let e = s.create(&id).await.unwrap();
         ids.push((id, e));
     }
-    let saves = ids.iter().map(|(id, e)| s.save(id, *e, id.as_str().as_bytes().to_vec()));
+    let saves = ids
+        .iter()
+        .map(|(id, e)| s.save(id, *e, id.as_str().as_bytes().to_vec()));
     for r in futures_util::future::join_all(saves).await {
         r.unwrap();
     }
@@ -161,7 +201,10 @@ async fn concurrent_saves_are_group_committed() {
         assert_eq!(a.checkpoint, id.as_str().as_bytes());
     }
     let mut conn = redis.conn();
-    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut conn).unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .unwrap();
     // 200 writes went out as EVALSHA inside pipelines; far fewer round trips is
     // what the batcher is for, but Redis counts commands, so check the writes all landed.
     assert!(info.contains("cmdstat_evalsha"), "{info}");
@@ -176,20 +219,35 @@ async fn a_superseded_actor_stops_at_its_next_write_and_closes_1012() {
     let b = Berth::start_redis(&redis.url());
     let mut on_a = Client::new_session(&a.ws_url()).await;
     let (sid, tok) = (on_a.session.clone().unwrap(), on_a.token.clone().unwrap());
-    assert_eq!(on_a.op_with_id(1, "incr", json!({"key":"n"})).await["value"], 1);
+    assert_eq!(
+        on_a.op_with_id(1, "incr", json!({"key":"n"})).await["value"],
+        1
+    );
 
     let (mut on_b, w) = Client::resume(&b.ws_url(), &sid, &tok, 0).await;
     assert_eq!(w["last_op"], 1);
-    assert_eq!(on_b.op_with_id(2, "incr", json!({"key":"n","by":10})).await["value"], 11);
+    assert_eq!(
+        on_b.op_with_id(2, "incr", json!({"key":"n","by":10})).await["value"],
+        11
+    );
 
     // Node A's actor still thinks it owns the session: its write is fenced.
-    let r = on_a.op_with_id(2, "incr", json!({"key":"n","by":100})).await;
+    let r = on_a
+        .op_with_id(2, "incr", json!({"key":"n","by":100}))
+        .await;
     assert_eq!(r["error"]["code"], "unavailable", "{r}");
     assert_eq!(on_a.recv_close().await, Some(1012));
-    assert_eq!(on_b.op_with_id(3, "get", json!({"key":"n"})).await["value"], 11);
+    assert_eq!(
+        on_b.op_with_id(3, "get", json!({"key":"n"})).await["value"],
+        11
+    );
     drop(on_b);
 
     let c = Berth::start_redis(&redis.url());
     let (mut check, _) = Client::resume(&c.ws_url(), &sid, &tok, 0).await;
-    assert_eq!(check.op_with_id(4, "get", json!({"key":"n"})).await["value"], 11, "the fenced write never landed");
+    assert_eq!(
+        check.op_with_id(4, "get", json!({"key":"n"})).await["value"],
+        11,
+        "the fenced write never landed"
+    );
 }

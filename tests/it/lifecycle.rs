@@ -33,43 +33,83 @@ fn berth() -> Command {
 
 #[test]
 fn config_precedence_file_then_base64_then_env() {
-    let file = tmp_file("prec", "[store]\nkey_prefix = \"from-file\"\nbatch_max = 7\nop_timeout_ms = 111\n");
+    let file = tmp_file(
+        "prec",
+        "[store]\nkey_prefix = \"from-file\"\nbatch_max = 7\nop_timeout_ms = 111\n",
+    );
     let out = berth()
         .arg("--config")
         .arg(&file)
         .arg("--print-config")
-        .env("BERTH_CONFIG_BASE64", b64("[store]\nkey_prefix = \"from-base64\"\nop_timeout_ms = 222\n"))
+        .env(
+            "BERTH_CONFIG_BASE64",
+            b64("[store]\nkey_prefix = \"from-base64\"\nop_timeout_ms = 222\n"),
+        )
         .env("BERTH__STORE__KEY_PREFIX", "from-env")
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("store.batch_max = 7"), "file beats defaults:\n{text}");
-    assert!(text.contains("store.op_timeout_ms = 222"), "base64 beats file:\n{text}");
-    assert!(text.contains("store.key_prefix = \"from-env\""), "env beats base64:\n{text}");
-    assert!(text.contains("server.listen = \"0.0.0.0:8080\""), "defaults fill the rest:\n{text}");
+    assert!(
+        text.contains("store.batch_max = 7"),
+        "file beats defaults:\n{text}"
+    );
+    assert!(
+        text.contains("store.op_timeout_ms = 222"),
+        "base64 beats file:\n{text}"
+    );
+    assert!(
+        text.contains("store.key_prefix = \"from-env\""),
+        "env beats base64:\n{text}"
+    );
+    assert!(
+        text.contains("server.listen = \"0.0.0.0:8080\""),
+        "defaults fill the rest:\n{text}"
+    );
     // BERTH_CONFIG names the file too.
-    let out = berth().arg("--print-config").env("BERTH_CONFIG", &file).output().unwrap();
+    let out = berth()
+        .arg("--print-config")
+        .env("BERTH_CONFIG", &file)
+        .output()
+        .unwrap();
     assert!(String::from_utf8(out.stdout).unwrap().contains("from-file"));
 }
 
 #[test]
 fn a_bad_value_stops_start_up_naming_key_and_source() {
-    let out = berth().env("BERTH__SERVER__MAX_FRAME_BYTES", "huge").output().unwrap();
+    let out = berth()
+        .env("BERTH__SERVER__MAX_FRAME_BYTES", "huge")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("server.max_frame_bytes") && err.contains("BERTH__SERVER__MAX_FRAME_BYTES"), "{err}");
+    assert!(
+        err.contains("server.max_frame_bytes") && err.contains("BERTH__SERVER__MAX_FRAME_BYTES"),
+        "{err}"
+    );
 
     let file = tmp_file("bad", "[server]\nlisten = \"port eighty\"\n");
     let out = berth().arg("--config").arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("server.listen") && err.contains(file.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("server.listen") && err.contains(file.to_str().unwrap()),
+        "{err}"
+    );
 
-    let out = berth().env("BERTH_CONFIG_BASE64", b64("[store]\ndurability = \"maybe\"\n")).output().unwrap();
+    let out = berth()
+        .env(
+            "BERTH_CONFIG_BASE64",
+            b64("[store]\ndurability = \"maybe\"\n"),
+        )
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("store.durability") && err.contains("BERTH_CONFIG_BASE64"), "{err}");
+    assert!(
+        err.contains("store.durability") && err.contains("BERTH_CONFIG_BASE64"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -81,15 +121,25 @@ async fn sighup_reloads_limits_and_log_filter() {
     let file = tmp_file("hup", &cfg(65536, "info"));
     let node = Berth::start_with(&[], &["--config", file.to_str().unwrap()]);
     let mut c = Client::new_session(&node.ws_url()).await;
-    assert_eq!(c.op("set", json!({"key":"a","value":"x".repeat(200)})).await["ok"], true);
+    assert_eq!(
+        c.op("set", json!({"key":"a","value":"x".repeat(200)}))
+            .await["ok"],
+        true
+    );
 
-    std::fs::write(&file, cfg(100, "debug") + "[session]\ndetach_timeout_s = 5\n").unwrap();
+    std::fs::write(
+        &file,
+        cfg(100, "debug") + "[session]\ndetach_timeout_s = 5\n",
+    )
+    .unwrap();
     node.signal("HUP");
     node.wait_log("limits.max_state_bytes: 65536 -> 100");
     node.wait_log("log.filter");
     node.wait_log("session.detach_timeout_s: 120 -> 5");
     assert!(node.log().contains("takes effect after a restart"));
-    let r = c.op("set", json!({"key":"b","value":"y".repeat(200)})).await;
+    let r = c
+        .op("set", json!({"key":"b","value":"y".repeat(200)}))
+        .await;
     assert_eq!(r["error"]["code"], "too_large", "new limit applies: {r}");
 
     // A bad file on reload keeps the running configuration.
@@ -107,7 +157,10 @@ async fn sigterm_checkpoints_live_sessions_and_closes_1001() {
     let mut env = base_env();
     env.push(("BERTH__STORE__REDIS_URL".into(), redis.url()));
     env.push(("BERTH__STORE__DURABILITY".into(), "interval".into()));
-    env.push(("BERTH__STORE__CHECKPOINT_INTERVAL_MS".into(), "600000".into()));
+    env.push((
+        "BERTH__STORE__CHECKPOINT_INTERVAL_MS".into(),
+        "600000".into(),
+    ));
     let mut node = Berth::start_with(&env, &[]);
     let mut clients = Vec::new();
     for i in 0..20 {
@@ -127,7 +180,13 @@ async fn sigterm_checkpoints_live_sessions_and_closes_1001() {
 
     let fresh = Berth::start_redis(&redis.url());
     for (i, c) in clients.iter().enumerate() {
-        let (mut r, w) = Client::resume(&fresh.ws_url(), c.session.as_deref().unwrap(), c.token.as_deref().unwrap(), 0).await;
+        let (mut r, w) = Client::resume(
+            &fresh.ws_url(),
+            c.session.as_deref().unwrap(),
+            c.token.as_deref().unwrap(),
+            0,
+        )
+        .await;
         assert_eq!(w["last_op"], i as u64 + 1);
         assert_eq!(r.op("get", json!({"key":"n"})).await["value"], i as u64 + 1);
     }
@@ -144,7 +203,13 @@ async fn drain_checkpoints_closes_1012_and_exits() {
     assert_eq!(c.recv_close().await, Some(1012));
     assert!(node.wait_exit(Duration::from_secs(15)).success());
     let fresh = Berth::start_redis(&redis.url());
-    let (mut r, _) = Client::resume(&fresh.ws_url(), c.session.as_deref().unwrap(), c.token.as_deref().unwrap(), 0).await;
+    let (mut r, _) = Client::resume(
+        &fresh.ws_url(),
+        c.session.as_deref().unwrap(),
+        c.token.as_deref().unwrap(),
+        0,
+    )
+    .await;
     assert_eq!(r.op("get", json!({"key":"k"})).await["value"], "v");
 }
 
@@ -161,7 +226,8 @@ async fn detached_sessions_passivate_and_reactivate() {
     drop(c);
     let live = || {
         let (_, body) = node.admin_get("/cluster");
-        let v: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
         v["sessions_live"].as_u64().unwrap()
     };
     eventually("passivation", || live() == 0).await;

@@ -12,7 +12,9 @@ fn env_with(redis: &Redis, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 fn err_code(v: &Value) -> &str {
-    v["error"]["code"].as_str().unwrap_or_else(|| panic!("no error in {v}"))
+    v["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {v}"))
 }
 
 #[tokio::test]
@@ -22,33 +24,71 @@ async fn welcome_and_every_kv_op() {
     let mut c = Client::connect(&node.ws_url()).await;
     let w = c.hello(None, None, 0).await;
     assert_eq!(w["type"], "welcome");
-    assert_eq!(w["session"].as_str().unwrap().len(), 22, "128-bit id, URL-safe base64");
+    assert_eq!(
+        w["session"].as_str().unwrap().len(),
+        22,
+        "128-bit id, URL-safe base64"
+    );
     assert!(w["token"].as_str().unwrap().len() >= 22);
-    assert_eq!((w["resumed"].clone(), w["version"].clone(), w["last_op"].clone()), (json!(false), json!(0), json!(0)));
+    assert_eq!(
+        (
+            w["resumed"].clone(),
+            w["version"].clone(),
+            w["last_op"].clone()
+        ),
+        (json!(false), json!(0), json!(0))
+    );
     assert_eq!(w["node"], node.node);
 
     let r = c.op("get", json!({"key":"a"})).await;
-    assert_eq!((r["ok"].clone(), r["value"].clone(), r["version"].clone()), (json!(true), Value::Null, json!(0)));
-    assert_eq!(c.op("set", json!({"key":"a","value":"x"})).await["value"], Value::Null);
+    assert_eq!(
+        (r["ok"].clone(), r["value"].clone(), r["version"].clone()),
+        (json!(true), Value::Null, json!(0))
+    );
+    assert_eq!(
+        c.op("set", json!({"key":"a","value":"x"})).await["value"],
+        Value::Null
+    );
     let r = c.op("set", json!({"key":"a","value":{"n":[1]}})).await;
-    assert_eq!((r["value"].clone(), r["version"].clone()), (json!("x"), json!(2)));
+    assert_eq!(
+        (r["value"].clone(), r["version"].clone()),
+        (json!("x"), json!(2))
+    );
     assert_eq!(c.op("incr", json!({"key":"n"})).await["value"], 1);
     assert_eq!(c.op("incr", json!({"key":"n","by":41})).await["value"], 42);
     assert_eq!(c.op("incr", json!({"key":"n","by":-2})).await["value"], 40);
-    assert_eq!(c.op("append", json!({"key":"l","value":1})).await["value"], 1);
-    assert_eq!(c.op("append", json!({"key":"l","value":"two"})).await["value"], 2);
+    assert_eq!(
+        c.op("append", json!({"key":"l","value":1})).await["value"],
+        1
+    );
+    assert_eq!(
+        c.op("append", json!({"key":"l","value":"two"})).await["value"],
+        2
+    );
     assert_eq!(c.op("del", json!({"key":"n"})).await["value"], 40);
     assert_eq!(c.op("del", json!({"key":"n"})).await["value"], Value::Null);
-    assert_eq!(c.op("echo", json!({"value":[1,{"b":2}]})).await["value"], json!([1,{"b":2}]));
+    assert_eq!(
+        c.op("echo", json!({"value":[1,{"b":2}]})).await["value"],
+        json!([1,{"b":2}])
+    );
     let st = c.op("state", json!({})).await;
     assert_eq!(st["value"], json!({"a":{"n":[1]},"l":[1,"two"]}));
     assert_eq!(st["version"], 8);
 
-    assert_eq!(err_code(&c.op("incr", json!({"key":"a"})).await), "type_mismatch");
-    assert_eq!(err_code(&c.op("append", json!({"key":"a","value":1})).await), "type_mismatch");
+    assert_eq!(
+        err_code(&c.op("incr", json!({"key":"a"})).await),
+        "type_mismatch"
+    );
+    assert_eq!(
+        err_code(&c.op("append", json!({"key":"a","value":1})).await),
+        "type_mismatch"
+    );
     assert_eq!(err_code(&c.op("teleport", json!({})).await), "unknown_op");
     assert_eq!(err_code(&c.op("set", json!({"value":1})).await), "bad_args");
-    assert_eq!(err_code(&c.op("incr", json!({"key":"z","by":"many"})).await), "bad_args");
+    assert_eq!(
+        err_code(&c.op("incr", json!({"key":"z","by":"many"})).await),
+        "bad_args"
+    );
     assert_eq!(err_code(&c.op("get", json!("key")).await), "bad_args");
     let r = c.op("get", json!({"key":"l"})).await;
     assert_eq!(r["value"], json!([1, "two"]), "failed ops changed nothing");
@@ -58,12 +98,22 @@ async fn welcome_and_every_kv_op() {
 #[tokio::test]
 async fn state_limit_answers_too_large_and_keeps_state() {
     let redis = Redis::start();
-    let node = Berth::start_with(&env_with(&redis, &[("BERTH__LIMITS__MAX_STATE_BYTES", "100")]), &[]);
+    let node = Berth::start_with(
+        &env_with(&redis, &[("BERTH__LIMITS__MAX_STATE_BYTES", "100")]),
+        &[],
+    );
     let mut c = Client::new_session(&node.ws_url()).await;
-    assert!(c.op("set", json!({"key":"a","value":"small"})).await["ok"].as_bool().unwrap());
-    let r = c.op("set", json!({"key":"b","value":"x".repeat(200)})).await;
+    assert!(c.op("set", json!({"key":"a","value":"small"})).await["ok"]
+        .as_bool()
+        .unwrap());
+    let r = c
+        .op("set", json!({"key":"b","value":"x".repeat(200)}))
+        .await;
     assert_eq!(err_code(&r), "too_large");
-    assert_eq!(c.op("state", json!({})).await["value"], json!({"a":"small"}));
+    assert_eq!(
+        c.op("state", json!({})).await["value"],
+        json!({"a":"small"})
+    );
 }
 
 #[tokio::test]
@@ -74,38 +124,62 @@ async fn events_are_sequenced_replayed_until_acked() {
     let (sid, tok) = (c.session.clone().unwrap(), c.token.clone().unwrap());
 
     // emit now: the result, then the event (in either order).
-    c.send(json!({"type":"op","id":1,"op":"emit","args":{"body":{"hello":1}}})).await;
-    let mut got = vec![c.recv_json().await, c.recv_json().await];
-    got.sort_by_key(|v| v["type"].as_str().unwrap().to_owned());
+    c.send(json!({"type":"op","id":1,"op":"emit","args":{"body":{"hello":1}}}))
+        .await;
+    let got = c.recv_event_and_result().await;
     assert_eq!(got[0], json!({"type":"event","seq":1,"body":{"hello":1}}));
-    assert_eq!((got[1]["type"].clone(), got[1]["value"].clone()), (json!("result"), json!(1)));
+    assert_eq!(
+        (got[1]["type"].clone(), got[1]["value"].clone()),
+        (json!("result"), json!(1))
+    );
 
     // A delayed event arrives later, in order.
     let t0 = std::time::Instant::now();
-    assert_eq!(c.op_with_id(2, "emit", json!({"body":"later","delay_ms":300})).await["value"], 2);
+    assert_eq!(
+        c.op_with_id(2, "emit", json!({"body":"later","delay_ms":300}))
+            .await["value"],
+        2
+    );
     let e = c.recv_json().await;
     assert_eq!(e, json!({"type":"event","seq":2,"body":"later"}));
     assert!(t0.elapsed().as_millis() >= 250, "delay_ms is honoured");
-    assert_eq!(c.op_with_id(3, "emit", json!({"body":"third"})).await["value"], 3);
+    assert_eq!(
+        c.op_with_id(3, "emit", json!({"body":"third"})).await["value"],
+        3
+    );
     assert_eq!(c.recv_json().await["seq"], 3);
 
     // Reconnect having received up to 1: 2 and 3 are replayed after welcome.
     drop(c);
     let (mut c, w) = Client::resume(&node.ws_url(), &sid, &tok, 1).await;
-    assert_eq!((w["resumed"].clone(), w["last_op"].clone()), (json!(true), json!(3)));
-    assert_eq!(c.recv_json().await, json!({"type":"event","seq":2,"body":"later"}));
-    assert_eq!(c.recv_json().await, json!({"type":"event","seq":3,"body":"third"}));
+    assert_eq!(
+        (w["resumed"].clone(), w["last_op"].clone()),
+        (json!(true), json!(3))
+    );
+    assert_eq!(
+        c.recv_json().await,
+        json!({"type":"event","seq":2,"body":"later"})
+    );
+    assert_eq!(
+        c.recv_json().await,
+        json!({"type":"event","seq":3,"body":"third"})
+    );
     // Acknowledge everything: nothing is replayed again, even with ack 0.
     c.send(json!({"type":"ack","seq":3})).await;
-    assert_eq!(c.op_with_id(4, "echo", json!({"value":0})).await["ok"], true);
+    assert_eq!(
+        c.op_with_id(4, "echo", json!({"value":0})).await["ok"],
+        true
+    );
     drop(c);
     let (mut c, _) = Client::resume(&node.ws_url(), &sid, &tok, 0).await;
-    let r = c.op_with_id(5, "echo", json!({"value":"first frame after welcome"})).await;
+    let r = c
+        .op_with_id(5, "echo", json!({"value":"first frame after welcome"}))
+        .await;
     assert_eq!(r["type"], "result", "acked events were not replayed");
     // Sequences keep counting after acks.
-    c.send(json!({"type":"op","id":6,"op":"emit","args":{"body":4}})).await;
-    let mut got = vec![c.recv_json().await, c.recv_json().await];
-    got.sort_by_key(|v| v["type"].as_str().unwrap().to_owned());
+    c.send(json!({"type":"op","id":6,"op":"emit","args":{"body":4}}))
+        .await;
+    let got = c.recv_event_and_result().await;
     assert_eq!(got[0]["seq"], 4);
 }
 
@@ -117,16 +191,32 @@ async fn retried_op_ids_are_not_applied_twice() {
     let first = c.op_with_id(5, "incr", json!({"key":"c"})).await;
     assert_eq!(first["value"], 1);
     let again = c.op_with_id(5, "incr", json!({"key":"c"})).await;
-    assert_eq!((again["ok"].clone(), again["value"].clone(), again["version"].clone()), (json!(true), json!(1), first["version"].clone()));
-    assert_eq!(c.op_with_id(6, "incr", json!({"key":"c"})).await["value"], 2);
+    assert_eq!(
+        (
+            again["ok"].clone(),
+            again["value"].clone(),
+            again["version"].clone()
+        ),
+        (json!(true), json!(1), first["version"].clone())
+    );
+    assert_eq!(
+        c.op_with_id(6, "incr", json!({"key":"c"})).await["value"],
+        2
+    );
     let older = c.op_with_id(5, "incr", json!({"key":"c"})).await;
-    assert_eq!((older["ok"].clone(), older["duplicate"].clone()), (json!(true), json!(true)));
+    assert_eq!(
+        (older["ok"].clone(), older["duplicate"].clone()),
+        (json!(true), json!(true))
+    );
     // After a reconnect too.
     let (sid, tok) = (c.session.clone().unwrap(), c.token.clone().unwrap());
     drop(c);
     let (mut c, w) = Client::resume(&node.ws_url(), &sid, &tok, 0).await;
     assert_eq!(w["last_op"], 6);
-    assert_eq!(c.op_with_id(6, "incr", json!({"key":"c"})).await["value"], 2);
+    assert_eq!(
+        c.op_with_id(6, "incr", json!({"key":"c"})).await["value"],
+        2
+    );
     assert_eq!(c.op_with_id(7, "get", json!({"key":"c"})).await["value"], 2);
 }
 
@@ -152,12 +242,19 @@ async fn bad_token_unknown_session_and_malformed_id() {
     let sid = a.session.clone().unwrap();
 
     let (mut c, w) = Client::resume(&node.ws_url(), &sid, "wrong-token", 0).await;
-    assert_eq!((w["type"].clone(), w["code"].clone()), (json!("error"), json!("bad_token")));
+    assert_eq!(
+        (w["type"].clone(), w["code"].clone()),
+        (json!("error"), json!("bad_token"))
+    );
     assert_eq!(c.recv_close().await, Some(1008));
 
     let mut c = Client::connect(&node.ws_url()).await;
     c.send(json!({"type":"hello","session":sid})).await;
-    assert_eq!(c.recv_json().await["code"], "bad_token", "a missing token is a bad token");
+    assert_eq!(
+        c.recv_json().await["code"],
+        "bad_token",
+        "a missing token is a bad token"
+    );
     assert_eq!(c.recv_close().await, Some(1008));
 
     let unknown = "AAAAAAAAAAAAAAAAAAAAAA";
@@ -175,23 +272,47 @@ async fn frames_before_hello_and_malformed_frames_keep_the_connection() {
     let redis = Redis::start();
     let node = Berth::start_redis(&redis.url());
     let mut c = Client::connect(&node.ws_url()).await;
-    c.send(json!({"type":"op","id":1,"op":"get","args":{"key":"a"}})).await;
+    c.send(json!({"type":"op","id":1,"op":"get","args":{"key":"a"}}))
+        .await;
     assert_eq!(c.recv_json().await["code"], "hello_required");
     c.send(json!({"type":"ack","seq":1})).await;
     assert_eq!(c.recv_json().await["code"], "hello_required");
     c.send_text("{not json").await;
     assert_eq!(c.recv_json().await["code"], "bad_frame");
     assert_eq!(c.hello(None, None, 0).await["type"], "welcome");
-    for bad in ["", "[]", "42", r#"{"type":"launch"}"#, r#"{"type":"op","id":"x","op":"get"}"#, r#"{"type":"op","id":-1,"op":"get"}"#] {
+    for bad in [
+        "",
+        "[]",
+        "42",
+        r#"{"type":"launch"}"#,
+        r#"{"type":"op","id":"x","op":"get"}"#,
+        r#"{"type":"op","id":-1,"op":"get"}"#,
+    ] {
         c.send_text(bad).await;
         let e = c.recv_json().await;
-        assert_eq!((e["type"].clone(), e["code"].clone()), (json!("error"), json!("bad_frame")), "{bad:?}");
+        assert_eq!(
+            (e["type"].clone(), e["code"].clone()),
+            (json!("error"), json!("bad_frame")),
+            "{bad:?}"
+        );
     }
-    c.ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    c.ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![
+        1u8, 2, 3,
+    ]))
+    .await
+    .unwrap();
     assert_eq!(c.recv_json().await["code"], "bad_frame");
     c.send(json!({"type":"hello","session":null})).await;
-    assert_eq!(c.recv_json().await["code"], "bad_frame", "a second hello is refused");
-    assert_eq!(c.op("incr", json!({"key":"n"})).await["value"], 1, "connection still usable");
+    assert_eq!(
+        c.recv_json().await["code"],
+        "bad_frame",
+        "a second hello is refused"
+    );
+    assert_eq!(
+        c.op("incr", json!({"key":"n"})).await["value"],
+        1,
+        "connection still usable"
+    );
 }
 
 use futures_util::SinkExt;
@@ -199,13 +320,22 @@ use futures_util::SinkExt;
 #[tokio::test]
 async fn oversized_frame_closes_1009_and_loses_nothing() {
     let redis = Redis::start();
-    let node = Berth::start_with(&env_with(&redis, &[("BERTH__SERVER__MAX_FRAME_BYTES", "4096")]), &[]);
+    let node = Berth::start_with(
+        &env_with(&redis, &[("BERTH__SERVER__MAX_FRAME_BYTES", "4096")]),
+        &[],
+    );
     let mut c = Client::new_session(&node.ws_url()).await;
     assert_eq!(c.op("incr", json!({"key":"n"})).await["value"], 1);
     let big = json!({"type":"op","id":2,"op":"set","args":{"key":"b","value":"x".repeat(5000)}});
     c.send(big).await;
     assert_eq!(c.recv_close().await, Some(1009));
-    let (mut c2, w) = Client::resume(&node.ws_url(), c.session.as_deref().unwrap(), c.token.as_deref().unwrap(), 0).await;
+    let (mut c2, w) = Client::resume(
+        &node.ws_url(),
+        c.session.as_deref().unwrap(),
+        c.token.as_deref().unwrap(),
+        0,
+    )
+    .await;
     assert_eq!(w["last_op"], 1);
     assert_eq!(c2.op("state", json!({})).await["value"], json!({"n":1}));
 }
@@ -223,7 +353,10 @@ async fn bye_deletes_the_session() {
     assert_eq!(w["code"], "session_not_found");
     assert_eq!(c.recv_close().await, Some(4004));
     let mut conn = redis.conn();
-    let ck: Option<Vec<u8>> = redis::cmd("GET").arg(format!("berth:{{{sid}}}:ck")).query(&mut conn).unwrap();
+    let ck: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(format!("berth:{{{sid}}}:ck"))
+        .query(&mut conn)
+        .unwrap();
     assert!(ck.is_none(), "checkpoint deleted from Redis");
 }
 
@@ -231,12 +364,19 @@ async fn bye_deletes_the_session() {
 async fn flood_is_rate_limited_and_limited_ops_are_not_applied() {
     let redis = Redis::start();
     let node = Berth::start_with(
-        &env_with(&redis, &[("BERTH__LIMITS__FRAMES_PER_SEC", "5"), ("BERTH__LIMITS__FRAMES_BURST", "10")]),
+        &env_with(
+            &redis,
+            &[
+                ("BERTH__LIMITS__FRAMES_PER_SEC", "5"),
+                ("BERTH__LIMITS__FRAMES_BURST", "10"),
+            ],
+        ),
         &[],
     );
     let mut c = Client::new_session(&node.ws_url()).await;
     for id in 1..=40u64 {
-        c.send(json!({"type":"op","id":id,"op":"incr","args":{"key":"n"}})).await;
+        c.send(json!({"type":"op","id":id,"op":"incr","args":{"key":"n"}}))
+            .await;
     }
     let (mut ok, mut limited) = (0, 0);
     for id in 1..=40u64 {
@@ -260,8 +400,14 @@ async fn flood_is_rate_limited_and_limited_ops_are_not_applied() {
 async fn origin_allow_list() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let redis = Redis::start();
-    let node = Berth::start_with(&env_with(&redis, &[("BERTH__SERVER__ORIGINS", "https://app.example")]), &[]);
-    for (origin, allowed) in [("https://evil.example", false), ("https://app.example", true)] {
+    let node = Berth::start_with(
+        &env_with(&redis, &[("BERTH__SERVER__ORIGINS", "https://app.example")]),
+        &[],
+    );
+    for (origin, allowed) in [
+        ("https://evil.example", false),
+        ("https://app.example", true),
+    ] {
         let mut req = node.ws_url().into_client_request().unwrap();
         req.headers_mut().insert("Origin", origin.parse().unwrap());
         let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
@@ -281,7 +427,10 @@ async fn origin_allow_list() {
 #[tokio::test]
 async fn silent_connections_are_dropped_after_two_ping_intervals() {
     let redis = Redis::start();
-    let node = Berth::start_with(&env_with(&redis, &[("BERTH__SERVER__PING_INTERVAL_MS", "200")]), &[]);
+    let node = Berth::start_with(
+        &env_with(&redis, &[("BERTH__SERVER__PING_INTERVAL_MS", "200")]),
+        &[],
+    );
     // A client that reads (and so answers pings) stays.
     let mut alive = Client::new_session(&node.ws_url()).await;
     let mut silent = Client::new_session(&node.ws_url()).await;
@@ -299,7 +448,10 @@ async fn silent_connections_are_dropped_after_two_ping_intervals() {
 #[tokio::test]
 async fn connection_limit_answers_1013() {
     let redis = Redis::start();
-    let node = Berth::start_with(&env_with(&redis, &[("BERTH__SERVER__MAX_CONNECTIONS", "1")]), &[]);
+    let node = Berth::start_with(
+        &env_with(&redis, &[("BERTH__SERVER__MAX_CONNECTIONS", "1")]),
+        &[],
+    );
     let mut first = Client::new_session(&node.ws_url()).await;
     let mut second = Client::connect(&node.ws_url()).await;
     assert_eq!(second.recv_json().await["code"], "unavailable");
@@ -310,20 +462,29 @@ async fn connection_limit_answers_1013() {
 #[tokio::test]
 async fn embedded_default_serves_the_protocol() {
     let node = Berth::start_memory();
-    assert!(node.log().contains("NOT durable") || {
-        node.wait_log("NOT durable");
-        true
-    });
+    assert!(
+        node.log().contains("NOT durable") || {
+            node.wait_log("NOT durable");
+            true
+        }
+    );
     let mut c = Client::new_session(&node.ws_url()).await;
     assert_eq!(c.op("incr", json!({"key":"n","by":2})).await["value"], 2);
-    c.send(json!({"type":"op","id":2,"op":"emit","args":{"body":"e"}})).await;
-    let mut got = vec![c.recv_json().await, c.recv_json().await];
-    got.sort_by_key(|v| v["type"].as_str().unwrap().to_owned());
+    c.send(json!({"type":"op","id":2,"op":"emit","args":{"body":"e"}}))
+        .await;
+    let got = c.recv_event_and_result().await;
     assert_eq!(got[0]["seq"], 1);
     let (sid, tok) = (c.session.clone().unwrap(), c.token.clone().unwrap());
     drop(c);
     let (mut c, w) = Client::resume(&node.ws_url(), &sid, &tok, 0).await;
-    assert_eq!((w["resumed"].clone(), w["version"].clone(), w["last_op"].clone()), (json!(true), json!(2), json!(2)));
+    assert_eq!(
+        (
+            w["resumed"].clone(),
+            w["version"].clone(),
+            w["last_op"].clone()
+        ),
+        (json!(true), json!(2), json!(2))
+    );
     assert_eq!(c.recv_json().await["seq"], 1, "unacked event replayed");
     c.send(json!({"type":"bye"})).await;
     assert_eq!(c.recv_close().await, Some(1000));
@@ -336,12 +497,19 @@ async fn demo_page_and_admin_endpoints() {
     let (status, resp) = http(node.public, "GET", "/", &[]);
     assert_eq!(status, 200);
     let lower = resp.to_lowercase();
-    assert!(lower.contains("cache-control: public, max-age=300"), "{resp}");
+    assert!(
+        lower.contains("cache-control: public, max-age=300"),
+        "{resp}"
+    );
     assert!(lower.contains("content-type: text/html"));
     assert!(resp.contains("/ws"), "the page opens the WebSocket");
     let etag = resp
         .lines()
-        .find_map(|l| l.to_lowercase().starts_with("etag:").then(|| l[5..].trim().to_owned()))
+        .find_map(|l| {
+            l.to_lowercase()
+                .starts_with("etag:")
+                .then(|| l[5..].trim().to_owned())
+        })
         .expect("etag");
     let (status, _) = http(node.public, "GET", "/", &[("If-None-Match", &etag)]);
     assert_eq!(status, 304);
@@ -351,7 +519,15 @@ async fn demo_page_and_admin_endpoints() {
     c.op("incr", json!({"key":"n"})).await;
     eventually("ready", || node.admin_get("/health/ready").0 == 200).await;
     let (_, m) = node.admin_get("/metrics");
-    for name in ["berth_ops_total", "berth_op_duration_seconds", "berth_sessions_live", "berth_connections", "berth_checkpoint_batch_size", "berth_checkpoint_batch_seconds", "berth_store_up"] {
+    for name in [
+        "berth_ops_total",
+        "berth_op_duration_seconds",
+        "berth_sessions_live",
+        "berth_connections",
+        "berth_checkpoint_batch_size",
+        "berth_checkpoint_batch_seconds",
+        "berth_store_up",
+    ] {
         assert!(m.contains(name), "metrics lack {name}");
     }
     let (s, body) = node.admin_get("/cluster");
