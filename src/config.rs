@@ -676,6 +676,14 @@ mod tests {
     }
 
     #[test]
+    fn readme_table_lists_every_key() {
+        let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+        for key in Config::default().flatten().keys() {
+            assert!(readme.contains(&format!("| `{key}` |")), "README's configuration table lacks `{key}`");
+        }
+    }
+
+    #[test]
     fn precedence_file_then_base64_then_env() {
         let dir = std::env::temp_dir().join(format!("berth-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
