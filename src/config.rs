@@ -677,9 +677,14 @@ mod tests {
 
     #[test]
     fn readme_table_lists_every_key() {
-        let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .unwrap();
         for key in Config::default().flatten().keys() {
-            assert!(readme.contains(&format!("| `{key}` |")), "README's configuration table lacks `{key}`");
+            assert!(
+                readme.contains(&format!("| `{key}` |")),
+                "README's configuration table lacks `{key}`"
+            );
         }
     }
 

@@ -143,11 +143,13 @@ async fn events_are_sequenced_replayed_until_acked() {
     let e = c.recv_json().await;
     assert_eq!(e, json!({"type":"event","seq":2,"body":"later"}));
     assert!(t0.elapsed().as_millis() >= 250, "delay_ms is honoured");
+    c.send(json!({"type":"op","id":3,"op":"emit","args":{"body":"third"}}))
+        .await;
+    let [event, result] = c.recv_event_and_result().await;
     assert_eq!(
-        c.op_with_id(3, "emit", json!({"body":"third"})).await["value"],
-        3
+        (event["seq"].clone(), result["value"].clone()),
+        (json!(3), json!(3))
     );
-    assert_eq!(c.recv_json().await["seq"], 3);
 
     // Reconnect having received up to 1: 2 and 3 are replayed after welcome.
     drop(c);
@@ -172,10 +174,14 @@ async fn events_are_sequenced_replayed_until_acked() {
     );
     drop(c);
     let (mut c, _) = Client::resume(&node.ws_url(), &sid, &tok, 0).await;
-    let r = c
-        .op_with_id(5, "echo", json!({"value":"first frame after welcome"}))
+    c.send(json!({"type":"op","id":5,"op":"echo","args":{"value":"x"}}))
         .await;
-    assert_eq!(r["type"], "result", "acked events were not replayed");
+    let first = c.recv_json().await;
+    assert_eq!(
+        (first["type"].clone(), first["id"].clone()),
+        (json!("result"), json!(5)),
+        "acked events were not replayed: {first}"
+    );
     // Sequences keep counting after acks.
     c.send(json!({"type":"op","id":6,"op":"emit","args":{"body":4}}))
         .await;
