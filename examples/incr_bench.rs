@@ -6,7 +6,7 @@
 //! cargo run --release --example incr_bench -- ws://127.0.0.1:8080/ws 1000 20
 //! ```
 //! Arguments: URL (default `ws://127.0.0.1:8080/ws`), sessions (default 1000),
-//! seconds (default 20, at most 600). The full load-test harness is `berth-loadtest`.
+//! seconds (default 20, at most 600), op (`incr`, the default, or `echo`). The full load-test harness is `berth-loadtest`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +28,12 @@ async fn main() {
         .next()
         .map_or(20, |s| s.parse().expect("seconds"))
         .min(600);
+    // `incr` (durable write) or `echo` (no state change, no checkpoint).
+    let op_name: &'static str = match args.next().as_deref() {
+        None | Some("incr") => "incr",
+        Some("echo") => "echo",
+        Some(other) => panic!("op must be incr or echo, not {other}"),
+    };
     let errors = Arc::new(AtomicU64::new(0));
 
     // Connect everyone first, then start the clock.
@@ -58,17 +64,25 @@ async fn main() {
                 let mut id = 1u64;
                 while Instant::now() < end {
                     let t = Instant::now();
-                    let op = json!({"type":"op","id":id,"op":"incr","args":{"key":"n"}});
+                    let op =
+                        json!({"type":"op","id":id,"op":op_name,"args":{"key":"n","value":id}});
                     if ws.send(Message::text(op.to_string())).await.is_err() {
                         errors.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                    let Some(Ok(m)) = ws.next().await else {
+                    // Skip the server's pings (tungstenite answers them).
+                    let m = loop {
+                        match ws.next().await {
+                            Some(Ok(Message::Text(t))) => break Some(t),
+                            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                            _ => break None,
+                        }
+                    };
+                    let Some(m) = m else {
                         errors.fetch_add(1, Ordering::Relaxed);
                         break;
                     };
-                    let v: Value =
-                        serde_json::from_str(m.to_text().unwrap_or("{}")).unwrap_or_default();
+                    let v: Value = serde_json::from_str(&m).unwrap_or_default();
                     if v["ok"] != true || v["value"] != id {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }

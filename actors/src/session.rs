@@ -203,7 +203,7 @@ impl<A: Application> SessionActor<A> {
     }
 
     fn checkpoint_bytes(&self) -> Vec<u8> {
-        codec::encode(&self.state.to_checkpoint(&self.host.app))
+        codec::encode(self.state.to_checkpoint(&self.host.app))
     }
 
     fn go_live(&mut self, epoch: u64, ctx: &mut Context<Self>) {
@@ -518,10 +518,11 @@ impl<A: Application> Handler<Op> for SessionActor<A> {
             return done(outcome.reply);
         }
         let reply = outcome.reply;
-        let fut = self
-            .host
-            .store
-            .save(&self.id, self.epoch, self.checkpoint_bytes());
+        let bytes = match outcome.app_bytes {
+            Some(app) => codec::encode(self.state.to_checkpoint_with(app)),
+            None => self.checkpoint_bytes(),
+        };
+        let fut = self.host.store.save(&self.id, self.epoch, bytes);
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(
             move |res, act, ctx| match res {
                 Ok(()) => {

@@ -120,6 +120,9 @@ pub struct Outcome<S> {
     /// `Some` when the op changed the session: the state to restore if the
     /// checkpoint fails. Such a reply may only be sent after the checkpoint.
     pub undo: Option<Box<SessionState<S>>>,
+    /// The encoded application state after a change (measured for the size
+    /// limit; handed on so the checkpoint does not encode it again).
+    pub app_bytes: Option<Vec<u8>>,
 }
 
 /// One session: application state, version, op-id watermark, outbox, token hash.
@@ -170,7 +173,11 @@ impl<S: Clone + Default> SessionState<S> {
                     // A retried read: read again; nothing changes.
                     let mut reply = self.run(app, id, op, args, now_ms, limits, true).reply;
                     reply.duplicate = true;
-                    return Outcome { reply, undo: None };
+                    return Outcome {
+                        reply,
+                        undo: None,
+                        app_bytes: None,
+                    };
                 }
                 _ => OpReply {
                     id,
@@ -187,6 +194,7 @@ impl<S: Clone + Default> SessionState<S> {
                     ..reply
                 },
                 undo: None,
+                app_bytes: None,
             };
         }
         self.run(app, id, op, args, now_ms, limits, false)
@@ -212,9 +220,12 @@ impl<S: Clone + Default> SessionState<S> {
             max_delay_ms: limits.max_emit_delay_ms,
         };
         let result = app.apply(&mut self.app, op, args, &mut ctx);
+        let mut app_bytes = None;
         let result = match result {
             Ok(applied) if applied.changed => {
-                let size = app.encode_state(&self.app).len();
+                let bytes = app.encode_state(&self.app);
+                let size = bytes.len();
+                app_bytes = Some(bytes);
                 if size > limits.max_state_bytes {
                     Err(AppError::new(
                         ErrorCode::TooLarge,
@@ -234,15 +245,27 @@ impl<S: Clone + Default> SessionState<S> {
             Ok(applied) => {
                 let reply = OpReply::ok(id, applied.value, self.version);
                 if retry {
-                    return Outcome { reply, undo: None };
+                    return Outcome {
+                        reply,
+                        undo: None,
+                        app_bytes: None,
+                    };
                 }
                 self.last_op = id;
                 if applied.changed {
                     self.last_reply = Some(reply.clone());
-                    Outcome { reply, undo }
+                    Outcome {
+                        reply,
+                        undo,
+                        app_bytes,
+                    }
                 } else {
                     self.last_reply = None;
-                    Outcome { reply, undo: None }
+                    Outcome {
+                        reply,
+                        undo: None,
+                        app_bytes: None,
+                    }
                 }
             }
             Err(e) => {
@@ -256,15 +279,24 @@ impl<S: Clone + Default> SessionState<S> {
                     self.last_op = id;
                     self.last_reply = Some(reply.clone());
                 }
-                Outcome { reply, undo: None }
+                Outcome {
+                    reply,
+                    undo: None,
+                    app_bytes: None,
+                }
             }
         }
     }
 
     /// The checkpoint of this state.
     pub fn to_checkpoint<A: Application<State = S>>(&self, app: &A) -> Checkpoint {
+        self.to_checkpoint_with(app.encode_state(&self.app))
+    }
+
+    /// The checkpoint of this state, given its already encoded application state.
+    pub fn to_checkpoint_with(&self, app_bytes: Vec<u8>) -> Checkpoint {
         Checkpoint {
-            app: app.encode_state(&self.app),
+            app: app_bytes,
             version: self.version,
             last_op: self.last_op,
             last_reply: self
@@ -548,7 +580,7 @@ mod tests {
             }
             prop_assert_eq!(&s.app, &settled.app);
             prop_assert_eq!(s.version, settled.version);
-            let bytes = crate::codec::encode(&s.to_checkpoint(&KvApp));
+            let bytes = crate::codec::encode(s.to_checkpoint(&KvApp));
             let back = SessionState::from_checkpoint(&KvApp, crate::codec::decode(&bytes).unwrap()).unwrap();
             prop_assert_eq!(back, s);
         }
