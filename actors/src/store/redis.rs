@@ -15,6 +15,7 @@
 //! pipelines are in flight, so batches grow by themselves and the round trip is
 //! paid once per batch, not once per op; when idle a write leaves at once.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,10 +98,20 @@ struct Scripts {
     delete: Script,
 }
 
+/// Counters of the group commit, for tests and operators.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Pipelines sent.
+    pub batches: AtomicU64,
+    /// Checkpoint writes sent in them.
+    pub writes: AtomicU64,
+}
+
 /// The Redis store. Cheap to clone; the batcher task ends when the last clone is
 /// dropped.
 #[derive(Clone)]
 pub struct RedisStore {
+    stats: Arc<BatchStats>,
     conn: ConnectionManager,
     scripts: Arc<Scripts>,
     queue: mpsc::Sender<SaveReq>,
@@ -138,14 +149,27 @@ impl RedisStore {
         });
         let (queue, rx) = mpsc::channel(cfg.batch_max.max(1) * cfg.max_inflight.max(1) * 8);
         let cfg = Arc::new(cfg);
-        tokio::spawn(run_batcher(rx, conn.clone(), scripts.clone(), cfg.clone()));
+        let stats = Arc::new(BatchStats::default());
+        tokio::spawn(run_batcher(
+            rx,
+            conn.clone(),
+            scripts.clone(),
+            cfg.clone(),
+            stats.clone(),
+        ));
         Ok(RedisStore {
+            stats,
             conn,
             scripts,
             queue,
             cfg,
             target,
         })
+    }
+
+    /// Group-commit counters since start.
+    pub fn batch_stats(&self) -> &BatchStats {
+        &self.stats
     }
 
     fn keys(&self, id: &SessionId) -> (String, String) {
@@ -322,6 +346,7 @@ async fn run_batcher(
     conn: ConnectionManager,
     scripts: Arc<Scripts>,
     cfg: Arc<RedisStoreConfig>,
+    stats: Arc<BatchStats>,
 ) {
     let inflight = Arc::new(Semaphore::new(cfg.max_inflight.max(1)));
     let max = cfg.batch_max.max(1);
@@ -349,6 +374,10 @@ async fn run_batcher(
                 }
             }
         }
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats
+            .writes
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let (conn, scripts, cfg) = (conn.clone(), scripts.clone(), cfg.clone());
         tokio::spawn(async move {
             flush(conn, &scripts, &cfg, batch).await;
