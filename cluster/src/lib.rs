@@ -1,0 +1,22 @@
+//! berth's cluster layer: who the members are, and which member owns which
+//! session.
+//!
+//! This crate never touches a WebSocket or a session's state: it answers
+//! "which node owns session X now?" and tells the binary when the answer
+//! changes. The binary (`src/`) wires it to the edge and the host.
+//!
+//! # Layout
+//! - [`consul`]: a small typed client of Consul's HTTP API (registration, TTL
+//!   check, blocking health queries).
+//! - [`membership`]: the member view, from Consul or a static list, with the
+//!   last known view kept on errors.
+//! - [`peer`]: authenticated, multiplexed node-to-node links.
+//! - [`ring`]: the consistent-hash ring, a pure function of the member set.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod consul;
+pub mod membership;
+pub mod peer;
+pub mod ring;

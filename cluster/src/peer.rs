@@ -1,0 +1,688 @@
+//! Peer links: authenticated, multiplexed node-to-node connections.
+//!
+//! One TCP connection carries any number of concurrent requests in both
+//! directions, plus one-way pushes, as length-delimited frames (4-byte big
+//! endian length, at most [`MAX_FRAME`]) whose body is a bincode 2.0.1
+//! [`Frame`]. What a request or push *means* is the caller's business: bodies
+//! are opaque bytes here, so this module knows nothing of sessions.
+//!
+//! # Handshake (mutual, HMAC-SHA256 over the cluster secret)
+//! ```text
+//! dialer   -> listener : Hello { id, nonce_d }
+//! listener -> dialer   : Challenge { id, nonce_l, mac_l = HMAC(secret, "berth-peer-l" | nonce_d | nonce_l | id_l) }
+//! dialer   -> listener : Proof { mac_d = HMAC(secret, "berth-peer-d" | nonce_l | nonce_d | id_d) }
+//! ```
+//! Each side checks the other's MAC in constant time before anything else is
+//! read; a peer that cannot prove it knows the secret is dropped (and the
+//! listener logs it). Fresh random nonces on both sides stop replays.
+//!
+//! Nothing waits forever: every request has a deadline, and a link that dies
+//! fails all of its pending requests at once with [`PeerError::Closed`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bincode::{Decode, Encode};
+use futures_util::future::BoxFuture;
+use futures_util::{SinkExt, StreamExt};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::ring::MemberId;
+
+/// Largest frame on a peer link.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// How long a handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frames queued for writing on one link before senders wait.
+const WRITE_QUEUE: usize = 4096;
+
+/// Why a peer call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// Could not connect.
+    #[error("cannot reach peer: {0}")]
+    Connect(String),
+    /// The peer failed the handshake (wrong secret, or not a berth node).
+    #[error("peer authentication failed: {0}")]
+    Auth(String),
+    /// The link closed before an answer.
+    #[error("peer link closed")]
+    Closed,
+    /// No answer within the deadline.
+    #[error("peer did not answer within {0:?}")]
+    Timeout(Duration),
+    /// A frame could not be encoded or decoded.
+    #[error("bad frame: {0}")]
+    Codec(String),
+}
+
+/// What travels on a link after the handshake.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub enum Frame {
+    /// A request expecting one response with the same id.
+    Request {
+        /// Correlation id, unique per link and direction.
+        id: u64,
+        /// Opaque body.
+        body: Vec<u8>,
+    },
+    /// The answer to a request.
+    Response {
+        /// The request's id.
+        id: u64,
+        /// Opaque body.
+        body: Vec<u8>,
+    },
+    /// A one-way message.
+    Push {
+        /// Opaque body.
+        body: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Encode, Decode)]
+enum Handshake {
+    Hello {
+        id: String,
+        nonce: [u8; 32],
+    },
+    Challenge {
+        id: String,
+        nonce: [u8; 32],
+        mac: [u8; 32],
+    },
+    Proof {
+        mac: [u8; 32],
+    },
+}
+
+fn cfg() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+fn encode<T: Encode>(v: &T) -> Result<bytes::Bytes, PeerError> {
+    bincode::encode_to_vec(v, cfg())
+        .map(bytes::Bytes::from)
+        .map_err(|e| PeerError::Codec(e.to_string()))
+}
+
+fn decode<T: Decode<()>>(b: &[u8]) -> Result<T, PeerError> {
+    bincode::decode_from_slice(b, cfg())
+        .map(|(v, _)| v)
+        .map_err(|e| PeerError::Codec(e.to_string()))
+}
+
+fn mac(secret: &[u8], label: &[u8], a: &[u8; 32], b: &[u8; 32], id: &str) -> [u8; 32] {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    m.update(label);
+    m.update(a);
+    m.update(b);
+    m.update(id.as_bytes());
+    m.finalize().into_bytes().into()
+}
+
+fn verify(
+    secret: &[u8],
+    label: &[u8],
+    a: &[u8; 32],
+    b: &[u8; 32],
+    id: &str,
+    tag: &[u8; 32],
+) -> bool {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    m.update(label);
+    m.update(a);
+    m.update(b);
+    m.update(id.as_bytes());
+    m.verify_slice(tag).is_ok() // constant time
+}
+
+/// Resolves once the flag is set (drops the borrow, so the future stays `Send`).
+async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+fn nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    rand::rng().fill_bytes(&mut n);
+    n
+}
+
+type Transport = Framed<TcpStream, LengthDelimitedCodec>;
+
+fn framed(s: TcpStream) -> Transport {
+    let _ = s.set_nodelay(true);
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_framed(s)
+}
+
+async fn next_handshake(t: &mut Transport) -> Result<Handshake, PeerError> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, t.next()).await {
+        Ok(Some(Ok(b))) => decode(&b),
+        Ok(Some(Err(e))) => Err(PeerError::Auth(e.to_string())),
+        Ok(None) => Err(PeerError::Auth("peer closed during the handshake".into())),
+        Err(_) => Err(PeerError::Auth("handshake timed out".into())),
+    }
+}
+
+async fn send_handshake(t: &mut Transport, h: &Handshake) -> Result<(), PeerError> {
+    t.send(encode(h)?)
+        .await
+        .map_err(|e| PeerError::Auth(e.to_string()))
+}
+
+/// Answers what arrives on links: requests (one answer each) and pushes.
+pub trait PeerHandler: Send + Sync + 'static {
+    /// A request from `from`; the returned bytes are its response.
+    fn request(&self, from: MemberId, link: Link, body: Vec<u8>) -> BoxFuture<'static, Vec<u8>>;
+    /// A one-way message from `from`.
+    fn push(&self, from: MemberId, link: Link, body: Vec<u8>);
+    /// A link ended (the peer died, left or the network broke).
+    fn closed(&self, _peer: MemberId) {}
+}
+
+struct LinkInner {
+    peer: MemberId,
+    out: mpsc::Sender<Frame>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>,
+    next_id: AtomicU64,
+    closed: watch::Sender<bool>,
+}
+
+/// One authenticated link to a peer. Cheap to clone.
+#[derive(Clone)]
+pub struct Link {
+    inner: Arc<LinkInner>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Link({})", self.inner.peer)
+    }
+}
+
+impl Link {
+    /// The peer's member id (as it proved it).
+    pub fn peer(&self) -> &MemberId {
+        &self.inner.peer
+    }
+
+    /// Whether the link has closed.
+    pub fn is_closed(&self) -> bool {
+        *self.inner.closed.borrow()
+    }
+
+    /// Resolves when the link closes.
+    pub async fn closed(&self) {
+        let mut rx = self.inner.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Sends a request and waits for its response, at most `timeout`.
+    pub async fn request(&self, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, PeerError> {
+        if self.is_closed() {
+            return Err(PeerError::Closed);
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let sent =
+            tokio::time::timeout(timeout, self.inner.out.send(Frame::Request { id, body })).await;
+        let result = match sent {
+            Ok(Ok(())) => match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(body)) => Ok(body),
+                Ok(Err(_)) => Err(PeerError::Closed),
+                Err(_) => Err(PeerError::Timeout(timeout)),
+            },
+            Ok(Err(_)) => Err(PeerError::Closed),
+            Err(_) => Err(PeerError::Timeout(timeout)),
+        };
+        if result.is_err() {
+            self.inner
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
+        result
+    }
+
+    /// Sends a one-way message (waits only for room in the write queue).
+    pub async fn push(&self, body: Vec<u8>) -> Result<(), PeerError> {
+        self.inner
+            .out
+            .send(Frame::Push { body })
+            .await
+            .map_err(|_| PeerError::Closed)
+    }
+
+    /// Sends a one-way message without waiting; `false` if the queue is full or the link closed.
+    pub fn try_push(&self, body: Vec<u8>) -> bool {
+        self.inner.out.try_send(Frame::Push { body }).is_ok()
+    }
+
+    fn fail_pending(&self) {
+        let pending: Vec<_> = self
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        drop(pending); // dropping the senders answers every waiter with Closed
+    }
+}
+
+/// Runs an authenticated transport: one task reads, one writes.
+fn run_link(t: Transport, peer: MemberId, handler: Arc<dyn PeerHandler>) -> Link {
+    let (out, mut out_rx) = mpsc::channel::<Frame>(WRITE_QUEUE);
+    let (closed, _) = watch::channel(false);
+    let link = Link {
+        inner: Arc::new(LinkInner {
+            peer: peer.clone(),
+            out,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed,
+        }),
+    };
+    let (mut sink, mut stream) = t.split();
+    let writer_link = link.clone();
+    tokio::spawn(async move {
+        let mut closed = writer_link.inner.closed.subscribe();
+        loop {
+            tokio::select! {
+                f = out_rx.recv() => {
+                    let Some(f) = f else { break };
+                    let Ok(bytes) = encode(&f) else { continue };
+                    if sink.send(bytes).await.is_err() {
+                        break;
+                    }
+                }
+                _ = until_true(&mut closed) => break,
+            }
+        }
+        writer_link.inner.closed.send_replace(true);
+        let _ = sink.close().await;
+    });
+    let reader_link = link.clone();
+    tokio::spawn(async move {
+        let mut closed = reader_link.inner.closed.subscribe();
+        loop {
+            let next = tokio::select! {
+                n = stream.next() => n,
+                _ = until_true(&mut closed) => break,
+            };
+            let bytes = match next {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => {
+                    tracing::debug!(peer = %reader_link.peer(), error = %e, "peer link read failed");
+                    break;
+                }
+                None => break,
+            };
+            match decode::<Frame>(&bytes) {
+                Ok(Frame::Response { id, body }) => {
+                    let waiter = reader_link
+                        .inner
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    if let Some(w) = waiter {
+                        let _ = w.send(body);
+                    }
+                }
+                Ok(Frame::Request { id, body }) => {
+                    let fut =
+                        handler.request(reader_link.peer().clone(), reader_link.clone(), body);
+                    let l = reader_link.clone();
+                    tokio::spawn(async move {
+                        let body = fut.await;
+                        let _ = l.inner.out.send(Frame::Response { id, body }).await;
+                    });
+                }
+                Ok(Frame::Push { body }) => {
+                    handler.push(reader_link.peer().clone(), reader_link.clone(), body)
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %reader_link.peer(), error = %e, "undecodable frame on peer link; closing it");
+                    break;
+                }
+            }
+        }
+        reader_link.inner.closed.send_replace(true);
+        reader_link.fail_pending();
+        handler.closed(reader_link.peer().clone());
+    });
+    link
+}
+
+/// Dials `addr`, authenticates with `secret` as `me`, and runs the link.
+pub async fn connect(
+    addr: &str,
+    me: &MemberId,
+    secret: &[u8],
+    handler: Arc<dyn PeerHandler>,
+) -> Result<Link, PeerError> {
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PeerError::Connect(format!("{addr}: timed out")))?
+        .map_err(|e| PeerError::Connect(format!("{addr}: {e}")))?;
+    let mut t = framed(stream);
+    let nonce_d = nonce();
+    send_handshake(
+        &mut t,
+        &Handshake::Hello {
+            id: me.to_string(),
+            nonce: nonce_d,
+        },
+    )
+    .await?;
+    let Handshake::Challenge {
+        id,
+        nonce: nonce_l,
+        mac: mac_l,
+    } = next_handshake(&mut t).await?
+    else {
+        return Err(PeerError::Auth("expected a challenge".into()));
+    };
+    if !verify(secret, b"berth-peer-l", &nonce_d, &nonce_l, &id, &mac_l) {
+        return Err(PeerError::Auth(format!(
+            "{addr} does not know the cluster secret"
+        )));
+    }
+    let proof = mac(secret, b"berth-peer-d", &nonce_l, &nonce_d, me.as_str());
+    send_handshake(&mut t, &Handshake::Proof { mac: proof }).await?;
+    Ok(run_link(t, MemberId(id), handler))
+}
+
+/// Authenticates an inbound connection; the peer's id on success.
+async fn accept_one(
+    stream: TcpStream,
+    me: &MemberId,
+    secret: &[u8],
+) -> Result<(Transport, MemberId), PeerError> {
+    let mut t = framed(stream);
+    let Handshake::Hello { id, nonce: nonce_d } = next_handshake(&mut t).await? else {
+        return Err(PeerError::Auth("expected hello".into()));
+    };
+    let nonce_l = nonce();
+    let mac_l = mac(secret, b"berth-peer-l", &nonce_d, &nonce_l, me.as_str());
+    send_handshake(
+        &mut t,
+        &Handshake::Challenge {
+            id: me.to_string(),
+            nonce: nonce_l,
+            mac: mac_l,
+        },
+    )
+    .await?;
+    let Handshake::Proof { mac: mac_d } = next_handshake(&mut t).await? else {
+        return Err(PeerError::Auth("expected proof".into()));
+    };
+    if !verify(secret, b"berth-peer-d", &nonce_l, &nonce_d, &id, &mac_d) {
+        return Err(PeerError::Auth(format!(
+            "peer claiming to be {id:?} does not know the cluster secret"
+        )));
+    }
+    Ok((t, MemberId(id)))
+}
+
+/// A running peer listener.
+pub struct ListenerHandle {
+    /// The bound address.
+    pub local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ListenerHandle {
+    /// Stops accepting (links already up keep running until they close).
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `addr` and serves authenticated links; each new link is also
+/// reported to `on_link`.
+pub async fn spawn_listener(
+    addr: &str,
+    me: MemberId,
+    secret: Vec<u8>,
+    handler: Arc<dyn PeerHandler>,
+    on_link: impl Fn(Link) + Send + Sync + 'static,
+) -> std::io::Result<ListenerHandle> {
+    let listener = TcpListener::bind(addr).await?;
+    let local_addr = listener.local_addr()?;
+    let (stop, mut stop_rx) = watch::channel(false);
+    let secret: Arc<[u8]> = secret.into();
+    let on_link = Arc::new(on_link);
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, from) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "peer accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = until_true(&mut stop_rx) => return,
+            };
+            let (me, secret, handler, on_link) =
+                (me.clone(), secret.clone(), handler.clone(), on_link.clone());
+            tokio::spawn(async move {
+                match accept_one(stream, &me, &secret).await {
+                    Ok((t, peer)) => {
+                        tracing::debug!(%peer, %from, "peer link accepted");
+                        on_link(run_link(t, peer, handler));
+                    }
+                    Err(e) => {
+                        metrics::counter!("berth_peer_auth_failures_total").increment(1);
+                        tracing::warn!(%from, error = %e, "peer refused");
+                    }
+                }
+            });
+        }
+    });
+    Ok(ListenerHandle {
+        local_addr,
+        stop,
+        task,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    /// Echoes requests with a prefix and records pushes.
+    struct Echo {
+        pushes: mpsc::UnboundedSender<(MemberId, Vec<u8>)>,
+    }
+
+    impl PeerHandler for Echo {
+        fn request(
+            &self,
+            from: MemberId,
+            _link: Link,
+            body: Vec<u8>,
+        ) -> BoxFuture<'static, Vec<u8>> {
+            async move {
+                if body == b"slow" {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let mut out = format!("{from}:").into_bytes();
+                out.extend(body);
+                out
+            }
+            .boxed()
+        }
+        fn push(&self, from: MemberId, _link: Link, body: Vec<u8>) {
+            let _ = self.pushes.send((from, body));
+        }
+    }
+
+    type Pushes = mpsc::UnboundedReceiver<(MemberId, Vec<u8>)>;
+
+    fn echo() -> (Arc<dyn PeerHandler>, Pushes) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arc::new(Echo { pushes: tx }), rx)
+    }
+
+    async fn listener(secret: &[u8]) -> (ListenerHandle, mpsc::UnboundedReceiver<Link>, Pushes) {
+        let (h, pushes) = echo();
+        let (ltx, lrx) = mpsc::unbounded_channel();
+        let l = spawn_listener(
+            "127.0.0.1:0",
+            MemberId("server".into()),
+            secret.to_vec(),
+            h,
+            move |link| {
+                let _ = ltx.send(link);
+            },
+        )
+        .await
+        .unwrap();
+        (l, lrx, pushes)
+    }
+
+    #[tokio::test]
+    async fn requests_and_pushes_flow_both_ways() {
+        let (l, mut links, mut server_pushes) = listener(b"s3cret").await;
+        let (h, mut client_pushes) = echo();
+        let link = connect(
+            &l.local_addr.to_string(),
+            &MemberId("client".into()),
+            b"s3cret",
+            h,
+        )
+        .await
+        .unwrap();
+        assert_eq!(link.peer().as_str(), "server");
+        // Many concurrent requests on one link, each answered to its caller.
+        let answers = futures_util::future::join_all((0..100).map(|i| {
+            let link = link.clone();
+            async move {
+                link.request(format!("r{i}").into_bytes(), Duration::from_secs(5))
+                    .await
+            }
+        }))
+        .await;
+        for (i, a) in answers.into_iter().enumerate() {
+            assert_eq!(a.unwrap(), format!("client:r{i}").into_bytes());
+        }
+        link.push(b"hi".to_vec()).await.unwrap();
+        assert_eq!(
+            server_pushes.recv().await.unwrap(),
+            (MemberId("client".into()), b"hi".to_vec())
+        );
+        // The accepted side can call back over the same connection.
+        let back = links.recv().await.unwrap();
+        assert_eq!(back.peer().as_str(), "client");
+        assert_eq!(
+            back.request(b"x".to_vec(), Duration::from_secs(5))
+                .await
+                .unwrap(),
+            b"server:x"
+        );
+        back.push(b"yo".to_vec()).await.unwrap();
+        assert_eq!(client_pushes.recv().await.unwrap().1, b"yo");
+        l.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_the_wrong_secret_is_refused() {
+        let (l, mut links, _) = listener(b"right").await;
+        let (h, _) = echo();
+        let err = connect(
+            &l.local_addr.to_string(),
+            &MemberId("intruder".into()),
+            b"wrong",
+            h,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, PeerError::Auth(_)), "{err:?}");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), links.recv())
+                .await
+                .is_err(),
+            "no link was accepted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fake_listener_is_refused_by_the_dialer() {
+        // The dialer checks the listener too: a server without the secret cannot
+        // receive requests meant for a member.
+        let (l, _, _) = listener(b"not-the-secret").await;
+        let (h, _) = echo();
+        let err = connect(
+            &l.local_addr.to_string(),
+            &MemberId("client".into()),
+            b"the-secret",
+            h,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, PeerError::Auth(m) if m.contains("does not know the cluster secret"))
+        );
+    }
+
+    #[tokio::test]
+    async fn pending_requests_fail_when_the_link_dies_and_none_waits_forever() {
+        let (l, mut links, _) = listener(b"k").await;
+        let (h, _) = echo();
+        let link = connect(&l.local_addr.to_string(), &MemberId("c".into()), b"k", h)
+            .await
+            .unwrap();
+        let err = link
+            .request(b"slow".to_vec(), Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(err, PeerError::Timeout(Duration::from_millis(50)));
+        let server_side = links.recv().await.unwrap();
+        let pending = {
+            let link = link.clone();
+            tokio::spawn(async move {
+                link.request(b"slow".to_vec(), Duration::from_secs(10))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Kill the link from the server side.
+        server_side.inner.closed.send_replace(true);
+        let r = tokio::time::timeout(Duration::from_secs(2), pending)
+            .await
+            .expect("answered at once")
+            .unwrap();
+        assert_eq!(r, Err(PeerError::Closed));
+        tokio::time::timeout(Duration::from_secs(2), link.closed())
+            .await
+            .unwrap();
+        assert_eq!(
+            link.request(b"x".to_vec(), Duration::from_secs(1)).await,
+            Err(PeerError::Closed)
+        );
+    }
+}
