@@ -43,21 +43,46 @@ async fn metrics_text(prom: web::Data<PrometheusHandle>) -> HttpResponse {
 }
 
 async fn cluster(node: web::Data<Node>) -> HttpResponse {
-    let sessions = node.host.live_sessions();
+    let router = &node.router;
+    let view = router.view();
+    let ring = router.ring();
+    let shares = ring.shares(20_000);
+    let timeout = std::time::Duration::from_millis(500);
+    let counts = futures_util::future::join_all(view.members.iter().map(|m| router.member_sessions(&m.id, timeout))).await;
+    let members: Vec<_> = view
+        .members
+        .iter()
+        .zip(counts)
+        .map(|(m, sessions)| {
+            json!({
+                "id": m.id,
+                "self": m.id.as_str() == node.node_id,
+                "peer": m.peer,
+                "public": m.public,
+                "version": m.version,
+                "ring_share": shares.get(&m.id).copied().unwrap_or(0.0),
+                "sessions": sessions,
+            })
+        })
+        .collect();
     let store = node.host.store();
+    let health = node.membership.health();
     HttpResponse::Ok().json(json!({
         "node": node.node_id,
         "version": env!("CARGO_PKG_VERSION"),
-        "mode": "single",
-        "members": [{
-            "id": node.node_id,
-            "self": true,
-            "public": node.cfg.server.listen,
-            "ring_share": 1.0,
-            "sessions": sessions,
-        }],
-        "sessions_live": sessions,
+        "mode": if router.clustered() { "cluster" } else { "single" },
+        "members": members,
+        "ring": { "vnodes": ring.vnodes(), "members": ring.len() },
+        "membership": {
+            "source": format!("{:?}", view.source),
+            "registered": health.registered,
+            "last_error": health.last_error,
+        },
+        "sessions_live": node.host.live_sessions(),
+        "sessions_for_other_edges": router.proxied(),
         "connections": node.connections.load(Ordering::Relaxed),
+        "connections_routed_elsewhere": router.forwarded_conns(),
+        "handoffs_in_flight": router.handoffs_in_flight(),
         "store": { "kind": store.describe(), "durable": store.is_durable() },
         "stopping": node.is_stopping(),
     }))

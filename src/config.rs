@@ -239,6 +239,24 @@ pub struct ClusterConfig {
     pub advertise: Option<String>,
     /// Shared secret that authenticates peer links (required when clustered).
     pub secret: Option<String>,
+    /// Static members, `id=host:peer_port` each, used when `consul_addr` is
+    /// unset; empty (and no Consul) means a cluster of one.
+    pub members: Vec<String>,
+    /// Virtual nodes per member on the ring (every node must use the same value).
+    pub vnodes: u32,
+    /// TTL of this node's Consul check, in ms; a killed node leaves the ring
+    /// about this long after its last pass.
+    pub ttl_ms: u64,
+    /// Readiness turns 503 after Consul has been failing this long, in ms (the
+    /// last known members stay in use meanwhile).
+    pub consul_grace_ms: u64,
+    /// How long a connection holds ops while its session moves to another
+    /// owner, in ms; past it they answer `unavailable`.
+    pub hold_ms: u64,
+    /// Most ops a connection holds while its session moves.
+    pub hold_max: usize,
+    /// Deadline of one request to another node, in ms.
+    pub peer_timeout_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -250,6 +268,13 @@ impl Default for ClusterConfig {
             peer_listen: "0.0.0.0:7070".into(),
             advertise: None,
             secret: None,
+            members: Vec::new(),
+            vnodes: 4096,
+            ttl_ms: 1_000,
+            consul_grace_ms: 10_000,
+            hold_ms: 5_000,
+            hold_max: 256,
+            peer_timeout_ms: 2_000,
         }
     }
 }
@@ -487,6 +512,7 @@ pub fn load(
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("server.origins")
+            .with_list_parse_key("cluster.members")
             .source(Some(env_map)),
     );
     let merged = builder.build().map_err(|e| match &e {
@@ -571,6 +597,26 @@ impl Config {
         positive("limits.max_state_bytes", self.limits.max_state_bytes as u64)?;
         positive("limits.outbox_max", self.limits.outbox_max as u64)?;
         positive("shutdown.deadline_ms", self.shutdown.deadline_ms)?;
+        positive("cluster.vnodes", self.cluster.vnodes as u64)?;
+        positive("cluster.ttl_ms", self.cluster.ttl_ms)?;
+        positive("cluster.hold_ms", self.cluster.hold_ms)?;
+        positive("cluster.peer_timeout_ms", self.cluster.peer_timeout_ms)?;
+        for m in &self.cluster.members {
+            let ok = m.split_once('=').is_some_and(|(id, addr)| !id.is_empty() && addr.parse::<SocketAddr>().is_ok());
+            if !ok {
+                return Err(("cluster.members", format!("{m:?} is not `id=host:port` (e.g. node-a=127.0.0.1:7070)")));
+            }
+        }
+        if let Some(a) = &self.cluster.advertise {
+            addr("cluster.advertise", a)?;
+        }
+        let clustered = self.cluster.consul_addr.is_some() || self.cluster.members.len() > 1;
+        if clustered && self.cluster.secret.as_deref().unwrap_or("").len() < 16 {
+            return Err(("cluster.secret", "a cluster needs a shared secret of at least 16 characters".to_owned()));
+        }
+        if clustered && self.store.redis_url.is_none() {
+            return Err(("store.redis_url", "a cluster needs a shared Redis: the in-memory store is single-node only".to_owned()));
+        }
         if let Some(url) = &self.store.redis_url {
             if !(url.starts_with("redis://")
                 || url.starts_with("rediss://")

@@ -10,24 +10,26 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Addr;
+use std::collections::VecDeque;
+
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, CloseReason, ProtocolError, Session as WsSession};
 use berth_actors::app::Application;
 use berth_actors::conn::{conn_channel, ConnMsg};
 use berth_actors::ids::SessionId;
-use berth_actors::kv::KvApp;
 use berth_actors::protocol::{ClientMsg, CloseCode, ErrorBody, ErrorCode, OpReply, ServerMsg};
-use berth_actors::session::{Ack, Attach, AttachError, Bye, Detach, Op, SessionActor};
+use berth_actors::protocol::Welcome;
+use berth_actors::session::{AttachError, NotHere};
 use futures_util::future::LocalBoxFuture;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use crate::node::Node;
+use crate::router::{AttachFail, Route};
 
 /// Capacity of the actor -> connection channel (events and closes).
 const CONN_CHANNEL: usize = 2048;
-/// Attempts to attach when the actor found stopped between lookup and attach.
-const ATTACH_ATTEMPTS: usize = 3;
+/// Pause between attempts to reach a session's owner while routing again.
+const REROUTE_RETRY: Duration = Duration::from_millis(50);
 
 /// `GET /ws`: upgrade and hand the connection to its own task.
 pub async fn ws_route(
@@ -108,13 +110,6 @@ enum Exit {
     Gone,
 }
 
-/// A finished op, in the order the ops arrived.
-struct Done {
-    reply: OpReply,
-    label: &'static str,
-    started: Instant,
-}
-
 /// Token bucket for frames.
 struct Bucket {
     tokens: f64,
@@ -150,13 +145,44 @@ impl Bucket {
     }
 }
 
+/// An op the client sent that has not been answered yet.
+struct Pending {
+    id: u64,
+    op: String,
+    args: serde_json::Value,
+    label: &'static str,
+    started: Instant,
+    /// An answer decided at the edge (rate limited), kept in line with the rest.
+    canned: Option<OpReply>,
+}
+
+/// The session this connection is attached to.
+struct Bound {
+    id: SessionId,
+    token: String,
+    /// Where the session lives now; `None` while routing again.
+    route: Option<Route>,
+    /// Highest event seq written to this client (replays after a re-route skip up to it).
+    delivered: u64,
+    /// Highest seq the client acknowledged (what a re-attach trims up to).
+    acked: u64,
+}
+
 struct Conn {
     node: Arc<Node>,
     ws: WsSession,
-    attached: Option<Addr<SessionActor<KvApp>>>,
     conn: berth_actors::conn::ConnHandle,
     rx: Option<berth_actors::conn::ConnReceiver>,
-    inflight: FuturesOrdered<LocalBoxFuture<'static, Done>>,
+    bound: Option<Bound>,
+    /// Answers to send that need no session (rate limited), in op order with the rest.
+    pending: VecDeque<Pending>,
+    /// Replies of the first `replies.len()` pending ops, in order.
+    replies: FuturesOrdered<LocalBoxFuture<'static, Result<OpReply, NotHere>>>,
+    /// While routing again: when held ops give up.
+    reroute_deadline: Option<tokio::time::Instant>,
+    reroute: Option<LocalBoxFuture<'static, Result<(Welcome, Route), AttachFail>>>,
+    /// Answers ready to be written (rate-limited ops, held ops that gave up).
+    ready: VecDeque<OpReply>,
     bucket: Bucket,
     max_inflight: usize,
     last_seen: Instant,
@@ -169,42 +195,108 @@ impl Conn {
         Conn {
             node,
             ws,
-            attached: None,
             conn,
             rx: Some(rx),
-            inflight: FuturesOrdered::new(),
+            bound: None,
+            pending: VecDeque::new(),
+            replies: FuturesOrdered::new(),
+            reroute_deadline: None,
+            reroute: None,
+            ready: VecDeque::new(),
             bucket: Bucket::new(limits.frames_per_sec, limits.frames_burst),
             max_inflight: limits.max_inflight_ops,
             last_seen: Instant::now(),
         }
     }
 
+    fn routed(&self) -> bool {
+        self.bound.as_ref().is_some_and(|b| b.route.is_some())
+    }
+
     async fn run(mut self, mut stream: actix_ws::AggregatedMessageStream) {
         let mut rx = self.rx.take().expect("receiver");
         let ping_every = self.node.cfg.ping_interval();
-        let mut ping =
-            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         let mut stopping = self.node.stopping.subscribe();
+        let mut retry_at: Option<tokio::time::Instant> = None;
         let exit = loop {
+            // Write answers that are ready (in op order).
+            if let Some(r) = self.ready.pop_front() {
+                if self.write_result(r, "limited", Instant::now()).await.is_err() {
+                    break Exit::Gone;
+                }
+                continue;
+            }
             tokio::select! {
                 // Sessions close their own connections at shutdown (after their
                 // final checkpoint); connections without one close here.
-                _ = stopping.wait_for(|s| *s), if self.attached.is_none() => {
-                    break Exit::Close(CloseCode::GoingAway, "node going away".into());
+                // Connections routed to another node close here too (their
+                // sessions live on; the client resumes through another node).
+                _ = stopping.wait_for(|s| *s), if !matches!(self.bound.as_ref().and_then(|b| b.route.as_ref()), Some(Route::Local(_))) => {
+                    break Exit::Close(self.node.shutdown_code(), "node going away: resume".into());
                 }
                 m = rx.recv() => {
                     // `None` cannot happen: this task holds a handle itself.
-                    let sent = match m {
-                        Some(ConnMsg::Event(e)) => send(&mut self.ws, &ServerMsg::Event(e)).await,
+                    match m {
+                        Some(ConnMsg::Event(e)) => {
+                            let Some(b) = self.bound.as_mut() else { continue };
+                            if e.seq <= b.delivered {
+                                continue; // already written before a re-route
+                            }
+                            b.delivered = e.seq;
+                            if send(&mut self.ws, &ServerMsg::Event(e)).await.is_err() { break Exit::Gone; }
+                        }
                         Some(ConnMsg::Close(code, why)) => break Exit::Close(code, why),
-                        None => Ok(()),
-                    };
-                    if sent.is_err() { break Exit::Gone; }
+                        Some(ConnMsg::Moved) => {
+                            if self.node.is_stopping() {
+                                break Exit::Close(CloseCode::Restart, "node draining: resume".into());
+                            }
+                            self.lose_route();
+                        }
+                        None => {}
+                    }
                 }
-                Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    if self.finish(done).await.is_err() { break Exit::Gone; }
+                Some(reply) = self.replies.next(), if !self.replies.is_empty() => {
+                    match reply {
+                        Ok(reply) => {
+                            let p = self.pending.pop_front().expect("a pending op per reply");
+                            if self.write_result(reply, p.label, p.started).await.is_err() { break Exit::Gone; }
+                        }
+                        Err(NotHere) => self.lose_route(),
+                    }
                 }
-                frame = stream.recv(), if self.inflight.len() < self.max_inflight => {
+                r = async { self.reroute.as_mut().expect("reroute").await }, if self.reroute.is_some() => {
+                    self.reroute = None;
+                    match r {
+                        Ok((_, route)) => {
+                            tracing::debug!("connection routed again");
+                            self.reroute_deadline = None;
+                            retry_at = None;
+                            if let Some(b) = self.bound.as_mut() { b.route = Some(route); }
+                            self.dispatch_pending();
+                        }
+                        Err(AttachFail::Refused(e)) => {
+                            match self.refuse(e).await {
+                                Ok(Some(exit)) => break exit,
+                                _ => break Exit::Gone,
+                            }
+                        }
+                        Err(AttachFail::Retry(why)) => {
+                            let now = tokio::time::Instant::now();
+                            if self.reroute_deadline.is_some_and(|d| now >= d) {
+                                tracing::debug!(%why, held = self.pending.len(), "session unreachable for the hold time; answering held ops `unavailable`");
+                                self.give_up_held();
+                            } else {
+                                retry_at = Some(now + REROUTE_RETRY);
+                            }
+                        }
+                    }
+                }
+                _ = async { tokio::time::sleep_until(retry_at.expect("retry")).await }, if retry_at.is_some() => {
+                    retry_at = None;
+                    self.start_reroute();
+                }
+                frame = stream.recv(), if self.pending.len() < self.max_inflight => {
                     self.last_seen = Instant::now();
                     match frame {
                         None => break Exit::Gone,
@@ -240,16 +332,14 @@ impl Conn {
                 }
             }
         };
-        if let Some(addr) = &self.attached {
-            addr.do_send(Detach {
-                conn_id: self.conn.id(),
-            });
+        if let Some(route) = self.bound.as_ref().and_then(|b| b.route.clone()) {
+            self.node.router.detach(&route, self.conn.id());
         }
         if let Exit::Close(code, why) = exit {
             // Answer what is already finished before closing.
-            while let Some(Some(done)) = futures_util::FutureExt::now_or_never(self.inflight.next())
-            {
-                if self.finish(done).await.is_err() {
+            while let Some(Some(Ok(reply))) = futures_util::FutureExt::now_or_never(self.replies.next()) {
+                let Some(p) = self.pending.pop_front() else { break };
+                if self.write_result(reply, p.label, p.started).await.is_err() {
                     return;
                 }
             }
@@ -257,22 +347,71 @@ impl Conn {
         }
     }
 
-    async fn finish(&mut self, done: Done) -> Result<(), actix_ws::Closed> {
-        let result = match &done.reply.error {
+    /// The session is no longer where we sent ops: drop the in-flight replies
+    /// (their ops are resent in order; retried ids are never applied twice) and
+    /// route again, holding new ops meanwhile.
+    fn lose_route(&mut self) {
+        let Some(b) = self.bound.as_mut() else { return };
+        if let Some(route) = b.route.take() {
+            self.node.router.detach(&route, self.conn.id());
+        }
+        self.replies = FuturesOrdered::new();
+        if self.reroute.is_none() {
+            let hold = Duration::from_millis(self.node.cfg.cluster.hold_ms);
+            self.reroute_deadline = Some(tokio::time::Instant::now() + hold);
+            self.start_reroute();
+        }
+    }
+
+    fn start_reroute(&mut self) {
+        let Some(b) = self.bound.as_ref() else { return };
+        if self.reroute_deadline.is_none() {
+            let hold = Duration::from_millis(self.node.cfg.cluster.hold_ms);
+            self.reroute_deadline = Some(tokio::time::Instant::now() + hold);
+        }
+        let router = self.node.router.clone();
+        let (conn, id, token, ack) = (self.conn.clone(), b.id.clone(), b.token.clone(), b.acked);
+        self.reroute = Some(Box::pin(async move { router.attach(&conn, &id, &token, ack, false).await }));
+    }
+
+    /// Held ops could not be delivered within the hold time.
+    fn give_up_held(&mut self) {
+        self.reroute_deadline = None;
+        let version = 0;
+        for p in self.pending.drain(..) {
+            self.ready.push_back(p.canned.unwrap_or_else(|| {
+                OpReply::err(p.id, ErrorCode::Unavailable, "the session's owner could not be reached: retry with the same id", version)
+            }));
+        }
+    }
+
+    /// Sends every pending op that has no reply future yet, in order.
+    fn dispatch_pending(&mut self) {
+        let Some(route) = self.bound.as_ref().and_then(|b| b.route.clone()) else { return };
+        let start = self.replies.len();
+        for p in self.pending.iter().skip(start) {
+            let f = match &p.canned {
+                Some(r) => {
+                    let r = r.clone();
+                    Box::pin(async move { Ok(r) })
+                }
+                None => self.node.router.op(&route, self.conn.id(), p.id, p.op.clone(), p.args.clone()),
+            };
+            self.replies.push_back(f);
+        }
+    }
+
+    async fn write_result(&mut self, reply: OpReply, label: &'static str, started: Instant) -> Result<(), actix_ws::Closed> {
+        let result = match &reply.error {
             None => "ok",
             Some(e) => e.code.as_str(),
         };
-        metrics::counter!("berth_ops_total", "op" => done.label, "result" => result).increment(1);
-        metrics::histogram!("berth_op_duration_seconds", "op" => done.label)
-            .record(done.started.elapsed().as_secs_f64());
-        send(&mut self.ws, &ServerMsg::Result(done.reply)).await
+        metrics::counter!("berth_ops_total", "op" => label, "result" => result).increment(1);
+        metrics::histogram!("berth_op_duration_seconds", "op" => label).record(started.elapsed().as_secs_f64());
+        send(&mut self.ws, &ServerMsg::Result(reply)).await
     }
 
-    async fn error(
-        &mut self,
-        code: ErrorCode,
-        msg: impl Into<String>,
-    ) -> Result<(), actix_ws::Closed> {
+    async fn error(&mut self, code: ErrorCode, msg: impl Into<String>) -> Result<(), actix_ws::Closed> {
         send(&mut self.ws, &ServerMsg::Error(ErrorBody::new(code, msg))).await
     }
 
@@ -283,125 +422,93 @@ impl Conn {
             Ok(m) => m,
             Err(e) => {
                 if !limited {
-                    self.error(ErrorCode::BadFrame, format!("not a protocol message: {e}"))
-                        .await?;
+                    self.error(ErrorCode::BadFrame, format!("not a protocol message: {e}")).await?;
                 }
                 return Ok(None);
             }
         };
         if limited {
             if let ClientMsg::Op { id, .. } = msg {
-                let reply = OpReply::err(
-                    id,
-                    ErrorCode::RateLimited,
-                    "too many frames: slow down and retry with the same id",
-                    0,
-                );
-                let started = Instant::now();
-                self.inflight.push_back(Box::pin(async move {
-                    Done {
-                        reply,
-                        label: "limited",
-                        started,
-                    }
-                }));
-            } else if self
-                .bucket
-                .last_warned
-                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
-            {
+                let reply = OpReply::err(id, ErrorCode::RateLimited, "too many frames: slow down and retry with the same id", 0);
+                self.answer_in_order(reply);
+            } else if self.bucket.last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
                 self.bucket.last_warned = Some(Instant::now());
-                self.error(ErrorCode::RateLimited, "too many frames: slow down")
-                    .await?;
+                self.error(ErrorCode::RateLimited, "too many frames: slow down").await?;
             }
             return Ok(None);
         }
         match msg {
-            ClientMsg::Hello {
-                session,
-                token,
-                ack,
-            } => self.hello(session, token, ack).await,
-            _ if self.attached.is_none() => {
-                self.error(ErrorCode::HelloRequired, "the first frame must be hello")
-                    .await?;
+            ClientMsg::Hello { session, token, ack } => self.hello(session, token, ack).await,
+            _ if self.bound.is_none() => {
+                self.error(ErrorCode::HelloRequired, "the first frame must be hello").await?;
                 Ok(None)
             }
             ClientMsg::Op { id, op, args } => {
-                let addr = self.attached.clone().expect("attached");
                 let label = self.node.host.app().op_label(&op);
-                let started = Instant::now();
-                let msg = Op {
-                    conn_id: self.conn.id(),
-                    id,
-                    op,
-                    args,
-                };
-                self.inflight.push_back(Box::pin(async move {
-                    let reply = addr.send(msg).await.unwrap_or_else(|_| {
-                        OpReply::err(
-                            id,
-                            ErrorCode::Unavailable,
-                            "session stopped before the op ran: retry",
-                            0,
-                        )
-                    });
-                    Done {
-                        reply,
-                        label,
-                        started,
-                    }
-                }));
+                let hold_max = self.node.cfg.cluster.hold_max;
+                if !self.routed() && self.pending.len() >= hold_max {
+                    let reply = OpReply::err(id, ErrorCode::Unavailable, "the session is moving and too many ops are held: retry with the same id", 0);
+                    self.answer_in_order(reply);
+                    return Ok(None);
+                }
+                self.pending.push_back(Pending { id, op, args, label, started: Instant::now(), canned: None });
+                if self.routed() {
+                    self.dispatch_pending();
+                } else if self.reroute.is_none() {
+                    self.start_reroute();
+                }
                 Ok(None)
             }
             ClientMsg::Ack { seq } => {
-                if let Some(addr) = &self.attached {
-                    addr.do_send(Ack {
-                        conn_id: self.conn.id(),
-                        seq,
-                    });
+                let b = self.bound.as_mut().expect("bound");
+                b.acked = b.acked.max(seq.min(b.delivered));
+                if let Some(route) = b.route.clone() {
+                    self.node.router.ack(&route, self.conn.id(), seq);
                 }
                 Ok(None)
             }
             ClientMsg::Bye => {
-                let addr = self.attached.clone().expect("attached");
-                // The actor deletes the session and closes us with 1000.
-                if addr
-                    .send(Bye {
-                        conn_id: self.conn.id(),
-                    })
-                    .await
-                    .is_err()
-                {
-                    return Ok(Some(Exit::Close(
-                        CloseCode::Internal,
-                        "session stopped: resume and retry".into(),
-                    )));
+                let route = self.bound.as_ref().and_then(|b| b.route.clone());
+                let Some(route) = route else {
+                    return Ok(Some(Exit::Close(CloseCode::TryAgainLater, "session is moving: resume and retry bye".into())));
+                };
+                // The owner deletes the session and closes us with 1000.
+                if !self.node.router.bye(&route, self.conn.id()).await {
+                    return Ok(Some(Exit::Close(CloseCode::Internal, "session stopped: resume and retry".into())));
                 }
                 Ok(None)
             }
         }
     }
 
-    async fn hello(
-        &mut self,
-        session: Option<String>,
-        token: Option<String>,
-        ack: u64,
-    ) -> Result<Option<Exit>, actix_ws::Closed> {
-        if self.attached.is_some() {
-            self.error(
-                ErrorCode::BadFrame,
-                "hello was already received on this connection",
-            )
-            .await?;
+    /// An answer that needs no session, written in order behind pending ops.
+    fn answer_in_order(&mut self, reply: OpReply) {
+        if self.pending.is_empty() {
+            self.ready.push_back(reply);
+            return;
+        }
+        self.pending.push_back(Pending {
+            id: reply.id,
+            op: String::new(),
+            args: serde_json::Value::Null,
+            label: "limited",
+            started: Instant::now(),
+            canned: Some(reply),
+        });
+        if self.routed() {
+            self.dispatch_pending();
+        }
+    }
+
+    async fn hello(&mut self, session: Option<String>, token: Option<String>, ack: u64) -> Result<Option<Exit>, actix_ws::Closed> {
+        if self.bound.is_some() {
+            self.error(ErrorCode::BadFrame, "hello was already received on this connection").await?;
             return Ok(None);
         }
-        let host = &self.node.host;
-        let (id, token) = match session {
+        let (id, token, create) = match session {
             None => {
-                let (id, token, _) = host.create_session();
-                (id, token)
+                let (token, _) = berth_actors::ids::new_token();
+                (SessionId::random(), token, true)
             }
             Some(raw) => {
                 let Some(id) = SessionId::parse(&raw) else {
@@ -410,31 +517,30 @@ impl Conn {
                 let Some(token) = token else {
                     return self.refuse(AttachError::BadToken).await;
                 };
-                (id, token)
+                (id, token, false)
             }
         };
-        for _ in 0..ATTACH_ATTEMPTS {
-            let addr = host.session(&id);
-            let msg = Attach {
-                conn: self.conn.clone(),
-                token: token.clone(),
-                ack,
-            };
-            match addr.send(msg).await {
-                Ok(Ok(welcome)) => {
-                    self.attached = Some(addr);
+        let deadline = Instant::now() + Duration::from_millis(self.node.cfg.cluster.hold_ms);
+        let mut create = create;
+        loop {
+            match self.node.router.attach(&self.conn, &id, &token, ack, create).await {
+                Ok((welcome, route)) => {
+                    let delivered = ack.min(u64::MAX);
+                    self.bound = Some(Bound { id, token, route: Some(route), delivered, acked: ack });
                     send(&mut self.ws, &ServerMsg::Welcome(welcome)).await?;
                     return Ok(None);
                 }
-                Ok(Err(e)) => return self.refuse(e).await,
-                // The actor stopped between lookup and attach (passivated): again.
-                Err(_) => continue,
+                Err(AttachFail::Refused(e)) => return self.refuse(e).await,
+                Err(AttachFail::Retry(why)) => {
+                    if Instant::now() >= deadline {
+                        return self.refuse(AttachError::Unavailable(why)).await;
+                    }
+                    // A create that reached an owner may have happened: resume it after.
+                    create = create && !why.contains("moving");
+                    tokio::time::sleep(REROUTE_RETRY).await;
+                }
             }
         }
-        self.refuse(AttachError::Unavailable(
-            "session is restarting: retry".into(),
-        ))
-        .await
     }
 
     /// Answers a failed `hello` and closes as protocol.md says.

@@ -28,6 +28,7 @@ mod admin;
 mod config;
 mod edge;
 mod node;
+mod router;
 mod telemetry;
 
 use std::collections::BTreeMap;
@@ -48,8 +49,12 @@ use berth_actors::store::CheckpointStore;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
+use berth_cluster::membership::{spawn_consul, static_membership, ConsulConfig, Member};
+use berth_cluster::ring::MemberId;
+
 use crate::config::{Config, DurabilityMode};
 use crate::node::Node;
+use crate::router::{Router, RouterConfig};
 
 /// One node of the berth session cluster.
 #[derive(Debug, Parser)]
@@ -149,14 +154,99 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
         },
         cfg.session_limits(),
     );
-    let node = web::Data::new(Node::new(node_id.clone(), cfg.clone(), host.clone()));
-    let deadline = Duration::from_millis(cfg.shutdown.deadline_ms);
-
     let workers = if cfg.server.workers == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
         cfg.server.workers
     };
+
+    // Cluster: membership, ring, peer links.
+    let me = MemberId(node_id.clone());
+    let clustered = cfg.cluster.consul_addr.is_some() || cfg.cluster.members.len() > 1;
+    let peer_listener = if clustered {
+        Some(std::net::TcpListener::bind(&cfg.cluster.peer_listen).with_context(|| format!("binding cluster.peer_listen {}", cfg.cluster.peer_listen))?)
+    } else {
+        None
+    };
+    let peer_addr = match (&cfg.cluster.advertise, &peer_listener) {
+        (Some(a), _) => a.clone(),
+        (None, Some(l)) => {
+            let a = l.local_addr()?;
+            if a.ip().is_unspecified() {
+                format!("{}:{}", host_name(), a.port())
+            } else {
+                a.to_string()
+            }
+        }
+        (None, None) => cfg.cluster.peer_listen.clone(),
+    };
+    let self_member = Member {
+        id: me.clone(),
+        peer: peer_addr.clone(),
+        public: Some(public_addr.to_string()),
+        version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+    };
+    let membership = Arc::new(match &cfg.cluster.consul_addr {
+        Some(addr) => {
+            let mut c = ConsulConfig::new(addr.clone(), cfg.cluster.service.clone());
+            c.ttl = Duration::from_millis(cfg.cluster.ttl_ms);
+            spawn_consul(c, self_member.clone()).context("cluster.consul_addr")?
+        }
+        None if cfg.cluster.members.is_empty() => static_membership(vec![self_member.clone()]),
+        None => static_membership(
+            cfg.cluster
+                .members
+                .iter()
+                .filter_map(|m| m.split_once('='))
+                .map(|(id, addr)| Member { id: MemberId(id.to_owned()), peer: addr.to_owned(), public: None, version: None })
+                .collect(),
+        ),
+    });
+    let arbiters: Vec<_> = (0..workers).map(|_| actix::Arbiter::new().handle()).collect();
+    let router = Router::new(
+        RouterConfig {
+            me: me.clone(),
+            clustered,
+            vnodes: cfg.cluster.vnodes,
+            secret: cfg.cluster.secret.clone().unwrap_or_default().into_bytes(),
+            peer_timeout: Duration::from_millis(cfg.cluster.peer_timeout_ms),
+        },
+        host.clone(),
+        membership.view(),
+        arbiters,
+    );
+    let peer_handle = match peer_listener {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            let r = router.clone();
+            Some(
+                berth_cluster::peer::spawn_listener_on(
+                    tokio::net::TcpListener::from_std(l)?,
+                    me.clone(),
+                    cfg.cluster.secret.clone().unwrap_or_default().into_bytes(),
+                    router.handler(),
+                    move |link| r.adopt_link(link),
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
+    let views = {
+        let router = router.clone();
+        let mut rx = membership.subscribe();
+        actix_web::rt::spawn(async move {
+            loop {
+                let view = rx.borrow_and_update().clone();
+                router.apply_view(view).await;
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let node = web::Data::new(Node::new(node_id.clone(), cfg.clone(), host.clone(), router.clone(), membership.clone()));
+    let deadline = Duration::from_millis(cfg.shutdown.deadline_ms);
     let n = node.clone();
     let public_server = HttpServer::new(move || {
         App::new()
@@ -200,7 +290,7 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
         "berth node started"
     );
     // One machine-readable line for scripts and tests.
-    println!("berth listening public={public_addr} admin={admin_addr} node={node_id}");
+    println!("berth listening public={public_addr} admin={admin_addr} node={node_id} peer={peer_addr}");
     let _ = std::io::stdout().flush();
 
     let health = actix_web::rt::spawn(health_loop(node.clone().into_inner()));
@@ -228,11 +318,20 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
         }
     };
 
-    // Shutdown: refuse new work, checkpoint and close every session, stop.
+    // Shutdown: refuse new work, leave the cluster and hand sessions off,
+    // checkpoint and close what is left, stop.
     let started = Instant::now();
+    let close_code = if clustered { CloseCode::Restart } else { close_code };
+    node.set_shutdown_code(close_code);
     node.stopping.send_replace(true);
     public_handle.pause().await;
-    let report = host.shutdown(close_code, deadline.mul_f32(0.8)).await;
+    if clustered {
+        membership.leave();
+        if tokio::time::timeout(deadline / 2, router.leave()).await.is_err() {
+            tracing::warn!("handing sessions off took longer than half the shutdown deadline");
+        }
+    }
+    let report = host.shutdown(close_code, deadline.mul_f32(0.4)).await;
     tracing::info!(
         checkpointed = report.checkpointed,
         failed = report.failed,
@@ -248,6 +347,11 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
     if tokio::time::timeout(left, stop).await.is_err() {
         tracing::warn!("listeners did not stop within the shutdown deadline");
     }
+    membership.shutdown(Duration::from_secs(1)).await;
+    if let Some(p) = peer_handle {
+        p.shutdown().await;
+    }
+    views.abort();
     health.abort();
     upkeep.abort();
     servers.abort();

@@ -4,8 +4,15 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
 use berth_actors::host::Host;
 use berth_actors::kv::KvApp;
+use berth_actors::protocol::CloseCode;
+use berth_cluster::membership::MembershipHandle;
+
+use crate::router::Router;
 use tokio::sync::watch;
 
 use crate::config::{Config, LimitsConfig};
@@ -29,6 +36,13 @@ pub struct Node {
     limits: RwLock<Arc<LimitsConfig>>,
     /// The session host.
     pub host: Host<KvApp>,
+    /// Who owns which session, and how to reach it.
+    pub router: Arc<Router>,
+    /// Cluster membership.
+    pub membership: Arc<MembershipHandle>,
+    /// Close code for this node's clients when it stops (1001, or 1012 when
+    /// draining or clustered: resume elsewhere now).
+    shutdown_code: AtomicU16,
     /// Open client connections.
     pub connections: AtomicUsize,
     /// Set once shutdown or drain began.
@@ -45,9 +59,12 @@ pub struct Node {
 
 impl Node {
     /// A node in its initial state.
-    pub fn new(node_id: String, cfg: Config, host: Host<KvApp>) -> Self {
+    pub fn new(node_id: String, cfg: Config, host: Host<KvApp>, router: Arc<Router>, membership: Arc<MembershipHandle>) -> Self {
         Node {
             node_id,
+            router,
+            membership,
+            shutdown_code: AtomicU16::new(CloseCode::GoingAway.code()),
             limits: RwLock::new(Arc::new(cfg.limits.clone())),
             cfg,
             host,
@@ -73,6 +90,20 @@ impl Node {
         *self.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(l);
     }
 
+    /// Sets the close code for clients when the node stops.
+    pub fn set_shutdown_code(&self, code: CloseCode) {
+        self.shutdown_code.store(code.code(), Ordering::Relaxed);
+    }
+
+    /// The close code for clients when the node stops.
+    pub fn shutdown_code(&self) -> CloseCode {
+        if self.shutdown_code.load(Ordering::Relaxed) == CloseCode::Restart.code() {
+            CloseCode::Restart
+        } else {
+            CloseCode::GoingAway
+        }
+    }
+
     /// Whether shutdown or drain has begun.
     pub fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
@@ -93,6 +124,18 @@ impl Node {
             (Some(e), _) => why.push(format!("store unreachable: {e}")),
             (None, false) => why.push("store not checked yet".to_owned()),
             (None, true) => {}
+        }
+        if self.router.clustered() {
+            let h = self.membership.health();
+            let grace = Duration::from_millis(self.cfg.cluster.consul_grace_ms);
+            if let (Some(since), Some(e)) = (h.failing_since, &h.last_error) {
+                if since.elapsed() >= grace {
+                    why.push(format!("membership failing for {:?} (last known members still in use): {e}", since.elapsed()));
+                }
+            }
+            if !self.router.view().ids().any(|m| m.as_str() == self.node_id) && !self.is_stopping() {
+                why.push("not (yet) in the cluster's member view".to_owned());
+            }
         }
         why
     }

@@ -22,6 +22,9 @@ pub enum ConnMsg {
     Event(Event),
     /// Close the connection with this code and reason, after what is queued.
     Close(CloseCode, String),
+    /// The session left this actor (handed off to another owner): the
+    /// connection keeps its client and routes to the session's new owner.
+    Moved,
 }
 
 #[derive(Debug, Default)]
@@ -88,6 +91,14 @@ impl ConnHandle {
             self.tx.try_send(ConnMsg::Close(code, reason.clone()))
         {
             self.force_close(code, reason);
+        }
+    }
+
+    /// Tells the connection its session moved (after what is queued); if it
+    /// cannot be told, it is closed with 1012 so its client resumes.
+    pub fn moved(&self) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(ConnMsg::Moved) {
+            self.force_close(CloseCode::Restart, "session moved: resume");
         }
     }
 

@@ -127,6 +127,30 @@ impl<A: Application> Host<A> {
         (id, token, addr)
     }
 
+    /// Starts a brand-new session under an id and token chosen by the caller
+    /// (an edge on another node, which picked the id to route it here).
+    pub fn create_session_with(&self, id: SessionId, token: &str) -> Addr<SessionActor<A>> {
+        self.start(id, Init::New(crate::ids::TokenHash::of(token)))
+    }
+
+    /// Ids of every live session on this node.
+    pub fn live_ids(&self) -> Vec<SessionId> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Hands off `id` if it is live here (final checkpoint, connection told it
+    /// moved, actor stopped); answers whether it was live.
+    pub async fn release(&self, id: &SessionId) -> bool {
+        let addr = self.lock().get(id).map(|(_, a)| a.clone());
+        match addr {
+            Some(a) => {
+                let _ = a.send(crate::session::Release).await;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The live actor of `id`, activating it from the store if needed. The
     /// actor answers `NotFound` to its first `Attach` if the store has no
     /// such session. Must be called inside an actix system.

@@ -104,9 +104,15 @@ pub struct Attach {
     pub ack: u64,
 }
 
+/// The session is not (or no longer) held by this actor: the op was not
+/// applied; find the session's owner again and resend it (same id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("session not held here: route again")]
+pub struct NotHere;
+
 /// Run an op.
 #[derive(Message)]
-#[rtype(result = "OpReply")]
+#[rtype(result = "Result<OpReply, NotHere>")]
 pub struct Op {
     /// Connection that sent it (ops of a connection that was taken over are refused).
     pub conn_id: u64,
@@ -143,6 +149,12 @@ pub struct Bye {
     /// Connection that sent it.
     pub conn_id: u64,
 }
+
+/// Hand the session off (its owner changed): final checkpoint, tell the
+/// attached connection it moved, stop. Answers whether the checkpoint was written.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Release;
 
 /// Node shutdown: checkpoint, close the client with `code`, stop. Answers
 /// whether the final checkpoint was written (or nothing needed writing).
@@ -457,12 +469,12 @@ impl<A: Application> Handler<Attach> for SessionActor<A> {
 }
 
 impl<A: Application> Handler<Op> for SessionActor<A> {
-    type Result = AtomicResponse<Self, OpReply>;
+    type Result = AtomicResponse<Self, Result<OpReply, NotHere>>;
 
     fn handle(&mut self, msg: Op, ctx: &mut Context<Self>) -> Self::Result {
-        let done = |r: OpReply| AtomicResponse::new(Box::pin(actix::fut::ready(r)));
+        let done = |r: OpReply| AtomicResponse::new(Box::pin(actix::fut::ready(Ok(r))));
         if self.phase != Phase::Live {
-            return done(self.unavailable(msg.id, "session is not live on this node: retry"));
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(NotHere))));
         }
         if self.conn.as_ref().map(|a| a.conn.id()) != Some(msg.conn_id) {
             return done(self.unavailable(msg.id, "this connection no longer holds the session"));
@@ -506,7 +518,7 @@ impl<A: Application> Handler<Op> for SessionActor<A> {
                         Err(StoreError::Fenced { stored, .. }) => act.superseded(stored, ctx),
                         Err(_) => {} // a read needs no checkpoint; the next write retries
                     }
-                    reply
+                    Ok(reply)
                 },
             )));
         };
@@ -529,17 +541,17 @@ impl<A: Application> Handler<Op> for SessionActor<A> {
                     act.dirty = false;
                     act.last_saved = Instant::now();
                     act.deliver(ctx);
-                    reply
+                    Ok(reply)
                 }
                 Err(StoreError::Fenced { stored, .. }) => {
                     act.state = *undo;
                     let r = act.unavailable(reply.id, "session moved: retry");
                     act.superseded(stored, ctx);
-                    r
+                    Ok(r)
                 }
                 Err(e) => {
                     act.state = *undo;
-                    act.unavailable(reply.id, format!("not applied, retry: {e}"))
+                    Ok(act.unavailable(reply.id, format!("not applied, retry: {e}")))
                 }
             },
         )))
@@ -599,6 +611,36 @@ impl<A: Application> Handler<Bye> for SessionActor<A> {
                 }
             },
         )))
+    }
+}
+
+impl<A: Application> Handler<Release> for SessionActor<A> {
+    type Result = AtomicResponse<Self, bool>;
+
+    fn handle(&mut self, _msg: Release, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.phase != Phase::Live {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(true)));
+        }
+        let fut = self
+            .host
+            .store
+            .save(&self.id, self.epoch, self.checkpoint_bytes());
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, act, ctx| {
+            let ok = match res {
+                Ok(()) => true,
+                Err(StoreError::Fenced { .. }) => true, // a newer owner already has it
+                Err(e) => {
+                    // Sync mode: every acknowledged write is already durable.
+                    tracing::warn!(session = %act.id, error = %e, unsaved_writes = act.unsaved_writes, "final checkpoint before handoff failed");
+                    !act.unsaved_writes
+                }
+            };
+            if let Some(a) = act.conn.take() {
+                a.conn.moved();
+            }
+            act.gone(AttachError::Moved, ctx);
+            ok
+        })))
     }
 }
 

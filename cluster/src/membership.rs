@@ -162,7 +162,7 @@ pub struct MembershipHandle {
     view: watch::Receiver<Arc<View>>,
     shared: Arc<Shared>,
     stop: watch::Sender<Stop>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,9 +201,9 @@ impl MembershipHandle {
     }
 
     /// Deregisters and stops every loop, within `deadline`.
-    pub async fn shutdown(mut self, deadline: Duration) {
+    pub async fn shutdown(&self, deadline: Duration) {
         let _ = self.stop.send(Stop::Halt);
-        let tasks = std::mem::take(&mut self.tasks);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         let all = futures_join(tasks);
         if tokio::time::timeout(deadline, all).await.is_err() {
             tracing::warn!("membership did not stop within {deadline:?}");
@@ -219,7 +219,7 @@ async fn futures_join(tasks: Vec<JoinHandle<()>>) {
 
 impl Drop for MembershipHandle {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             t.abort();
         }
     }
@@ -238,7 +238,7 @@ pub fn static_membership(members: Vec<Member>) -> MembershipHandle {
             }),
         }),
         stop,
-        tasks: Vec::new(),
+        tasks: Mutex::new(Vec::new()),
     }
 }
 
@@ -276,7 +276,7 @@ pub fn spawn_consul(cfg: ConsulConfig, me: Member) -> Result<MembershipHandle, C
         view,
         shared,
         stop,
-        tasks: vec![registrar, watcher],
+        tasks: Mutex::new(vec![registrar, watcher]),
     })
 }
 

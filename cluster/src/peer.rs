@@ -261,6 +261,59 @@ impl Link {
         result
     }
 
+    /// Starts a request now: it is queued on the link before this returns, so
+    /// requests started one after another are sent (and handled) in that order.
+    /// The returned future waits for the answer, at most `timeout`.
+    pub fn start_request(
+        &self,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>, PeerError>> + Send + 'static {
+        let link = self.clone();
+        let queued = if self.is_closed() {
+            Err(PeerError::Closed)
+        } else {
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            self.inner
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, tx);
+            match self.inner.out.try_send(Frame::Request { id, body }) {
+                Ok(()) => Ok((id, rx)),
+                Err(_) => {
+                    self.inner
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    Err(PeerError::Closed)
+                }
+            }
+        };
+        async move {
+            let (id, rx) = queued?;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(body)) => Ok(body),
+                Ok(Err(_)) => Err(PeerError::Closed),
+                Err(_) => {
+                    link.inner
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    Err(PeerError::Timeout(timeout))
+                }
+            }
+        }
+    }
+
+    /// Closes the link (both directions); pending requests fail with `Closed`.
+    pub fn close(&self) {
+        self.inner.closed.send_replace(true);
+    }
+
     /// Sends a one-way message (waits only for room in the write queue).
     pub async fn push(&self, body: Vec<u8>) -> Result<(), PeerError> {
         self.inner
@@ -469,6 +522,17 @@ pub async fn spawn_listener(
     on_link: impl Fn(Link) + Send + Sync + 'static,
 ) -> std::io::Result<ListenerHandle> {
     let listener = TcpListener::bind(addr).await?;
+    spawn_listener_on(listener, me, secret, handler, on_link).await
+}
+
+/// Like [`spawn_listener`], on an already bound listener.
+pub async fn spawn_listener_on(
+    listener: TcpListener,
+    me: MemberId,
+    secret: Vec<u8>,
+    handler: Arc<dyn PeerHandler>,
+    on_link: impl Fn(Link) + Send + Sync + 'static,
+) -> std::io::Result<ListenerHandle> {
     let local_addr = listener.local_addr()?;
     let (stop, mut stop_rx) = watch::channel(false);
     let secret: Arc<[u8]> = secret.into();

@@ -1,0 +1,674 @@
+//! The router: which node owns a session, and how an edge connection reaches
+//! it — its own host, or another node's over a peer link.
+//!
+//! Edge side: [`Router::attach`] resolves the owner on the ring and attaches
+//! the connection there, answering a [`Route`]; ops, acks, detach and bye go
+//! along the route. Owner side: the router is the [`PeerHandler`] of peer
+//! links; for each remote edge connection it attaches a local proxy
+//! connection to the session actor and forwards the actor's events, closes and
+//! "moved" notices back over the link.
+//!
+//! Ownership: the ring is rebuilt from every membership view; sessions live
+//! here that the new ring gives to another member are released (final
+//! checkpoint, "moved" to their connection, actor stopped), and the edges holding
+//! them route again to the new owner without closing the client. An attach
+//! that reaches a node that does not own the session by its own ring is
+//! refused with "not owner" and retried by the edge: views converge within a
+//! blocking query's round trip. Correctness never depends on views agreeing:
+//! epochs in the store fence a stale owner (see docs/architecture.md).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use actix::Addr;
+use berth_actors::conn::{conn_channel, ConnHandle, ConnMsg};
+use berth_actors::host::Host;
+use berth_actors::ids::SessionId;
+use berth_actors::kv::KvApp;
+use berth_actors::protocol::{CloseCode, Event, OpReply, Welcome};
+use berth_actors::session::{Ack, Attach, AttachError, Bye, Detach, NotHere, Op, SessionActor};
+use berth_cluster::membership::View;
+use berth_cluster::peer::{Link, PeerError, PeerHandler};
+use berth_cluster::ring::{MemberId, Ring};
+use bincode::{Decode, Encode};
+use futures_util::future::{BoxFuture, FutureExt, LocalBoxFuture};
+use serde_json::Value;
+
+/// Attempts to attach when the actor stopped between lookup and attach.
+const ATTACH_ATTEMPTS: usize = 3;
+
+/// Requests an edge sends to an owner.
+#[derive(Debug, Encode, Decode)]
+enum PeerReq {
+    Attach {
+        session: String,
+        token: String,
+        ack: u64,
+        edge_conn: u64,
+        create: bool,
+    },
+    Op {
+        edge_conn: u64,
+        id: u64,
+        op: String,
+        args: String,
+    },
+    Stats,
+}
+
+/// Answers of an owner.
+#[derive(Debug, Encode, Decode)]
+enum PeerResp {
+    Welcome(String),
+    AttachErr { kind: u8, message: String },
+    NotOwner,
+    Reply(String),
+    Moved,
+    Stats { sessions: u64, proxied: u64 },
+}
+
+/// One-way messages, both directions.
+#[derive(Debug, Encode, Decode)]
+enum PeerPush {
+    // edge -> owner
+    Ack { edge_conn: u64, seq: u64 },
+    Detach { edge_conn: u64 },
+    Bye { edge_conn: u64 },
+    // owner -> edge
+    Event { edge_conn: u64, seq: u64, body: String },
+    Close { edge_conn: u64, code: u16, reason: String },
+    Moved { edge_conn: u64 },
+}
+
+fn enc<T: Encode>(v: &T) -> Vec<u8> {
+    bincode::encode_to_vec(v, bincode::config::standard()).unwrap_or_default()
+}
+
+fn dec<T: Decode<()>>(b: &[u8]) -> Option<T> {
+    bincode::decode_from_slice(b, bincode::config::standard())
+        .ok()
+        .map(|(v, _)| v)
+}
+
+fn attach_err_kind(e: &AttachError) -> (u8, String) {
+    let k = match e {
+        AttachError::BadToken => 1,
+        AttachError::NotFound => 2,
+        AttachError::Unavailable(_) => 3,
+        AttachError::Moved => 4,
+        AttachError::ShuttingDown => 5,
+        AttachError::Corrupt(_) => 6,
+    };
+    (k, e.to_string())
+}
+
+fn attach_err_of(kind: u8, message: String) -> AttachError {
+    match kind {
+        1 => AttachError::BadToken,
+        2 => AttachError::NotFound,
+        4 => AttachError::Moved,
+        5 => AttachError::ShuttingDown,
+        6 => AttachError::Corrupt(message),
+        _ => AttachError::Unavailable(message),
+    }
+}
+
+fn close_code_of(code: u16) -> CloseCode {
+    match code {
+        1000 => CloseCode::Normal,
+        1001 => CloseCode::GoingAway,
+        1008 => CloseCode::Policy,
+        1009 => CloseCode::TooBig,
+        1012 => CloseCode::Restart,
+        1013 => CloseCode::TryAgainLater,
+        4000 => CloseCode::TakenOver,
+        4004 => CloseCode::SessionNotFound,
+        _ => CloseCode::Internal,
+    }
+}
+
+/// Where an attached connection's session lives.
+#[derive(Clone)]
+pub enum Route {
+    /// On this node.
+    Local(Addr<SessionActor<KvApp>>),
+    /// On another node, over this link.
+    Remote(Link),
+}
+
+/// Why an attach did not succeed.
+#[derive(Debug)]
+pub enum AttachFail {
+    /// A final answer for the client (bad token, unknown session, ...).
+    Refused(AttachError),
+    /// Transient (owner unreachable, views not converged yet): try again shortly.
+    Retry(String),
+}
+
+/// A session hosted here for a connection on another node's edge.
+struct Proxy {
+    addr: Addr<SessionActor<KvApp>>,
+    conn_id: u64,
+}
+
+/// Routing settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// This node.
+    pub me: MemberId,
+    /// Whether this node is part of a cluster (Consul or a static list of
+    /// more than itself); a cluster of one routes everything locally.
+    pub clustered: bool,
+    /// Virtual nodes per member.
+    pub vnodes: u32,
+    /// Peer-link secret.
+    pub secret: Vec<u8>,
+    /// Deadline of one peer request.
+    pub peer_timeout: Duration,
+}
+
+/// See the module docs.
+pub struct Router {
+    cfg: RouterConfig,
+    host: Host<KvApp>,
+    ring: RwLock<Arc<Ring>>,
+    view: RwLock<Arc<View>>,
+    leaving: AtomicBool,
+    links: Mutex<HashMap<MemberId, Link>>,
+    /// Edge connections of this node routed to another node: pushes reach them here.
+    edge_conns: Mutex<HashMap<u64, (MemberId, ConnHandle)>>,
+    /// Sessions hosted here for other nodes' edge connections.
+    proxies: Mutex<HashMap<(MemberId, u64), Proxy>>,
+    me_weak: Weak<Router>,
+    /// Arbiters that host sessions attached from other nodes (peer links run
+    /// on plain tokio tasks, and session actors need an actix arbiter).
+    arbiters: Vec<actix::ArbiterHandle>,
+    next_arbiter: std::sync::atomic::AtomicUsize,
+    handoffs_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Router {
+    /// A router whose ring starts from `view`.
+    pub fn new(cfg: RouterConfig, host: Host<KvApp>, view: Arc<View>, arbiters: Vec<actix::ArbiterHandle>) -> Arc<Router> {
+        let ring = Ring::new(view.ids().cloned(), cfg.vnodes);
+        Arc::new_cyclic(|me_weak| Router {
+            ring: RwLock::new(Arc::new(ring)),
+            view: RwLock::new(view),
+            cfg,
+            host,
+            leaving: AtomicBool::new(false),
+            links: Mutex::default(),
+            edge_conns: Mutex::default(),
+            proxies: Mutex::default(),
+            me_weak: me_weak.clone(),
+            arbiters,
+            next_arbiter: Default::default(),
+            handoffs_in_flight: Default::default(),
+        })
+    }
+
+    fn spawn_on_arbiter(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        let i = self.next_arbiter.fetch_add(1, Ordering::Relaxed);
+        match self.arbiters.get(i % self.arbiters.len().max(1)) {
+            Some(a) => {
+                a.spawn(fut);
+            }
+            None => {
+                actix::spawn(fut);
+            }
+        }
+    }
+
+    /// The current ring.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The current membership view.
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether this node is clustered.
+    pub fn clustered(&self) -> bool {
+        self.cfg.clustered
+    }
+
+    /// Number of sessions hosted here for other nodes' connections.
+    pub fn proxied(&self) -> usize {
+        lock(&self.proxies).len()
+    }
+
+    /// Number of this edge's connections routed to other nodes.
+    pub fn forwarded_conns(&self) -> usize {
+        lock(&self.edge_conns).len()
+    }
+
+    /// The handler to give to peer links.
+    pub fn handler(self: &Arc<Self>) -> Arc<dyn PeerHandler> {
+        Arc::new(Handler(Arc::downgrade(self)))
+    }
+
+    /// Remembers an inbound link so requests to that peer reuse it.
+    pub fn adopt_link(&self, link: Link) {
+        let mut links = lock(&self.links);
+        let keep = links.get(link.peer()).is_some_and(|l| !l.is_closed());
+        if !keep {
+            links.insert(link.peer().clone(), link);
+        }
+    }
+
+    /// Who owns `id`: `None` means this node.
+    fn owner(&self, id: &SessionId) -> Option<MemberId> {
+        if !self.cfg.clustered {
+            return None;
+        }
+        let ring = self.ring();
+        match ring.owner(id.as_str()) {
+            Some(m) if m != &self.cfg.me => Some(m.clone()),
+            Some(_) => None,
+            // An empty ring (no view yet, or we left): nobody to route to but us.
+            None => None,
+        }
+    }
+
+    fn owns(&self, id: &SessionId) -> bool {
+        !self.leaving.load(Ordering::Relaxed) && self.owner(id).is_none()
+    }
+
+    /// Installs a new membership view: rebuilds the ring and hands off the
+    /// sessions it moves away from this node.
+    pub async fn apply_view(&self, view: Arc<View>) {
+        let mut ids: Vec<MemberId> = view.ids().cloned().collect();
+        if self.leaving.load(Ordering::Relaxed) {
+            ids.retain(|m| m != &self.cfg.me);
+        }
+        let ring = Arc::new(Ring::new(ids, self.cfg.vnodes));
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
+        // Links to members that left are closed: their routes re-resolve.
+        {
+            let view = self.view();
+            let mut links = lock(&self.links);
+            links.retain(|m, l| {
+                let keep = view.get(m).is_some() && !l.is_closed();
+                if !keep {
+                    l.close();
+                }
+                keep
+            });
+        }
+        self.release_moved().await;
+    }
+
+    /// Leaves: this node owns nothing from now on; every live session is handed off.
+    pub async fn leave(&self) {
+        self.leaving.store(true, Ordering::Relaxed);
+        self.apply_view(self.view()).await;
+    }
+
+    async fn release_moved(&self) {
+        let moving: Vec<SessionId> = self
+            .host
+            .live_ids()
+            .into_iter()
+            .filter(|id| !self.owns(id))
+            .collect();
+        if moving.is_empty() {
+            return;
+        }
+        tracing::info!(sessions = moving.len(), "handing off sessions the ring moved to other members");
+        metrics::counter!("berth_handoffs_total").increment(moving.len() as u64);
+        self.handoffs_in_flight.fetch_add(moving.len(), Ordering::Relaxed);
+        // Bounded concurrency: checkpoints are group-committed anyway.
+        for chunk in moving.chunks(256) {
+            futures_util::future::join_all(chunk.iter().map(|id| self.host.release(id))).await;
+            self.handoffs_in_flight.fetch_sub(chunk.len(), Ordering::Relaxed);
+        }
+    }
+
+    async fn link(&self, member: &MemberId) -> Result<Link, PeerError> {
+        if let Some(l) = lock(&self.links).get(member).filter(|l| !l.is_closed()) {
+            return Ok(l.clone());
+        }
+        let addr = self
+            .view()
+            .get(member)
+            .map(|m| m.peer.clone())
+            .ok_or_else(|| PeerError::Connect(format!("{member} is not a member")))?;
+        let handler: Arc<dyn PeerHandler> = Arc::new(Handler(self.me_weak.clone()));
+        let link = berth_cluster::peer::connect(&addr, &self.cfg.me, &self.cfg.secret, handler).await?;
+        self.adopt_link(link.clone());
+        Ok(lock(&self.links).get(member).cloned().unwrap_or(link))
+    }
+
+    /// Attaches `conn` to session `id` wherever it lives.
+    pub async fn attach(
+        &self,
+        conn: &ConnHandle,
+        id: &SessionId,
+        token: &str,
+        ack: u64,
+        create: bool,
+    ) -> Result<(Welcome, Route), AttachFail> {
+        lock(&self.edge_conns).remove(&conn.id());
+        match self.owner(id) {
+            None => self.attach_local(conn.clone(), id, token, ack, create).await.map(|(w, a)| (w, Route::Local(a))),
+            Some(member) => {
+                let link = self.link(&member).await.map_err(|e| AttachFail::Retry(e.to_string()))?;
+                lock(&self.edge_conns).insert(conn.id(), (member.clone(), conn.clone()));
+                let req = PeerReq::Attach {
+                    session: id.to_string(),
+                    token: token.to_owned(),
+                    ack,
+                    edge_conn: conn.id(),
+                    create,
+                };
+                let resp = link
+                    .request(enc(&req), self.cfg.peer_timeout)
+                    .await
+                    .map_err(|e| AttachFail::Retry(e.to_string()));
+                let resp = match resp {
+                    Ok(bytes) => dec::<PeerResp>(&bytes),
+                    Err(e) => {
+                        lock(&self.edge_conns).remove(&conn.id());
+                        return Err(e);
+                    }
+                };
+                let out = match resp {
+                    Some(PeerResp::Welcome(json)) => match serde_json::from_str::<Welcome>(&json) {
+                        Ok(w) => {
+                            metrics::counter!("berth_forwarded_attaches_total").increment(1);
+                            return Ok((w, Route::Remote(link)));
+                        }
+                        Err(e) => AttachFail::Retry(format!("bad welcome from {member}: {e}")),
+                    },
+                    Some(PeerResp::AttachErr { kind, message }) => match attach_err_of(kind, message) {
+                        AttachError::Unavailable(m) => AttachFail::Retry(m),
+                        AttachError::Moved => AttachFail::Retry("session moving".into()),
+                        other => AttachFail::Refused(other),
+                    },
+                    Some(PeerResp::NotOwner) => AttachFail::Retry(format!("{member} does not own the session yet")),
+                    _ => AttachFail::Retry(format!("unexpected answer from {member}")),
+                };
+                lock(&self.edge_conns).remove(&conn.id());
+                Err(out)
+            }
+        }
+    }
+
+    async fn attach_local(
+        &self,
+        conn: ConnHandle,
+        id: &SessionId,
+        token: &str,
+        ack: u64,
+        create: bool,
+    ) -> Result<(Welcome, Addr<SessionActor<KvApp>>), AttachFail> {
+        if self.leaving.load(Ordering::Relaxed) {
+            return Err(AttachFail::Retry("this node is leaving".into()));
+        }
+        for attempt in 0..ATTACH_ATTEMPTS {
+            let addr = if create && attempt == 0 {
+                self.host.create_session_with(id.clone(), token)
+            } else {
+                self.host.session(id)
+            };
+            let msg = Attach {
+                conn: conn.clone(),
+                token: token.to_owned(),
+                ack,
+            };
+            match addr.send(msg).await {
+                Ok(Ok(w)) => return Ok((w, addr)),
+                Ok(Err(AttachError::Unavailable(m))) => return Err(AttachFail::Retry(m)),
+                Ok(Err(AttachError::Moved)) => return Err(AttachFail::Retry("session moving".into())),
+                Ok(Err(e)) => return Err(AttachFail::Refused(e)),
+                Err(_) => continue, // the actor stopped between lookup and attach
+            }
+        }
+        Err(AttachFail::Retry("session is restarting".into()))
+    }
+
+    /// Sends an op along `route`. The op is queued before this returns (ops
+    /// sent one after another are applied in that order); the future answers.
+    pub fn op(&self, route: &Route, conn_id: u64, id: u64, op: String, args: Value) -> LocalBoxFuture<'static, Result<OpReply, NotHere>> {
+        match route {
+            Route::Local(addr) => {
+                let req = addr.send(Op { conn_id, id, op, args });
+                async move { req.await.unwrap_or(Err(NotHere)) }.boxed_local()
+            }
+            Route::Remote(link) => {
+                metrics::counter!("berth_forwarded_ops_total").increment(1);
+                let body = enc(&PeerReq::Op {
+                    edge_conn: conn_id,
+                    id,
+                    op,
+                    args: args.to_string(),
+                });
+                let req = link.start_request(body, self.cfg.peer_timeout);
+                async move {
+                    match req.await.ok().and_then(|b| dec::<PeerResp>(&b)) {
+                        Some(PeerResp::Reply(json)) => serde_json::from_str(&json).map_err(|_| NotHere),
+                        _ => Err(NotHere),
+                    }
+                }
+                .boxed_local()
+            }
+        }
+    }
+
+    /// Live sessions on `member` (asked over its peer link), if it answers in time.
+    pub async fn member_sessions(&self, member: &MemberId, timeout: Duration) -> Option<u64> {
+        if member == &self.cfg.me {
+            return Some(self.host.live_sessions() as u64);
+        }
+        let link = tokio::time::timeout(timeout, self.link(member)).await.ok()?.ok()?;
+        match link.request(enc(&PeerReq::Stats), timeout).await.ok().and_then(|b| dec::<PeerResp>(&b)) {
+            Some(PeerResp::Stats { sessions, .. }) => Some(sessions),
+            _ => None,
+        }
+    }
+
+    /// Sessions being handed off right now.
+    pub fn handoffs_in_flight(&self) -> usize {
+        self.handoffs_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Forwards an ack.
+    pub fn ack(&self, route: &Route, conn_id: u64, seq: u64) {
+        match route {
+            Route::Local(a) => a.do_send(Ack { conn_id, seq }),
+            Route::Remote(l) => {
+                let _ = l.try_push(enc(&PeerPush::Ack { edge_conn: conn_id, seq }));
+            }
+        }
+    }
+
+    /// The connection ended or moves elsewhere.
+    pub fn detach(&self, route: &Route, conn_id: u64) {
+        lock(&self.edge_conns).remove(&conn_id);
+        match route {
+            Route::Local(a) => a.do_send(Detach { conn_id }),
+            Route::Remote(l) => {
+                let _ = l.try_push(enc(&PeerPush::Detach { edge_conn: conn_id }));
+            }
+        }
+    }
+
+    /// `bye`: the owner deletes the session and closes the connection (1000).
+    pub async fn bye(&self, route: &Route, conn_id: u64) -> bool {
+        match route {
+            Route::Local(a) => a.send(Bye { conn_id }).await.is_ok(),
+            Route::Remote(l) => l.push(enc(&PeerPush::Bye { edge_conn: conn_id })).await.is_ok(),
+        }
+    }
+
+    // ---- owner side ----
+
+    fn serve_attach(&self, from: MemberId, link: Link, session: String, token: String, ack: u64, edge_conn: u64, create: bool) -> BoxFuture<'static, Vec<u8>> {
+        let Some(id) = SessionId::parse(&session) else {
+            let (kind, message) = attach_err_kind(&AttachError::NotFound);
+            return futures_util::future::ready(enc(&PeerResp::AttachErr { kind, message })).boxed();
+        };
+        if !self.owns(&id) {
+            return futures_util::future::ready(enc(&PeerResp::NotOwner)).boxed();
+        }
+        let Some(me) = self.me_weak.upgrade() else {
+            return futures_util::future::ready(enc(&PeerResp::NotOwner)).boxed();
+        };
+        // The actor lives on this node's actix arbiters: run the attach there.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let work = async move {
+            let (handle, mut recv) = conn_channel(2048);
+            let conn_id = handle.id();
+            let r = me.attach_local(handle, &id, &token, ack, create).await;
+            let resp = match r {
+                Ok((welcome, addr)) => {
+                    lock(&me.proxies).insert((from.clone(), edge_conn), Proxy { addr, conn_id });
+                    // Forward what the actor says to the remote edge.
+                    let link2 = link.clone();
+                    actix::spawn(async move {
+                        while let Some(m) = recv.recv().await {
+                            let (push, last) = match m {
+                                ConnMsg::Event(Event { seq, body }) => (PeerPush::Event { edge_conn, seq, body: body.to_string() }, false),
+                                ConnMsg::Close(code, reason) => (PeerPush::Close { edge_conn, code: code.code(), reason }, true),
+                                ConnMsg::Moved => (PeerPush::Moved { edge_conn }, true),
+                            };
+                            if link2.push(enc(&push)).await.is_err() || last {
+                                break;
+                            }
+                        }
+                    });
+                    PeerResp::Welcome(serde_json::to_string(&welcome).unwrap_or_default())
+                }
+                Err(AttachFail::Refused(e)) => {
+                    let (kind, message) = attach_err_kind(&e);
+                    PeerResp::AttachErr { kind, message }
+                }
+                Err(AttachFail::Retry(m)) => PeerResp::AttachErr { kind: 3, message: m },
+            };
+            let _ = tx.send(enc(&resp));
+        };
+        self.spawn_on_arbiter(work);
+        async move { rx.await.unwrap_or_else(|_| enc(&PeerResp::NotOwner)) }.boxed()
+    }
+
+    fn serve_op(&self, from: MemberId, edge_conn: u64, id: u64, op: String, args: String) -> BoxFuture<'static, Vec<u8>> {
+        let proxy = lock(&self.proxies).get(&(from, edge_conn)).map(|p| (p.addr.clone(), p.conn_id));
+        let Some((addr, conn_id)) = proxy else {
+            return futures_util::future::ready(enc(&PeerResp::Moved)).boxed();
+        };
+        let args = serde_json::from_str(&args).unwrap_or(Value::Null);
+        // Queued now, in the order the link delivered the requests.
+        let req = addr.send(Op { conn_id, id, op, args });
+        async move {
+            match req.await {
+                Ok(Ok(reply)) => enc(&PeerResp::Reply(serde_json::to_string(&reply).unwrap_or_default())),
+                _ => enc(&PeerResp::Moved),
+            }
+        }
+        .boxed()
+    }
+
+    fn serve_push(&self, from: MemberId, msg: PeerPush) {
+        match msg {
+            PeerPush::Ack { edge_conn, seq } => {
+                if let Some(p) = lock(&self.proxies).get(&(from, edge_conn)) {
+                    p.addr.do_send(Ack { conn_id: p.conn_id, seq });
+                }
+            }
+            PeerPush::Detach { edge_conn } => {
+                if let Some(p) = lock(&self.proxies).remove(&(from, edge_conn)) {
+                    p.addr.do_send(Detach { conn_id: p.conn_id });
+                }
+            }
+            PeerPush::Bye { edge_conn } => {
+                if let Some(p) = lock(&self.proxies).get(&(from, edge_conn)) {
+                    p.addr.do_send(Bye { conn_id: p.conn_id });
+                }
+            }
+            PeerPush::Event { edge_conn, seq, body } => {
+                if let Some((_, h)) = lock(&self.edge_conns).get(&edge_conn) {
+                    h.send_event(Event {
+                        seq,
+                        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+                    });
+                }
+            }
+            PeerPush::Close { edge_conn, code, reason } => {
+                if let Some((_, h)) = lock(&self.edge_conns).remove(&edge_conn) {
+                    h.close(close_code_of(code), reason);
+                }
+            }
+            PeerPush::Moved { edge_conn } => {
+                if let Some((_, h)) = lock(&self.edge_conns).remove(&edge_conn) {
+                    h.moved();
+                }
+            }
+        }
+    }
+
+    fn link_closed(&self, peer: MemberId) {
+        let gone: Vec<Proxy> = {
+            let mut p = lock(&self.proxies);
+            let keys: Vec<_> = p.keys().filter(|(m, _)| m == &peer).cloned().collect();
+            keys.into_iter().filter_map(|k| p.remove(&k)).collect()
+        };
+        for p in gone {
+            p.addr.do_send(Detach { conn_id: p.conn_id });
+        }
+        let moved: Vec<ConnHandle> = {
+            let mut e = lock(&self.edge_conns);
+            let keys: Vec<u64> = e.iter().filter(|(_, (m, _))| m == &peer).map(|(k, _)| *k).collect();
+            keys.into_iter().filter_map(|k| e.remove(&k)).map(|(_, h)| h).collect()
+        };
+        for h in moved {
+            h.moved();
+        }
+        let mut links = lock(&self.links);
+        if links.get(&peer).is_some_and(|l| l.is_closed()) {
+            links.remove(&peer);
+        }
+    }
+}
+
+
+/// The peer handler: a weak reference, so links do not keep the router alive.
+struct Handler(Weak<Router>);
+
+impl PeerHandler for Handler {
+    fn request(&self, from: MemberId, link: Link, body: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        let Some(r) = self.0.upgrade() else {
+            return futures_util::future::ready(enc(&PeerResp::NotOwner)).boxed();
+        };
+        match dec::<PeerReq>(&body) {
+            Some(PeerReq::Attach { session, token, ack, edge_conn, create }) => r.serve_attach(from, link, session, token, ack, edge_conn, create),
+            Some(PeerReq::Op { edge_conn, id, op, args }) => r.serve_op(from, edge_conn, id, op, args),
+            Some(PeerReq::Stats) => {
+                let resp = PeerResp::Stats { sessions: r.host.live_sessions() as u64, proxied: r.proxied() as u64 };
+                futures_util::future::ready(enc(&resp)).boxed()
+            }
+            None => futures_util::future::ready(enc(&PeerResp::Moved)).boxed(),
+        }
+    }
+
+    fn push(&self, from: MemberId, _link: Link, body: Vec<u8>) {
+        if let (Some(r), Some(msg)) = (self.0.upgrade(), dec::<PeerPush>(&body)) {
+            r.serve_push(from, msg);
+        }
+    }
+
+    fn closed(&self, peer: MemberId) {
+        if let Some(r) = self.0.upgrade() {
+            tracing::info!(%peer, "peer link closed");
+            r.link_closed(peer);
+        }
+    }
+}
