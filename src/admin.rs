@@ -48,7 +48,12 @@ async fn cluster(node: web::Data<Node>) -> HttpResponse {
     let ring = router.ring();
     let shares = ring.shares(20_000);
     let timeout = std::time::Duration::from_millis(500);
-    let counts = futures_util::future::join_all(view.members.iter().map(|m| router.member_sessions(&m.id, timeout))).await;
+    let counts = futures_util::future::join_all(
+        view.members
+            .iter()
+            .map(|m| router.member_sessions(&m.id, timeout)),
+    )
+    .await;
     let members: Vec<_> = view
         .members
         .iter()

@@ -602,9 +602,14 @@ impl Config {
         positive("cluster.hold_ms", self.cluster.hold_ms)?;
         positive("cluster.peer_timeout_ms", self.cluster.peer_timeout_ms)?;
         for m in &self.cluster.members {
-            let ok = m.split_once('=').is_some_and(|(id, addr)| !id.is_empty() && addr.parse::<SocketAddr>().is_ok());
+            let ok = m
+                .split_once('=')
+                .is_some_and(|(id, addr)| !id.is_empty() && addr.parse::<SocketAddr>().is_ok());
             if !ok {
-                return Err(("cluster.members", format!("{m:?} is not `id=host:port` (e.g. node-a=127.0.0.1:7070)")));
+                return Err((
+                    "cluster.members",
+                    format!("{m:?} is not `id=host:port` (e.g. node-a=127.0.0.1:7070)"),
+                ));
             }
         }
         if let Some(a) = &self.cluster.advertise {
@@ -612,10 +617,17 @@ impl Config {
         }
         let clustered = self.cluster.consul_addr.is_some() || self.cluster.members.len() > 1;
         if clustered && self.cluster.secret.as_deref().unwrap_or("").len() < 16 {
-            return Err(("cluster.secret", "a cluster needs a shared secret of at least 16 characters".to_owned()));
+            return Err((
+                "cluster.secret",
+                "a cluster needs a shared secret of at least 16 characters".to_owned(),
+            ));
         }
         if clustered && self.store.redis_url.is_none() {
-            return Err(("store.redis_url", "a cluster needs a shared Redis: the in-memory store is single-node only".to_owned()));
+            return Err((
+                "store.redis_url",
+                "a cluster needs a shared Redis: the in-memory store is single-node only"
+                    .to_owned(),
+            ));
         }
         if let Some(url) = &self.store.redis_url {
             if !(url.starts_with("redis://")

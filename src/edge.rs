@@ -17,8 +17,8 @@ use actix_ws::{AggregatedMessage, CloseReason, ProtocolError, Session as WsSessi
 use berth_actors::app::Application;
 use berth_actors::conn::{conn_channel, ConnMsg};
 use berth_actors::ids::SessionId;
-use berth_actors::protocol::{ClientMsg, CloseCode, ErrorBody, ErrorCode, OpReply, ServerMsg};
 use berth_actors::protocol::Welcome;
+use berth_actors::protocol::{ClientMsg, CloseCode, ErrorBody, ErrorCode, OpReply, ServerMsg};
 use berth_actors::session::{AttachError, NotHere};
 use futures_util::future::LocalBoxFuture;
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -216,13 +216,18 @@ impl Conn {
     async fn run(mut self, mut stream: actix_ws::AggregatedMessageStream) {
         let mut rx = self.rx.take().expect("receiver");
         let ping_every = self.node.cfg.ping_interval();
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         let mut stopping = self.node.stopping.subscribe();
         let mut retry_at: Option<tokio::time::Instant> = None;
         let exit = loop {
             // Write answers that are ready (in op order).
             if let Some(r) = self.ready.pop_front() {
-                if self.write_result(r, "limited", Instant::now()).await.is_err() {
+                if self
+                    .write_result(r, "limited", Instant::now())
+                    .await
+                    .is_err()
+                {
                     break Exit::Gone;
                 }
                 continue;
@@ -337,8 +342,12 @@ impl Conn {
         }
         if let Exit::Close(code, why) = exit {
             // Answer what is already finished before closing.
-            while let Some(Some(Ok(reply))) = futures_util::FutureExt::now_or_never(self.replies.next()) {
-                let Some(p) = self.pending.pop_front() else { break };
+            while let Some(Some(Ok(reply))) =
+                futures_util::FutureExt::now_or_never(self.replies.next())
+            {
+                let Some(p) = self.pending.pop_front() else {
+                    break;
+                };
                 if self.write_result(reply, p.label, p.started).await.is_err() {
                     return;
                 }
@@ -371,7 +380,9 @@ impl Conn {
         }
         let router = self.node.router.clone();
         let (conn, id, token, ack) = (self.conn.clone(), b.id.clone(), b.token.clone(), b.acked);
-        self.reroute = Some(Box::pin(async move { router.attach(&conn, &id, &token, ack, false).await }));
+        self.reroute = Some(Box::pin(async move {
+            router.attach(&conn, &id, &token, ack, false).await
+        }));
     }
 
     /// Held ops could not be delivered within the hold time.
@@ -380,14 +391,21 @@ impl Conn {
         let version = 0;
         for p in self.pending.drain(..) {
             self.ready.push_back(p.canned.unwrap_or_else(|| {
-                OpReply::err(p.id, ErrorCode::Unavailable, "the session's owner could not be reached: retry with the same id", version)
+                OpReply::err(
+                    p.id,
+                    ErrorCode::Unavailable,
+                    "the session's owner could not be reached: retry with the same id",
+                    version,
+                )
             }));
         }
     }
 
     /// Sends every pending op that has no reply future yet, in order.
     fn dispatch_pending(&mut self) {
-        let Some(route) = self.bound.as_ref().and_then(|b| b.route.clone()) else { return };
+        let Some(route) = self.bound.as_ref().and_then(|b| b.route.clone()) else {
+            return;
+        };
         let start = self.replies.len();
         for p in self.pending.iter().skip(start) {
             let f = match &p.canned {
@@ -395,23 +413,37 @@ impl Conn {
                     let r = r.clone();
                     Box::pin(async move { Ok(r) })
                 }
-                None => self.node.router.op(&route, self.conn.id(), p.id, p.op.clone(), p.args.clone()),
+                None => {
+                    self.node
+                        .router
+                        .op(&route, self.conn.id(), p.id, p.op.clone(), p.args.clone())
+                }
             };
             self.replies.push_back(f);
         }
     }
 
-    async fn write_result(&mut self, reply: OpReply, label: &'static str, started: Instant) -> Result<(), actix_ws::Closed> {
+    async fn write_result(
+        &mut self,
+        reply: OpReply,
+        label: &'static str,
+        started: Instant,
+    ) -> Result<(), actix_ws::Closed> {
         let result = match &reply.error {
             None => "ok",
             Some(e) => e.code.as_str(),
         };
         metrics::counter!("berth_ops_total", "op" => label, "result" => result).increment(1);
-        metrics::histogram!("berth_op_duration_seconds", "op" => label).record(started.elapsed().as_secs_f64());
+        metrics::histogram!("berth_op_duration_seconds", "op" => label)
+            .record(started.elapsed().as_secs_f64());
         send(&mut self.ws, &ServerMsg::Result(reply)).await
     }
 
-    async fn error(&mut self, code: ErrorCode, msg: impl Into<String>) -> Result<(), actix_ws::Closed> {
+    async fn error(
+        &mut self,
+        code: ErrorCode,
+        msg: impl Into<String>,
+    ) -> Result<(), actix_ws::Closed> {
         send(&mut self.ws, &ServerMsg::Error(ErrorBody::new(code, msg))).await
     }
 
@@ -422,36 +454,64 @@ impl Conn {
             Ok(m) => m,
             Err(e) => {
                 if !limited {
-                    self.error(ErrorCode::BadFrame, format!("not a protocol message: {e}")).await?;
+                    self.error(ErrorCode::BadFrame, format!("not a protocol message: {e}"))
+                        .await?;
                 }
                 return Ok(None);
             }
         };
         if limited {
             if let ClientMsg::Op { id, .. } = msg {
-                let reply = OpReply::err(id, ErrorCode::RateLimited, "too many frames: slow down and retry with the same id", 0);
+                let reply = OpReply::err(
+                    id,
+                    ErrorCode::RateLimited,
+                    "too many frames: slow down and retry with the same id",
+                    0,
+                );
                 self.answer_in_order(reply);
-            } else if self.bucket.last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            } else if self
+                .bucket
+                .last_warned
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+            {
                 self.bucket.last_warned = Some(Instant::now());
-                self.error(ErrorCode::RateLimited, "too many frames: slow down").await?;
+                self.error(ErrorCode::RateLimited, "too many frames: slow down")
+                    .await?;
             }
             return Ok(None);
         }
         match msg {
-            ClientMsg::Hello { session, token, ack } => self.hello(session, token, ack).await,
+            ClientMsg::Hello {
+                session,
+                token,
+                ack,
+            } => self.hello(session, token, ack).await,
             _ if self.bound.is_none() => {
-                self.error(ErrorCode::HelloRequired, "the first frame must be hello").await?;
+                self.error(ErrorCode::HelloRequired, "the first frame must be hello")
+                    .await?;
                 Ok(None)
             }
             ClientMsg::Op { id, op, args } => {
                 let label = self.node.host.app().op_label(&op);
                 let hold_max = self.node.cfg.cluster.hold_max;
                 if !self.routed() && self.pending.len() >= hold_max {
-                    let reply = OpReply::err(id, ErrorCode::Unavailable, "the session is moving and too many ops are held: retry with the same id", 0);
+                    let reply = OpReply::err(
+                        id,
+                        ErrorCode::Unavailable,
+                        "the session is moving and too many ops are held: retry with the same id",
+                        0,
+                    );
                     self.answer_in_order(reply);
                     return Ok(None);
                 }
-                self.pending.push_back(Pending { id, op, args, label, started: Instant::now(), canned: None });
+                self.pending.push_back(Pending {
+                    id,
+                    op,
+                    args,
+                    label,
+                    started: Instant::now(),
+                    canned: None,
+                });
                 if self.routed() {
                     self.dispatch_pending();
                 } else if self.reroute.is_none() {
@@ -470,11 +530,17 @@ impl Conn {
             ClientMsg::Bye => {
                 let route = self.bound.as_ref().and_then(|b| b.route.clone());
                 let Some(route) = route else {
-                    return Ok(Some(Exit::Close(CloseCode::TryAgainLater, "session is moving: resume and retry bye".into())));
+                    return Ok(Some(Exit::Close(
+                        CloseCode::TryAgainLater,
+                        "session is moving: resume and retry bye".into(),
+                    )));
                 };
                 // The owner deletes the session and closes us with 1000.
                 if !self.node.router.bye(&route, self.conn.id()).await {
-                    return Ok(Some(Exit::Close(CloseCode::Internal, "session stopped: resume and retry".into())));
+                    return Ok(Some(Exit::Close(
+                        CloseCode::Internal,
+                        "session stopped: resume and retry".into(),
+                    )));
                 }
                 Ok(None)
             }
@@ -500,9 +566,18 @@ impl Conn {
         }
     }
 
-    async fn hello(&mut self, session: Option<String>, token: Option<String>, ack: u64) -> Result<Option<Exit>, actix_ws::Closed> {
+    async fn hello(
+        &mut self,
+        session: Option<String>,
+        token: Option<String>,
+        ack: u64,
+    ) -> Result<Option<Exit>, actix_ws::Closed> {
         if self.bound.is_some() {
-            self.error(ErrorCode::BadFrame, "hello was already received on this connection").await?;
+            self.error(
+                ErrorCode::BadFrame,
+                "hello was already received on this connection",
+            )
+            .await?;
             return Ok(None);
         }
         let (id, token, create) = match session {
@@ -523,10 +598,21 @@ impl Conn {
         let deadline = Instant::now() + Duration::from_millis(self.node.cfg.cluster.hold_ms);
         let mut create = create;
         loop {
-            match self.node.router.attach(&self.conn, &id, &token, ack, create).await {
+            match self
+                .node
+                .router
+                .attach(&self.conn, &id, &token, ack, create)
+                .await
+            {
                 Ok((welcome, route)) => {
-                    let delivered = ack.min(u64::MAX);
-                    self.bound = Some(Bound { id, token, route: Some(route), delivered, acked: ack });
+                    let delivered = ack;
+                    self.bound = Some(Bound {
+                        id,
+                        token,
+                        route: Some(route),
+                        delivered,
+                        acked: ack,
+                    });
                     send(&mut self.ws, &ServerMsg::Welcome(welcome)).await?;
                     return Ok(None);
                 }

@@ -164,7 +164,11 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
     let me = MemberId(node_id.clone());
     let clustered = cfg.cluster.consul_addr.is_some() || cfg.cluster.members.len() > 1;
     let peer_listener = if clustered {
-        Some(std::net::TcpListener::bind(&cfg.cluster.peer_listen).with_context(|| format!("binding cluster.peer_listen {}", cfg.cluster.peer_listen))?)
+        Some(
+            std::net::TcpListener::bind(&cfg.cluster.peer_listen).with_context(|| {
+                format!("binding cluster.peer_listen {}", cfg.cluster.peer_listen)
+            })?,
+        )
     } else {
         None
     };
@@ -198,11 +202,18 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
                 .members
                 .iter()
                 .filter_map(|m| m.split_once('='))
-                .map(|(id, addr)| Member { id: MemberId(id.to_owned()), peer: addr.to_owned(), public: None, version: None })
+                .map(|(id, addr)| Member {
+                    id: MemberId(id.to_owned()),
+                    peer: addr.to_owned(),
+                    public: None,
+                    version: None,
+                })
                 .collect(),
         ),
     });
-    let arbiters: Vec<_> = (0..workers).map(|_| actix::Arbiter::new().handle()).collect();
+    let arbiters: Vec<_> = (0..workers)
+        .map(|_| actix::Arbiter::new().handle())
+        .collect();
     let router = Router::new(
         RouterConfig {
             me: me.clone(),
@@ -245,7 +256,13 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
             }
         })
     };
-    let node = web::Data::new(Node::new(node_id.clone(), cfg.clone(), host.clone(), router.clone(), membership.clone()));
+    let node = web::Data::new(Node::new(
+        node_id.clone(),
+        cfg.clone(),
+        host.clone(),
+        router.clone(),
+        membership.clone(),
+    ));
     let deadline = Duration::from_millis(cfg.shutdown.deadline_ms);
     let n = node.clone();
     let public_server = HttpServer::new(move || {
@@ -290,7 +307,9 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
         "berth node started"
     );
     // One machine-readable line for scripts and tests.
-    println!("berth listening public={public_addr} admin={admin_addr} node={node_id} peer={peer_addr}");
+    println!(
+        "berth listening public={public_addr} admin={admin_addr} node={node_id} peer={peer_addr}"
+    );
     let _ = std::io::stdout().flush();
 
     let health = actix_web::rt::spawn(health_loop(node.clone().into_inner()));
@@ -321,13 +340,20 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
     // Shutdown: refuse new work, leave the cluster and hand sessions off,
     // checkpoint and close what is left, stop.
     let started = Instant::now();
-    let close_code = if clustered { CloseCode::Restart } else { close_code };
+    let close_code = if clustered {
+        CloseCode::Restart
+    } else {
+        close_code
+    };
     node.set_shutdown_code(close_code);
     node.stopping.send_replace(true);
     public_handle.pause().await;
     if clustered {
         membership.leave();
-        if tokio::time::timeout(deadline / 2, router.leave()).await.is_err() {
+        if tokio::time::timeout(deadline / 2, router.leave())
+            .await
+            .is_err()
+        {
             tracing::warn!("handing sessions off took longer than half the shutdown deadline");
         }
     }

@@ -59,7 +59,13 @@ pub struct Node {
 
 impl Node {
     /// A node in its initial state.
-    pub fn new(node_id: String, cfg: Config, host: Host<KvApp>, router: Arc<Router>, membership: Arc<MembershipHandle>) -> Self {
+    pub fn new(
+        node_id: String,
+        cfg: Config,
+        host: Host<KvApp>,
+        router: Arc<Router>,
+        membership: Arc<MembershipHandle>,
+    ) -> Self {
         Node {
             node_id,
             router,
@@ -130,10 +136,14 @@ impl Node {
             let grace = Duration::from_millis(self.cfg.cluster.consul_grace_ms);
             if let (Some(since), Some(e)) = (h.failing_since, &h.last_error) {
                 if since.elapsed() >= grace {
-                    why.push(format!("membership failing for {:?} (last known members still in use): {e}", since.elapsed()));
+                    why.push(format!(
+                        "membership failing for {:?} (last known members still in use): {e}",
+                        since.elapsed()
+                    ));
                 }
             }
-            if !self.router.view().ids().any(|m| m.as_str() == self.node_id) && !self.is_stopping() {
+            if !self.router.view().ids().any(|m| m.as_str() == self.node_id) && !self.is_stopping()
+            {
                 why.push("not (yet) in the cluster's member view".to_owned());
             }
         }

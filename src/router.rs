@@ -42,13 +42,7 @@ const ATTACH_ATTEMPTS: usize = 3;
 /// Requests an edge sends to an owner.
 #[derive(Debug, Encode, Decode)]
 enum PeerReq {
-    Attach {
-        session: String,
-        token: String,
-        ack: u64,
-        edge_conn: u64,
-        create: bool,
-    },
+    Attach(AttachReq),
     Op {
         edge_conn: u64,
         id: u64,
@@ -56,6 +50,16 @@ enum PeerReq {
         args: String,
     },
     Stats,
+}
+
+/// Attach an edge connection to a session hosted by the receiver.
+#[derive(Debug, Encode, Decode)]
+struct AttachReq {
+    session: String,
+    token: String,
+    ack: u64,
+    edge_conn: u64,
+    create: bool,
 }
 
 /// Answers of an owner.
@@ -73,13 +77,30 @@ enum PeerResp {
 #[derive(Debug, Encode, Decode)]
 enum PeerPush {
     // edge -> owner
-    Ack { edge_conn: u64, seq: u64 },
-    Detach { edge_conn: u64 },
-    Bye { edge_conn: u64 },
+    Ack {
+        edge_conn: u64,
+        seq: u64,
+    },
+    Detach {
+        edge_conn: u64,
+    },
+    Bye {
+        edge_conn: u64,
+    },
     // owner -> edge
-    Event { edge_conn: u64, seq: u64, body: String },
-    Close { edge_conn: u64, code: u16, reason: String },
-    Moved { edge_conn: u64 },
+    Event {
+        edge_conn: u64,
+        seq: u64,
+        body: String,
+    },
+    Close {
+        edge_conn: u64,
+        code: u16,
+        reason: String,
+    },
+    Moved {
+        edge_conn: u64,
+    },
 }
 
 fn enc<T: Encode>(v: &T) -> Vec<u8> {
@@ -195,7 +216,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Router {
     /// A router whose ring starts from `view`.
-    pub fn new(cfg: RouterConfig, host: Host<KvApp>, view: Arc<View>, arbiters: Vec<actix::ArbiterHandle>) -> Arc<Router> {
+    pub fn new(
+        cfg: RouterConfig,
+        host: Host<KvApp>,
+        view: Arc<View>,
+        arbiters: Vec<actix::ArbiterHandle>,
+    ) -> Arc<Router> {
         let ring = Ring::new(view.ids().cloned(), cfg.vnodes);
         Arc::new_cyclic(|me_weak| Router {
             ring: RwLock::new(Arc::new(ring)),
@@ -323,13 +349,18 @@ impl Router {
         if moving.is_empty() {
             return;
         }
-        tracing::info!(sessions = moving.len(), "handing off sessions the ring moved to other members");
+        tracing::info!(
+            sessions = moving.len(),
+            "handing off sessions the ring moved to other members"
+        );
         metrics::counter!("berth_handoffs_total").increment(moving.len() as u64);
-        self.handoffs_in_flight.fetch_add(moving.len(), Ordering::Relaxed);
+        self.handoffs_in_flight
+            .fetch_add(moving.len(), Ordering::Relaxed);
         // Bounded concurrency: checkpoints are group-committed anyway.
         for chunk in moving.chunks(256) {
             futures_util::future::join_all(chunk.iter().map(|id| self.host.release(id))).await;
-            self.handoffs_in_flight.fetch_sub(chunk.len(), Ordering::Relaxed);
+            self.handoffs_in_flight
+                .fetch_sub(chunk.len(), Ordering::Relaxed);
         }
     }
 
@@ -343,7 +374,8 @@ impl Router {
             .map(|m| m.peer.clone())
             .ok_or_else(|| PeerError::Connect(format!("{member} is not a member")))?;
         let handler: Arc<dyn PeerHandler> = Arc::new(Handler(self.me_weak.clone()));
-        let link = berth_cluster::peer::connect(&addr, &self.cfg.me, &self.cfg.secret, handler).await?;
+        let link =
+            berth_cluster::peer::connect(&addr, &self.cfg.me, &self.cfg.secret, handler).await?;
         self.adopt_link(link.clone());
         Ok(lock(&self.links).get(member).cloned().unwrap_or(link))
     }
@@ -359,17 +391,23 @@ impl Router {
     ) -> Result<(Welcome, Route), AttachFail> {
         lock(&self.edge_conns).remove(&conn.id());
         match self.owner(id) {
-            None => self.attach_local(conn.clone(), id, token, ack, create).await.map(|(w, a)| (w, Route::Local(a))),
+            None => self
+                .attach_local(conn.clone(), id, token, ack, create)
+                .await
+                .map(|(w, a)| (w, Route::Local(a))),
             Some(member) => {
-                let link = self.link(&member).await.map_err(|e| AttachFail::Retry(e.to_string()))?;
+                let link = self
+                    .link(&member)
+                    .await
+                    .map_err(|e| AttachFail::Retry(e.to_string()))?;
                 lock(&self.edge_conns).insert(conn.id(), (member.clone(), conn.clone()));
-                let req = PeerReq::Attach {
+                let req = PeerReq::Attach(AttachReq {
                     session: id.to_string(),
                     token: token.to_owned(),
                     ack,
                     edge_conn: conn.id(),
                     create,
-                };
+                });
                 let resp = link
                     .request(enc(&req), self.cfg.peer_timeout)
                     .await
@@ -389,12 +427,16 @@ impl Router {
                         }
                         Err(e) => AttachFail::Retry(format!("bad welcome from {member}: {e}")),
                     },
-                    Some(PeerResp::AttachErr { kind, message }) => match attach_err_of(kind, message) {
-                        AttachError::Unavailable(m) => AttachFail::Retry(m),
-                        AttachError::Moved => AttachFail::Retry("session moving".into()),
-                        other => AttachFail::Refused(other),
-                    },
-                    Some(PeerResp::NotOwner) => AttachFail::Retry(format!("{member} does not own the session yet")),
+                    Some(PeerResp::AttachErr { kind, message }) => {
+                        match attach_err_of(kind, message) {
+                            AttachError::Unavailable(m) => AttachFail::Retry(m),
+                            AttachError::Moved => AttachFail::Retry("session moving".into()),
+                            other => AttachFail::Refused(other),
+                        }
+                    }
+                    Some(PeerResp::NotOwner) => {
+                        AttachFail::Retry(format!("{member} does not own the session yet"))
+                    }
                     _ => AttachFail::Retry(format!("unexpected answer from {member}")),
                 };
                 lock(&self.edge_conns).remove(&conn.id());
@@ -428,7 +470,9 @@ impl Router {
             match addr.send(msg).await {
                 Ok(Ok(w)) => return Ok((w, addr)),
                 Ok(Err(AttachError::Unavailable(m))) => return Err(AttachFail::Retry(m)),
-                Ok(Err(AttachError::Moved)) => return Err(AttachFail::Retry("session moving".into())),
+                Ok(Err(AttachError::Moved)) => {
+                    return Err(AttachFail::Retry("session moving".into()))
+                }
                 Ok(Err(e)) => return Err(AttachFail::Refused(e)),
                 Err(_) => continue, // the actor stopped between lookup and attach
             }
@@ -438,10 +482,22 @@ impl Router {
 
     /// Sends an op along `route`. The op is queued before this returns (ops
     /// sent one after another are applied in that order); the future answers.
-    pub fn op(&self, route: &Route, conn_id: u64, id: u64, op: String, args: Value) -> LocalBoxFuture<'static, Result<OpReply, NotHere>> {
+    pub fn op(
+        &self,
+        route: &Route,
+        conn_id: u64,
+        id: u64,
+        op: String,
+        args: Value,
+    ) -> LocalBoxFuture<'static, Result<OpReply, NotHere>> {
         match route {
             Route::Local(addr) => {
-                let req = addr.send(Op { conn_id, id, op, args });
+                let req = addr.send(Op {
+                    conn_id,
+                    id,
+                    op,
+                    args,
+                });
                 async move { req.await.unwrap_or(Err(NotHere)) }.boxed_local()
             }
             Route::Remote(link) => {
@@ -455,7 +511,9 @@ impl Router {
                 let req = link.start_request(body, self.cfg.peer_timeout);
                 async move {
                     match req.await.ok().and_then(|b| dec::<PeerResp>(&b)) {
-                        Some(PeerResp::Reply(json)) => serde_json::from_str(&json).map_err(|_| NotHere),
+                        Some(PeerResp::Reply(json)) => {
+                            serde_json::from_str(&json).map_err(|_| NotHere)
+                        }
                         _ => Err(NotHere),
                     }
                 }
@@ -469,8 +527,16 @@ impl Router {
         if member == &self.cfg.me {
             return Some(self.host.live_sessions() as u64);
         }
-        let link = tokio::time::timeout(timeout, self.link(member)).await.ok()?.ok()?;
-        match link.request(enc(&PeerReq::Stats), timeout).await.ok().and_then(|b| dec::<PeerResp>(&b)) {
+        let link = tokio::time::timeout(timeout, self.link(member))
+            .await
+            .ok()?
+            .ok()?;
+        match link
+            .request(enc(&PeerReq::Stats), timeout)
+            .await
+            .ok()
+            .and_then(|b| dec::<PeerResp>(&b))
+        {
             Some(PeerResp::Stats { sessions, .. }) => Some(sessions),
             _ => None,
         }
@@ -486,7 +552,10 @@ impl Router {
         match route {
             Route::Local(a) => a.do_send(Ack { conn_id, seq }),
             Route::Remote(l) => {
-                let _ = l.try_push(enc(&PeerPush::Ack { edge_conn: conn_id, seq }));
+                let _ = l.try_push(enc(&PeerPush::Ack {
+                    edge_conn: conn_id,
+                    seq,
+                }));
             }
         }
     }
@@ -506,16 +575,32 @@ impl Router {
     pub async fn bye(&self, route: &Route, conn_id: u64) -> bool {
         match route {
             Route::Local(a) => a.send(Bye { conn_id }).await.is_ok(),
-            Route::Remote(l) => l.push(enc(&PeerPush::Bye { edge_conn: conn_id })).await.is_ok(),
+            Route::Remote(l) => l
+                .push(enc(&PeerPush::Bye { edge_conn: conn_id }))
+                .await
+                .is_ok(),
         }
     }
 
     // ---- owner side ----
 
-    fn serve_attach(&self, from: MemberId, link: Link, session: String, token: String, ack: u64, edge_conn: u64, create: bool) -> BoxFuture<'static, Vec<u8>> {
+    fn serve_attach(
+        &self,
+        from: MemberId,
+        link: Link,
+        req: AttachReq,
+    ) -> BoxFuture<'static, Vec<u8>> {
+        let AttachReq {
+            session,
+            token,
+            ack,
+            edge_conn,
+            create,
+        } = req;
         let Some(id) = SessionId::parse(&session) else {
             let (kind, message) = attach_err_kind(&AttachError::NotFound);
-            return futures_util::future::ready(enc(&PeerResp::AttachErr { kind, message })).boxed();
+            return futures_util::future::ready(enc(&PeerResp::AttachErr { kind, message }))
+                .boxed();
         };
         if !self.owns(&id) {
             return futures_util::future::ready(enc(&PeerResp::NotOwner)).boxed();
@@ -537,8 +622,22 @@ impl Router {
                     actix::spawn(async move {
                         while let Some(m) = recv.recv().await {
                             let (push, last) = match m {
-                                ConnMsg::Event(Event { seq, body }) => (PeerPush::Event { edge_conn, seq, body: body.to_string() }, false),
-                                ConnMsg::Close(code, reason) => (PeerPush::Close { edge_conn, code: code.code(), reason }, true),
+                                ConnMsg::Event(Event { seq, body }) => (
+                                    PeerPush::Event {
+                                        edge_conn,
+                                        seq,
+                                        body: body.to_string(),
+                                    },
+                                    false,
+                                ),
+                                ConnMsg::Close(code, reason) => (
+                                    PeerPush::Close {
+                                        edge_conn,
+                                        code: code.code(),
+                                        reason,
+                                    },
+                                    true,
+                                ),
                                 ConnMsg::Moved => (PeerPush::Moved { edge_conn }, true),
                             };
                             if link2.push(enc(&push)).await.is_err() || last {
@@ -552,7 +651,10 @@ impl Router {
                     let (kind, message) = attach_err_kind(&e);
                     PeerResp::AttachErr { kind, message }
                 }
-                Err(AttachFail::Retry(m)) => PeerResp::AttachErr { kind: 3, message: m },
+                Err(AttachFail::Retry(m)) => PeerResp::AttachErr {
+                    kind: 3,
+                    message: m,
+                },
             };
             let _ = tx.send(enc(&resp));
         };
@@ -560,17 +662,33 @@ impl Router {
         async move { rx.await.unwrap_or_else(|_| enc(&PeerResp::NotOwner)) }.boxed()
     }
 
-    fn serve_op(&self, from: MemberId, edge_conn: u64, id: u64, op: String, args: String) -> BoxFuture<'static, Vec<u8>> {
-        let proxy = lock(&self.proxies).get(&(from, edge_conn)).map(|p| (p.addr.clone(), p.conn_id));
+    fn serve_op(
+        &self,
+        from: MemberId,
+        edge_conn: u64,
+        id: u64,
+        op: String,
+        args: String,
+    ) -> BoxFuture<'static, Vec<u8>> {
+        let proxy = lock(&self.proxies)
+            .get(&(from, edge_conn))
+            .map(|p| (p.addr.clone(), p.conn_id));
         let Some((addr, conn_id)) = proxy else {
             return futures_util::future::ready(enc(&PeerResp::Moved)).boxed();
         };
         let args = serde_json::from_str(&args).unwrap_or(Value::Null);
         // Queued now, in the order the link delivered the requests.
-        let req = addr.send(Op { conn_id, id, op, args });
+        let req = addr.send(Op {
+            conn_id,
+            id,
+            op,
+            args,
+        });
         async move {
             match req.await {
-                Ok(Ok(reply)) => enc(&PeerResp::Reply(serde_json::to_string(&reply).unwrap_or_default())),
+                Ok(Ok(reply)) => enc(&PeerResp::Reply(
+                    serde_json::to_string(&reply).unwrap_or_default(),
+                )),
                 _ => enc(&PeerResp::Moved),
             }
         }
@@ -581,7 +699,10 @@ impl Router {
         match msg {
             PeerPush::Ack { edge_conn, seq } => {
                 if let Some(p) = lock(&self.proxies).get(&(from, edge_conn)) {
-                    p.addr.do_send(Ack { conn_id: p.conn_id, seq });
+                    p.addr.do_send(Ack {
+                        conn_id: p.conn_id,
+                        seq,
+                    });
                 }
             }
             PeerPush::Detach { edge_conn } => {
@@ -594,7 +715,11 @@ impl Router {
                     p.addr.do_send(Bye { conn_id: p.conn_id });
                 }
             }
-            PeerPush::Event { edge_conn, seq, body } => {
+            PeerPush::Event {
+                edge_conn,
+                seq,
+                body,
+            } => {
                 if let Some((_, h)) = lock(&self.edge_conns).get(&edge_conn) {
                     h.send_event(Event {
                         seq,
@@ -602,7 +727,11 @@ impl Router {
                     });
                 }
             }
-            PeerPush::Close { edge_conn, code, reason } => {
+            PeerPush::Close {
+                edge_conn,
+                code,
+                reason,
+            } => {
                 if let Some((_, h)) = lock(&self.edge_conns).remove(&edge_conn) {
                     h.close(close_code_of(code), reason);
                 }
@@ -626,8 +755,15 @@ impl Router {
         }
         let moved: Vec<ConnHandle> = {
             let mut e = lock(&self.edge_conns);
-            let keys: Vec<u64> = e.iter().filter(|(_, (m, _))| m == &peer).map(|(k, _)| *k).collect();
-            keys.into_iter().filter_map(|k| e.remove(&k)).map(|(_, h)| h).collect()
+            let keys: Vec<u64> = e
+                .iter()
+                .filter(|(_, (m, _))| m == &peer)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| e.remove(&k))
+                .map(|(_, h)| h)
+                .collect()
         };
         for h in moved {
             h.moved();
@@ -639,7 +775,6 @@ impl Router {
     }
 }
 
-
 /// The peer handler: a weak reference, so links do not keep the router alive.
 struct Handler(Weak<Router>);
 
@@ -649,10 +784,18 @@ impl PeerHandler for Handler {
             return futures_util::future::ready(enc(&PeerResp::NotOwner)).boxed();
         };
         match dec::<PeerReq>(&body) {
-            Some(PeerReq::Attach { session, token, ack, edge_conn, create }) => r.serve_attach(from, link, session, token, ack, edge_conn, create),
-            Some(PeerReq::Op { edge_conn, id, op, args }) => r.serve_op(from, edge_conn, id, op, args),
+            Some(PeerReq::Attach(req)) => r.serve_attach(from, link, req),
+            Some(PeerReq::Op {
+                edge_conn,
+                id,
+                op,
+                args,
+            }) => r.serve_op(from, edge_conn, id, op, args),
             Some(PeerReq::Stats) => {
-                let resp = PeerResp::Stats { sessions: r.host.live_sessions() as u64, proxied: r.proxied() as u64 };
+                let resp = PeerResp::Stats {
+                    sessions: r.host.live_sessions() as u64,
+                    proxied: r.proxied() as u64,
+                };
                 futures_util::future::ready(enc(&resp)).boxed()
             }
             None => futures_util::future::ready(enc(&PeerResp::Moved)).boxed(),

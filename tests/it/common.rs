@@ -499,3 +499,128 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+fn consul_bin() -> PathBuf {
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/consul");
+    if local.is_file() {
+        return local;
+    }
+    which("consul").unwrap_or_else(|| {
+        panic!("consul is not installed: run `scripts/install-deps.sh` (Consul 1.8.7 from Debian 11, into .tools/bin)")
+    })
+}
+
+/// A `consul agent -dev` on free loopback ports; killed on drop.
+pub struct Consul {
+    child: Child,
+    pub http: u16,
+}
+
+impl Consul {
+    pub fn start() -> Consul {
+        let http_port = free_port();
+        let child = Command::new(consul_bin())
+            .args([
+                "agent",
+                "-dev",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+                "-dns-port",
+                "-1",
+                "-grpc-port",
+                "-1",
+            ])
+            .args(["-http-port", &http_port.to_string()])
+            .args(["-serf-lan-port", &free_port().to_string()])
+            .args(["-serf-wan-port", &free_port().to_string()])
+            .args(["-server-port", &free_port().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn consul");
+        let c = Consul {
+            child,
+            http: http_port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let (status, body) = std::panic::catch_unwind(|| {
+                http(
+                    SocketAddr::from(([127, 0, 0, 1], c.http)),
+                    "GET",
+                    "/v1/status/leader",
+                    &[],
+                )
+            })
+            .unwrap_or((0, String::new()));
+            if status == 200 && body.contains("\"127.0.0.1:") {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("consul did not elect itself leader");
+    }
+
+    pub fn addr(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http)
+    }
+}
+
+impl Drop for Consul {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The shared secret of test clusters.
+pub const SECRET: &str = "test-cluster-secret-0123456789";
+
+/// Environment of a clustered node `id` (Consul membership, peer port chosen by the OS).
+pub fn cluster_env(consul: &Consul, redis: &Redis, id: &str) -> Vec<(String, String)> {
+    let mut env = base_env();
+    env.extend([
+        ("BERTH__STORE__REDIS_URL".to_string(), redis.url()),
+        ("BERTH__CLUSTER__NODE_ID".into(), id.into()),
+        ("BERTH__CLUSTER__CONSUL_ADDR".into(), consul.addr()),
+        ("BERTH__CLUSTER__SERVICE".into(), "berth-it".into()),
+        ("BERTH__CLUSTER__PEER_LISTEN".into(), "127.0.0.1:0".into()),
+        ("BERTH__CLUSTER__SECRET".into(), SECRET.into()),
+    ]);
+    env
+}
+
+impl Berth {
+    /// Member ids in this node's view (from `/cluster`).
+    pub fn members(&self) -> Vec<String> {
+        let (_, body) = self.admin_get("/cluster");
+        let v: Value =
+            serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap_or("{}")).unwrap_or_default();
+        v["members"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// `/cluster` as JSON.
+    pub fn cluster(&self) -> Value {
+        let (_, body) = self.admin_get("/cluster");
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap_or("{}")).unwrap_or_default()
+    }
+}
+
+/// Waits until every node sees exactly `ids` as members.
+pub async fn converge(nodes: &[&Berth], ids: &[&str]) {
+    let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    eventually(&format!("members {want:?}"), || {
+        nodes.iter().all(|n| n.members() == want)
+    })
+    .await;
+}

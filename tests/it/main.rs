@@ -7,6 +7,7 @@
 //! - `durability`: kill -9, Redis outages, fencing between activations.
 //! - `lifecycle`: configuration sources, SIGHUP, SIGTERM, drain.
 
+mod cluster;
 mod common;
 mod durability;
 mod lifecycle;
