@@ -365,6 +365,7 @@ impl Conn {
             self.node.router.detach(&route, self.conn.id());
         }
         self.replies = FuturesOrdered::new();
+        metrics::counter!("berth_reroutes_total").increment(1);
         if self.reroute.is_none() {
             let hold = Duration::from_millis(self.node.cfg.cluster.hold_ms);
             self.reroute_deadline = Some(tokio::time::Instant::now() + hold);

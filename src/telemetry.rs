@@ -81,5 +81,29 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "Checkpoint writes refused because a newer epoch exists"
     );
     metrics::describe_gauge!("berth_store_up", "1 when the checkpoint store answers");
+    metrics::describe_counter!(
+        "berth_activations_total",
+        "Sessions re-activated from their checkpoint (resume after passivation, handoff, failover)"
+    );
+    metrics::describe_counter!(
+        "berth_handoffs_total",
+        "Sessions handed off because the ring moved them to another member"
+    );
+    metrics::describe_counter!(
+        "berth_reroutes_total",
+        "Times a connection lost its session's route and routed again"
+    );
+    metrics::describe_counter!(
+        "berth_forwarded_ops_total",
+        "Ops sent to a session's owner on another node"
+    );
+    metrics::describe_counter!(
+        "berth_forwarded_attaches_total",
+        "Connections attached to a session on another node"
+    );
+    metrics::describe_counter!(
+        "berth_peer_auth_failures_total",
+        "Peer connections refused for failing the secret handshake"
+    );
     Ok(handle)
 }

@@ -400,6 +400,9 @@ impl<A: Application> Actor for SessionActor<A> {
                             .and_then(|ck| SessionState::from_checkpoint(&act.host.app, ck));
                         match decoded {
                             Ok(state) => {
+                                // Re-activation from the store: after passivation,
+                                // a handoff or a failover.
+                                metrics::counter!("berth_activations_total").increment(1);
                                 act.state = state;
                                 act.go_live(a.epoch, ctx);
                             }

@@ -298,3 +298,47 @@ async fn a_node_with_the_wrong_secret_cannot_reach_its_peers() {
     assert!(refused > 0, "some new sessions belonged to a");
     a.wait_log("peer refused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_consul_leader_does_not_stop_sessions_and_membership_resumes() {
+    let mut consul = Consul::start_three();
+    let redis = Redis::start();
+    let leader_port = consul[0].leader().unwrap();
+    let leader = consul
+        .iter()
+        .position(|c| c.server_port == leader_port)
+        .expect("leader among the three");
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let agent = |i: usize| &consul[followers[i % 2]];
+    let a = Berth::start_with(&cluster_env(agent(0), &redis, "a"), &[]);
+    let b = Berth::start_with(&cluster_env(agent(1), &redis, "b"), &[]);
+    converge(&[&a, &b], &["a", "b"]).await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(Client::new_session(&[&a, &b][i % 2].ws_url()).await);
+    }
+    let stop = stop_flag();
+    let running = tokio::spawn(traffic(clients, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    consul[leader].kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A new leader among the two left; membership changes flow again.
+    let (f0, f1) = (followers[0], followers[1]);
+    eventually("a new consul leader", || {
+        consul[f0].leader().is_some_and(|l| l != leader_port)
+    })
+    .await;
+    let c = Berth::start_with(&cluster_env(&consul[f1], &redis, "c"), &[]);
+    converge(&[&a, &b, &c], &["a", "b", "c"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = running.await.unwrap();
+    let worst = results.iter().map(|r| r.2).max().unwrap();
+    eprintln!(
+        "consul leader loss: {} sessions served throughout; slowest op {worst:?}",
+        results.len()
+    );
+    for (_, acked, _) in &results {
+        assert!(*acked > 10, "sessions kept being served: {acked}");
+    }
+}

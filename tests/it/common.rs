@@ -516,6 +516,9 @@ fn consul_bin() -> PathBuf {
 pub struct Consul {
     child: Child,
     pub http: u16,
+    /// Raft port (servers of a multi-server cluster).
+    pub server_port: u16,
+    dir: Option<PathBuf>,
 }
 
 impl Consul {
@@ -545,6 +548,8 @@ impl Consul {
         let c = Consul {
             child,
             http: http_port,
+            server_port: 0,
+            dir: None,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
@@ -568,12 +573,98 @@ impl Consul {
     pub fn addr(&self) -> String {
         format!("http://127.0.0.1:{}", self.http)
     }
+
+    /// Three Consul servers (a raft of three) on loopback ports.
+    pub fn start_three() -> Vec<Consul> {
+        let lan: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut servers = Vec::new();
+        for (i, port) in lan.iter().enumerate() {
+            let http_port = free_port();
+            let server_port = free_port();
+            let dir = std::env::temp_dir().join(format!(
+                "berth-it-consul-{}-{http_port}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut cmd = Command::new(consul_bin());
+            cmd.args([
+                "agent",
+                "-server",
+                "-bootstrap-expect",
+                "3",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+            ])
+            // Production raft timing (multiplier 1): elections in about a second.
+            .args(["-hcl", "performance { raft_multiplier = 1 }"])
+            .args(["-node", &format!("consul-{i}")])
+            .arg("-data-dir")
+            .arg(&dir)
+            .args(["-dns-port", "-1", "-grpc-port", "-1"])
+            .args(["-http-port", &http_port.to_string()])
+            .args(["-serf-lan-port", &port.to_string()])
+            .args(["-serf-wan-port", &free_port().to_string()])
+            .args(["-server-port", &server_port.to_string()]);
+            for (j, other) in lan.iter().enumerate() {
+                if j != i {
+                    cmd.arg(format!("-retry-join=127.0.0.1:{other}"));
+                }
+            }
+            let child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn consul server");
+            servers.push(Consul {
+                child,
+                http: http_port,
+                server_port,
+                dir: Some(dir),
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if servers.iter().all(|c| c.leader().is_some()) {
+                return servers;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("the three consul servers did not elect a leader");
+    }
+
+    /// The raft port of the current leader, as this agent sees it.
+    pub fn leader(&self) -> Option<u16> {
+        let (status, body) = http(
+            SocketAddr::from(([127, 0, 0, 1], self.http)),
+            "GET",
+            "/v1/status/leader",
+            &[],
+        );
+        if status != 200 {
+            return None;
+        }
+        body.rsplit("\"127.0.0.1:")
+            .next()?
+            .split('"')
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Consul {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
