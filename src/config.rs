@@ -515,10 +515,12 @@ pub fn load(
             .with_list_parse_key("cluster.members")
             .source(Some(env_map)),
     );
-    let merged = builder.build().map_err(|e| match &e {
-        config::ConfigError::FileParse { .. } | config::ConfigError::Foreign(_) => {
-            unreadable(Source::Base64)(e)
-        }
+    let file_source = layers.file.as_ref().map(|(p, _)| Source::File(p.clone()));
+    let merged = builder.build().map_err(|e| match (&e, file_source) {
+        (config::ConfigError::NotFound(_), Some(f)) => unreadable(f)(e),
+        (config::ConfigError::FileParse { uri: Some(_), .. }, Some(f)) => unreadable(f)(e),
+        (config::ConfigError::FileParse { .. }, _) => unreadable(Source::Base64)(e),
+        (_, Some(f)) if e.to_string().contains("configuration file") => unreadable(f)(e),
         _ => unreadable(Source::Default)(e),
     })?;
     let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
