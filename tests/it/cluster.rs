@@ -118,7 +118,12 @@ async fn sigkill_of_an_owner_under_traffic_fails_over_with_nothing_lost() {
     // Clients on a and b; sessions owned everywhere; node c will die.
     let mut clients = Vec::new();
     let mut owned_by_c = std::collections::HashSet::new();
-    for i in 0..60 {
+    // More sessions for a measurement run: BERTH_IT_FAILOVER_SESSIONS=600.
+    let sessions: usize = std::env::var("BERTH_IT_FAILOVER_SESSIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    for i in 0..sessions {
         let c = Client::new_session(&nodes[i % 2].ws_url()).await;
         if ring.owner(c.session.as_deref().unwrap()).unwrap().as_str() == "c" {
             owned_by_c.insert(c.session.clone().unwrap());
@@ -341,4 +346,42 @@ async fn losing_the_consul_leader_does_not_stop_sessions_and_membership_resumes(
     for (_, acked, _) in &results {
         assert!(*acked > 10, "sessions kept being served: {acked}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_member_list_forms_a_cluster_without_consul() {
+    let redis = Redis::start();
+    let (pa, pb) = (free_port(), free_port());
+    let members = format!("a=127.0.0.1:{pa},b=127.0.0.1:{pb}");
+    let env = |id: &str, port: u16| {
+        let mut env = base_env();
+        env.extend([
+            ("BERTH__STORE__REDIS_URL".to_string(), redis.url()),
+            ("BERTH__CLUSTER__NODE_ID".into(), id.into()),
+            ("BERTH__CLUSTER__MEMBERS".into(), members.clone()),
+            (
+                "BERTH__CLUSTER__PEER_LISTEN".into(),
+                format!("127.0.0.1:{port}"),
+            ),
+            ("BERTH__CLUSTER__SECRET".into(), SECRET.into()),
+        ]);
+        env
+    };
+    let a = Berth::start_with(&env("a", pa), &[]);
+    let b = Berth::start_with(&env("b", pb), &[]);
+    assert_eq!(a.members(), vec!["a", "b"]);
+    let ring = ring(&["a", "b"]);
+    let mut owners = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let mut c = Client::new_session(&a.ws_url()).await;
+        c.op("incr", json!({"key":"n"})).await;
+        let sid = c.session.clone().unwrap();
+        let owner = ring.owner(&sid).unwrap().to_string();
+        owners.insert(owner.clone());
+        let (mut r, w) = Client::resume(&b.ws_url(), &sid, c.token.as_deref().unwrap(), 0).await;
+        assert_eq!(w["node"], owner.as_str());
+        r.set_next_id(2);
+        assert_eq!(r.op("incr", json!({"key":"n"})).await["value"], 2);
+    }
+    assert_eq!(owners.len(), 2, "both members own sessions");
 }

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// How long any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
