@@ -385,3 +385,71 @@ async fn a_static_member_list_forms_a_cluster_without_consul() {
     }
     assert_eq!(owners.len(), 2, "both members own sessions");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_survive_the_owner_and_arrive_once_in_order_through_the_edge() {
+    let (consul, redis) = (Consul::start(), Redis::start());
+    let mut nodes: Vec<Berth> = ["a", "b", "c"]
+        .iter()
+        .map(|id| Berth::start_with(&cluster_env(&consul, &redis, id), &[]))
+        .collect();
+    converge(&nodes.iter().collect::<Vec<_>>(), &["a", "b", "c"]).await;
+    let ring = ring(&["a", "b", "c"]);
+    // A session owned by c, used through a.
+    let mut c = loop {
+        let c = Client::new_session(&nodes[0].ws_url()).await;
+        if ring.owner(c.session.as_deref().unwrap()).unwrap().as_str() == "c" {
+            break c;
+        }
+    };
+    c.send(json!({"type":"op","id":1,"op":"emit","args":{"body":"now"}}))
+        .await;
+    let [e1, r1] = c.recv_event_and_result().await;
+    assert_eq!(
+        (e1["seq"].clone(), r1["ok"].clone()),
+        (json!(1), json!(true))
+    );
+    // Scheduled on c, due after c is dead.
+    let r = c
+        .op_with_id(2, "emit", json!({"body":"later","delay_ms":1500}))
+        .await;
+    assert_eq!(r["value"], 2);
+    nodes[2].kill9();
+    // It arrives through a once the new owner has the session: exactly once, in order.
+    let e2 = c.recv_json().await;
+    assert_eq!(e2, json!({"type":"event","seq":2,"body":"later"}));
+    c.send(json!({"type":"op","id":3,"op":"emit","args":{"body":"after"}}))
+        .await;
+    let [e3, r3] = c.recv_event_and_result().await;
+    assert_eq!(
+        (e3["seq"].clone(), r3["value"].clone()),
+        (json!(3), json!(3)),
+        "no replayed duplicate of seq 1 or 2 came first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_outage_keeps_serving_on_the_last_view_and_readiness_says_so() {
+    let (mut consul, redis) = (Consul::start(), Redis::start());
+    let mut env_a = cluster_env(&consul, &redis, "a");
+    env_a.push(("BERTH__CLUSTER__CONSUL_GRACE_MS".into(), "500".into()));
+    let a = Berth::start_with(&env_a, &[]);
+    let b = Berth::start_with(&cluster_env(&consul, &redis, "b"), &[]);
+    converge(&[&a, &b], &["a", "b"]).await;
+    eventually("ready", || a.admin_get("/health/ready").0 == 200).await;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        clients.push(Client::new_session(&[&a, &b][i % 2].ws_url()).await);
+    }
+    consul.kill();
+    eventually("readiness reports the membership failure", || {
+        let (s, body) = a.admin_get("/health/ready");
+        s == 503 && body.contains("membership failing")
+    })
+    .await;
+    assert_eq!(a.members(), vec!["a", "b"], "last known view kept");
+    for c in &mut clients {
+        let r = c.op("incr", json!({"key":"n"})).await;
+        assert_eq!(r["value"], 1, "still served, forwarding included: {r}");
+    }
+}
