@@ -90,7 +90,22 @@ async fn cluster(node: web::Data<Node>) -> HttpResponse {
         "handoffs_in_flight": router.handoffs_in_flight(),
         "store": { "kind": store.describe(), "durable": store.is_durable() },
         "stopping": node.is_stopping(),
+        "process": process_memory(),
     }))
+}
+
+/// Resident memory of this process, from `/proc/self/status` (Linux).
+fn process_memory() -> serde_json::Value {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    json!({ "rss_bytes": kb("VmRSS:"), "peak_rss_bytes": kb("VmHWM:") })
 }
 
 async fn drain(node: web::Data<Node>) -> HttpResponse {

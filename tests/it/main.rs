@@ -11,4 +11,5 @@ mod cluster;
 mod common;
 mod durability;
 mod lifecycle;
+mod loadtest;
 mod protocol;

@@ -1,0 +1,213 @@
+//! `berth-loadtest`: drive berth like a crowd of mobile clients, verify that
+//! nothing acknowledged was lost, break nodes on purpose.
+//!
+//! ```text
+//! berth-loadtest run --url ws://127.0.0.1:8080/ws --sessions 1000 --duration 30s
+//! berth-loadtest local --nodes 3 --sessions 600 --duration 30s --chaos kill:2@10s
+//! berth-loadtest ceiling --sessions 1000 --duration 20s --scenario echo
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use berth_loadtest::local::{parse_chaos, parse_duration, Chaos, LocalCluster};
+use berth_loadtest::result::RunResult;
+use berth_loadtest::run::{self, RunConfig, Scenario};
+use berth_loadtest::{ceiling, report, threshold};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Load-test harness for berth: real mobile clients, zero-loss verification, chaos"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run against running nodes.
+    Run {
+        /// WebSocket URL of a node (repeat for several; sessions are spread over them).
+        #[arg(long = "url", required = true)]
+        urls: Vec<String>,
+        /// Admin base URL of a node (repeat), sampled for sessions and memory.
+        #[arg(long = "admin")]
+        admin: Vec<String>,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// Start a local cluster (Redis, Consul, N berth nodes), run, apply chaos, stop it all.
+    Local {
+        /// berth nodes to start.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Chaos events: kill:N@T, start@T, drain:N@T, restart-redis@T (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',')]
+        chaos: Vec<String>,
+        /// The berth binary (default: next to this one, then PATH).
+        #[arg(long)]
+        berth: Option<PathBuf>,
+        /// The consul binary (default: .tools/bin/consul, then PATH).
+        #[arg(long)]
+        consul: Option<PathBuf>,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// The raw WebSocket ceiling: a minimal actix-ws echo server, same client, same options.
+    Ceiling {
+        /// Where the ceiling server listens.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Its worker threads (match berth's for a fair ratio).
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[command(flatten)]
+        load: Load,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Load {
+    /// Virtual clients (sessions).
+    #[arg(long, default_value_t = 100)]
+    sessions: usize,
+    /// How long ops are sent (500ms, 30s, 2m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Clients start spread over this.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    ramp: Duration,
+    /// What the clients do.
+    #[arg(long, value_enum, default_value = "kv")]
+    scenario: Scenario,
+    /// Open model: total ops per second (latency from the intended send time). Default: closed model.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Payload bytes in writes and echoes.
+    #[arg(long, default_value_t = 16)]
+    payload: usize,
+    /// Spread client sockets over 127.0.0.1..127.0.0.N (default: one per 20,000 sessions).
+    #[arg(long)]
+    source_ips: Option<u8>,
+    /// Write the result as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write a self-contained HTML report.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Fail (exit 1) unless this holds, e.g. p99<20ms, lost_acked_ops==0, errors<0.1% (repeat).
+    #[arg(long = "threshold")]
+    thresholds: Vec<String>,
+    /// No live progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl Load {
+    fn config(&self, urls: Vec<String>, admin: Vec<String>) -> RunConfig {
+        let n = self
+            .source_ips
+            .map(usize::from)
+            .unwrap_or_else(|| self.sessions.div_ceil(20_000))
+            .max(1);
+        let source_ips = if n > 1 {
+            (1..=n)
+                .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i as u8)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        RunConfig {
+            urls,
+            admin: Arc::new(Mutex::new(admin)),
+            sessions: self.sessions,
+            duration: self.duration,
+            ramp: self.ramp,
+            scenario: self.scenario,
+            rate: self.rate,
+            payload: self.payload,
+            source_ips,
+            progress: !self.quiet,
+            pids: Arc::default(),
+        }
+    }
+}
+
+fn finish(load: &Load, r: &RunResult) -> anyhow::Result<bool> {
+    let parsed = load
+        .thresholds
+        .iter()
+        .map(|t| threshold::parse(t).map_err(|e| anyhow::anyhow!("--threshold {t:?}: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let checks: Vec<_> = parsed.iter().map(|t| t.check(r)).collect();
+    println!("{}", report::summary(r, &checks));
+    if let Some(p) = &load.json {
+        std::fs::write(p, report::json(r)).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &load.report {
+        std::fs::write(p, report::html(r, &checks))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(checks.iter().all(|c| c.ok))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let ok = match cli.cmd {
+        Cmd::Run { urls, admin, load } => {
+            let r = run::run(load.config(urls, admin), run::live()).await;
+            finish(&load, &r)?
+        }
+        Cmd::Ceiling {
+            listen,
+            workers,
+            load,
+        } => {
+            if !matches!(load.scenario, Scenario::Echo | Scenario::Idle) {
+                bail!("the ceiling server only echoes: use --scenario echo (or idle)");
+            }
+            let addr = ceiling::spawn(&listen, workers)?;
+            eprintln!("ceiling server on {addr}");
+            let r = run::run(
+                load.config(vec![format!("ws://{addr}/ws")], Vec::new()),
+                run::live(),
+            )
+            .await;
+            finish(&load, &r)?
+        }
+        Cmd::Local {
+            nodes,
+            chaos,
+            berth,
+            consul,
+            load,
+        } => {
+            let events: Vec<Chaos> = chaos
+                .iter()
+                .map(|c| parse_chaos(c).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()?;
+            let mut cluster = LocalCluster::start(nodes, berth.as_deref(), consul.as_deref())?;
+            eprintln!(
+                "local cluster: {} nodes, logs in {}",
+                cluster.nodes.len(),
+                cluster.log_dir().display()
+            );
+            let cfg = load.config(cluster.urls(), cluster.admins());
+            let r = berth_loadtest::local::run_with_chaos(&mut cluster, cfg, events).await?;
+            drop(cluster);
+            finish(&load, &r)?
+        }
+    };
+    if !ok {
+        eprintln!("berth-loadtest: a threshold failed");
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! berth-loadtest against real nodes: every scenario verifies clean, the
+//! verifier catches real loss, and a local cluster survives a kill.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_loadtest::local::{parse_chaos, LocalCluster};
+use berth_loadtest::run::{self, RunConfig, Scenario};
+use berth_loadtest::{report, threshold};
+
+use crate::common::*;
+
+fn load(
+    urls: Vec<String>,
+    admin: Vec<String>,
+    scenario: Scenario,
+    sessions: usize,
+    secs: u64,
+) -> RunConfig {
+    RunConfig {
+        urls,
+        admin: Arc::new(Mutex::new(admin)),
+        sessions,
+        duration: Duration::from_secs(secs),
+        ramp: Duration::from_millis(200),
+        scenario,
+        rate: None,
+        payload: 16,
+        source_ips: Vec::new(),
+        progress: false,
+        pids: Arc::default(),
+    }
+}
+
+fn fast_node(redis: &Redis) -> Berth {
+    let mut env = base_env();
+    env.push(("BERTH__STORE__REDIS_URL".into(), redis.url()));
+    env.push(("BERTH__LIMITS__FRAMES_PER_SEC".into(), "100000".into()));
+    env.push(("BERTH__LIMITS__FRAMES_BURST".into(), "100000".into()));
+    env.push(("BERTH__LOG__FILTER".into(), "warn".into()));
+    Berth::start_with(&env, &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_clean_and_the_json_has_every_field() {
+    let redis = Redis::start();
+    let node = fast_node(&redis);
+    let admin = format!("http://{}", node.admin);
+    for scenario in [
+        Scenario::Kv,
+        Scenario::Echo,
+        Scenario::Events,
+        Scenario::Idle,
+        Scenario::Churn,
+    ] {
+        let r = run::run(
+            load(vec![node.ws_url()], vec![admin.clone()], scenario, 20, 2),
+            run::live(),
+        )
+        .await;
+        let v = &r.verify;
+        assert_eq!(
+            (
+                v.lost_acked_ops,
+                v.duplicate_ops,
+                v.event_gaps,
+                v.event_duplicates,
+                v.state_mismatches
+            ),
+            (0, 0, 0, 0, 0),
+            "{scenario:?}: {v:?}"
+        );
+        assert_eq!(v.sessions_checked, 20, "{scenario:?}");
+        if scenario != Scenario::Idle {
+            assert!(r.ops > 100, "{scenario:?}: {} ops", r.ops);
+        }
+        if scenario == Scenario::Churn {
+            assert!(r.resumes_ok > 0, "churn resumes");
+        }
+        let json: serde_json::Value = serde_json::from_str(&report::json(&r)).unwrap();
+        for field in [
+            "ops",
+            "ops_per_s",
+            "latency_ms",
+            "errors",
+            "reconnects",
+            "verify",
+            "failover",
+            "nodes",
+        ] {
+            assert!(
+                json.get(field).is_some(),
+                "{scenario:?}: JSON lacks {field}"
+            );
+        }
+        for f in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(json["latency_ms"].get(f).is_some());
+        }
+        for f in [
+            "sessions_checked",
+            "lost_acked_ops",
+            "duplicate_ops",
+            "event_gaps",
+            "event_duplicates",
+            "state_mismatches",
+        ] {
+            assert!(json["verify"].get(f).is_some());
+        }
+        assert_eq!(r.nodes.len(), 1, "node sampled from its admin endpoint");
+        assert!(r.nodes[0].peak_rss_bytes > 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verifier_catches_loss_on_a_node_that_forgets() {
+    // The in-memory store forgets everything with the process: kill -9 it
+    // mid-run, start it again on the same port, and the harness must see it.
+    let port = free_port();
+    let mut env = base_env();
+    env.retain(|(k, _)| k != "BERTH__SERVER__LISTEN");
+    env.push(("BERTH__SERVER__LISTEN".into(), format!("127.0.0.1:{port}")));
+    env.push(("BERTH__LIMITS__FRAMES_PER_SEC".into(), "100000".into()));
+    env.push(("BERTH__LIMITS__FRAMES_BURST".into(), "100000".into()));
+    let mut node = Berth::start_with(&env, &[]);
+    let url = node.ws_url();
+    let runner = tokio::spawn(run::run(
+        load(vec![url], Vec::new(), Scenario::Kv, 10, 4),
+        run::live(),
+    ));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    node.kill9();
+    let _again = Berth::start_with(&env, &[]);
+    let r = runner.await.unwrap();
+    assert!(
+        r.verify.lost_acked_ops > 0,
+        "lost ops reported: {:?}",
+        r.verify
+    );
+    assert!(r.resumes_failed > 0);
+    let t = threshold::parse("lost_acked_ops==0").unwrap();
+    assert!(!t.check(&r).ok, "the threshold fails the run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_cluster_with_a_kill_reports_a_failover_window_and_loses_nothing() {
+    let berth = Path::new(env!("CARGO_BIN_EXE_berth"));
+    let consul = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/consul");
+    let mut cluster =
+        LocalCluster::start(3, Some(berth), consul.is_file().then_some(consul.as_path())).unwrap();
+    // Converge before the load starts.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // Clients on nodes 1 and 3 only, so the kill of node 2 tests failover, not reconnects.
+    let urls = vec![cluster.nodes[0].url.clone(), cluster.nodes[2].url.clone()];
+    let cfg = load(urls, cluster.admins(), Scenario::Kv, 60, 6);
+    let r = berth_loadtest::local::run_with_chaos(
+        &mut cluster,
+        cfg,
+        vec![parse_chaos("kill:2@3s").unwrap()],
+    )
+    .await
+    .unwrap();
+    eprintln!("{}", report::summary(&r, &[]));
+    let v = &r.verify;
+    assert_eq!(
+        (v.lost_acked_ops, v.duplicate_ops, v.state_mismatches),
+        (0, 0, 0),
+        "{v:?}"
+    );
+    assert_eq!(r.failover.len(), 1);
+    let f = &r.failover[0];
+    assert!(f.sessions_affected > 0, "{f:?}");
+    assert!(
+        f.window_ms.max > 100.0 && f.window_ms.max < 5_000.0,
+        "{f:?}"
+    );
+    assert!(
+        r.nodes.iter().all(|n| n.peak_rss_bytes > 0),
+        "{:?}",
+        r.nodes
+    );
+}
