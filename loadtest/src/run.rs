@@ -209,7 +209,9 @@ async fn one_client(
     while Instant::now() < end && c.stopped.is_none() {
         let planned = match cfg.rate {
             Some(rate) => {
-                let t = intended(begin, i, cfg.sessions, rate, k);
+                // The schedule starts once every client has had its ramp slot,
+                // so connecting is not counted as op latency.
+                let t = intended(begin + cfg.ramp, i, cfg.sessions, rate, k);
                 if t >= end {
                     break;
                 }
