@@ -55,6 +55,9 @@ pub struct ClientStats {
     /// Periods this client could not get an answer: (start, end) of every op
     /// or reconnect that took longer than `slow`.
     pub stalls: Vec<(Instant, Instant)>,
+    /// Resumes whose `welcome` reported a `last_op` below the last
+    /// acknowledged write (checked on every resume).
+    pub resume_regressions: u64,
 }
 
 /// A new latency histogram (1 µs .. 10 min, 3 significant digits).
@@ -75,6 +78,7 @@ impl Default for ClientStats {
             connect_us: histogram(),
             resume_us: histogram(),
             stalls: Vec::new(),
+            resume_regressions: 0,
         }
     }
 }
@@ -160,6 +164,9 @@ pub struct MobileClient {
     pub stats: ClientStats,
     /// Set once the server told us to stop.
     pub stopped: Option<String>,
+    /// Id of the last state-changing op that was acknowledged (set by the
+    /// scenario): a resume whose `welcome.last_op` is below it lost that op.
+    pub last_acked_write: u64,
 }
 
 impl MobileClient {
@@ -177,6 +184,7 @@ impl MobileClient {
             received: Vec::new(),
             stats: ClientStats::default(),
             stopped: None,
+            last_acked_write: 0,
         }
     }
 
@@ -287,6 +295,9 @@ impl MobileClient {
                     if resuming {
                         self.stats.resumes_ok += 1;
                         let _ = self.stats.resume_us.record(us);
+                        if w["last_op"].as_u64().unwrap_or(0) < self.last_acked_write {
+                            self.stats.resume_regressions += 1;
+                        }
                     } else {
                         let _ = self.stats.connect_us.record(us);
                         self.session = w["session"].as_str().map(str::to_owned);
