@@ -153,7 +153,6 @@ struct Expected {
 
 struct ClientOutcome {
     stats: ClientStats,
-    latency: Histogram<u64>,
     verify: Verify,
 }
 
@@ -191,7 +190,6 @@ async fn one_client(
         ccfg.source = Some(cfg.source_ips[i % cfg.source_ips.len()]);
     }
     let mut c = MobileClient::new(ccfg, i);
-    let mut latency = histogram();
     let mut exp = Expected::default();
     let grace = end + Duration::from_secs(20);
     let ramp_at = begin + cfg.ramp.mul_f64(i as f64 / cfg.sessions.max(1) as f64);
@@ -199,7 +197,6 @@ async fn one_client(
     if c.ensure_connected(grace).await.is_err() {
         return ClientOutcome {
             stats: c.stats,
-            latency,
             verify: Verify::default(),
         };
     }
@@ -244,7 +241,6 @@ async fn one_client(
         match r {
             Ok(v) => {
                 let error = v["ok"] != true;
-                latency.record(took.as_micros().max(1) as u64).ok();
                 live.record(took, error);
                 if !error {
                     match op {
@@ -281,7 +277,6 @@ async fn one_client(
     c.disconnect().await;
     ClientOutcome {
         stats: c.stats,
-        latency,
         verify,
     }
 }
@@ -478,9 +473,12 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
             *result.errors.entry("client_panic".into()).or_default() += 1;
             continue;
         };
-        let _ = lat.add(&o.latency);
-        let _ = connect.add(&o.stats.connect_us);
-        let _ = resume.add(&o.stats.resume_us);
+        for us in &o.stats.connect_us {
+            let _ = connect.record(*us);
+        }
+        for us in &o.stats.resume_us {
+            let _ = resume.record(*us);
+        }
         result.reconnects += o.stats.reconnects;
         result.resumes_ok += o.stats.resumes_ok;
         result.resumes_failed += o.stats.resumes_failed;
@@ -498,6 +496,12 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
     }
     live.stop_sampler();
     let peaks = sampler.await.unwrap_or_default();
+    // The run's latency: every op was recorded in its second's histogram.
+    for sec in live.seconds.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        if let Some(h) = &sec.hist {
+            let _ = lat.add(h);
+        }
+    }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
