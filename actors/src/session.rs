@@ -617,40 +617,16 @@ impl<A: Application> Handler<Bye> for SessionActor<A> {
     }
 }
 
-impl<A: Application> Handler<Release> for SessionActor<A> {
-    type Result = AtomicResponse<Self, bool>;
-
-    fn handle(&mut self, _msg: Release, _ctx: &mut Context<Self>) -> Self::Result {
-        if self.phase != Phase::Live {
-            return AtomicResponse::new(Box::pin(actix::fut::ready(true)));
-        }
-        let fut = self
-            .host
-            .store
-            .save(&self.id, self.epoch, self.checkpoint_bytes());
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|res, act, ctx| {
-            let ok = match res {
-                Ok(()) => true,
-                Err(StoreError::Fenced { .. }) => true, // a newer owner already has it
-                Err(e) => {
-                    // Sync mode: every acknowledged write is already durable.
-                    tracing::warn!(session = %act.id, error = %e, unsaved_writes = act.unsaved_writes, "final checkpoint before handoff failed");
-                    !act.unsaved_writes
-                }
-            };
-            if let Some(a) = act.conn.take() {
-                a.conn.moved();
-            }
-            act.gone(AttachError::Moved, ctx);
-            ok
-        })))
-    }
-}
-
-impl<A: Application> Handler<Shutdown> for SessionActor<A> {
-    type Result = AtomicResponse<Self, bool>;
-
-    fn handle(&mut self, msg: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {
+impl<A: Application> SessionActor<A> {
+    /// Writes a final checkpoint, then runs `then` (tell or close the
+    /// connection, leave service). Answers whether nothing acknowledged was
+    /// left unsaved: a fenced write counts as saved (a newer owner has the
+    /// session), and in sync mode every acknowledged write is already durable.
+    fn final_checkpoint_then(
+        &mut self,
+        why: &'static str,
+        then: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    ) -> AtomicResponse<Self, bool> {
         if self.phase != Phase::Live {
             return AtomicResponse::new(Box::pin(actix::fut::ready(true)));
         }
@@ -660,16 +636,38 @@ impl<A: Application> Handler<Shutdown> for SessionActor<A> {
             .save(&self.id, self.epoch, self.checkpoint_bytes());
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
             let ok = match res {
-                Ok(()) => true,
+                Ok(()) | Err(StoreError::Fenced { .. }) => true,
                 Err(e) => {
-                    let lost = act.unsaved_writes;
-                    tracing::warn!(session = %act.id, error = %e, unsaved_writes = lost, "final checkpoint failed at shutdown");
-                    !lost
+                    tracing::warn!(session = %act.id, error = %e, unsaved_writes = act.unsaved_writes, "final checkpoint failed ({why})");
+                    !act.unsaved_writes
                 }
             };
-            act.close_conn(msg.code, "node going away: resume");
-            act.gone(AttachError::ShuttingDown, ctx);
+            then(act, ctx);
             ok
         })))
+    }
+}
+
+impl<A: Application> Handler<Release> for SessionActor<A> {
+    type Result = AtomicResponse<Self, bool>;
+
+    fn handle(&mut self, _msg: Release, _ctx: &mut Context<Self>) -> Self::Result {
+        self.final_checkpoint_then("handoff", |act, ctx| {
+            if let Some(a) = act.conn.take() {
+                a.conn.moved();
+            }
+            act.gone(AttachError::Moved, ctx);
+        })
+    }
+}
+
+impl<A: Application> Handler<Shutdown> for SessionActor<A> {
+    type Result = AtomicResponse<Self, bool>;
+
+    fn handle(&mut self, msg: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {
+        self.final_checkpoint_then("shutdown", move |act, ctx| {
+            act.close_conn(msg.code, "node going away: resume");
+            act.gone(AttachError::ShuttingDown, ctx);
+        })
     }
 }

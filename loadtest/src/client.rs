@@ -32,7 +32,7 @@ pub enum ClientError {
 }
 
 /// Counters of one client, merged into the run's result.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClientStats {
     /// Connections lost and made again.
     pub reconnects: u64,
@@ -64,24 +64,6 @@ pub struct ClientStats {
 /// A new latency histogram (1 µs .. 10 min, 3 significant digits).
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
-}
-
-impl Default for ClientStats {
-    fn default() -> Self {
-        ClientStats {
-            reconnects: 0,
-            resumes_ok: 0,
-            resumes_failed: 0,
-            errors: BTreeMap::new(),
-            event_gaps: 0,
-            event_duplicates: 0,
-            events: 0,
-            connect_us: Vec::new(),
-            resume_us: Vec::new(),
-            stalls: Vec::new(),
-            resume_regressions: 0,
-        }
-    }
 }
 
 /// Settings of a client.

@@ -114,6 +114,38 @@ fn find(bin: &str, hint: Option<&Path>) -> Option<PathBuf> {
     })
 }
 
+/// Starts `consul agent -dev` on free loopback ports (HTTP, serf LAN/WAN,
+/// server; DNS and gRPC off), logging to `log`; answers the process and its
+/// HTTP port. The integration tests start their Consul agents with this too.
+pub fn spawn_consul_dev(bin: &Path, log: Stdio) -> std::io::Result<(Child, u16)> {
+    let http = free_port();
+    let child = Command::new(bin)
+        .args([
+            "agent",
+            "-dev",
+            "-bind",
+            "127.0.0.1",
+            "-client",
+            "127.0.0.1",
+            "-dns-port",
+            "-1",
+            "-grpc-port",
+            "-1",
+        ])
+        .args(["-http-port", &http.to_string()])
+        .args([
+            "-serf-lan-port",
+            &free_port().to_string(),
+            "-serf-wan-port",
+            &free_port().to_string(),
+        ])
+        .args(["-server-port", &free_port().to_string()])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    Ok((child, http))
+}
+
 /// One berth process.
 pub struct Node {
     /// Node id.
@@ -169,39 +201,16 @@ impl LocalCluster {
             redis: None,
             redis_port: free_port(),
             consul: None,
-            consul_http: free_port(),
+            consul_http: 0,
             nodes: Vec::new(),
             secret: "berth-loadtest-local-secret".into(),
         };
         c.start_redis()?;
         let log = std::fs::File::create(c.dir.join("consul.log"))?;
-        c.consul = Some(
-            Command::new(&consul_bin)
-                .args([
-                    "agent",
-                    "-dev",
-                    "-bind",
-                    "127.0.0.1",
-                    "-client",
-                    "127.0.0.1",
-                    "-dns-port",
-                    "-1",
-                    "-grpc-port",
-                    "-1",
-                ])
-                .args(["-http-port", &c.consul_http.to_string()])
-                .args([
-                    "-serf-lan-port",
-                    &free_port().to_string(),
-                    "-serf-wan-port",
-                    &free_port().to_string(),
-                ])
-                .args(["-server-port", &free_port().to_string()])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("starting consul")?,
-        );
+        let (child, http) =
+            spawn_consul_dev(&consul_bin, Stdio::from(log)).context("starting consul")?;
+        c.consul = Some(child);
+        c.consul_http = http;
         wait_tcp(c.consul_http, Duration::from_secs(15)).context("consul did not start")?;
         std::thread::sleep(Duration::from_millis(1500)); // leader election of the dev agent
         for _ in 0..n {

@@ -497,7 +497,12 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
     live.stop_sampler();
     let peaks = sampler.await.unwrap_or_default();
     // The run's latency: every op was recorded in its second's histogram.
-    for sec in live.seconds.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+    for sec in live
+        .seconds
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
         if let Some(h) = &sec.hist {
             let _ = lat.add(h);
         }

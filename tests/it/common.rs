@@ -523,28 +523,9 @@ pub struct Consul {
 
 impl Consul {
     pub fn start() -> Consul {
-        let http_port = free_port();
-        let child = Command::new(consul_bin())
-            .args([
-                "agent",
-                "-dev",
-                "-bind",
-                "127.0.0.1",
-                "-client",
-                "127.0.0.1",
-                "-dns-port",
-                "-1",
-                "-grpc-port",
-                "-1",
-            ])
-            .args(["-http-port", &http_port.to_string()])
-            .args(["-serf-lan-port", &free_port().to_string()])
-            .args(["-serf-wan-port", &free_port().to_string()])
-            .args(["-server-port", &free_port().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn consul");
+        let (child, http_port) =
+            berth_loadtest::local::spawn_consul_dev(&consul_bin(), Stdio::null())
+                .expect("spawn consul");
         let c = Consul {
             child,
             http: http_port,
@@ -553,16 +534,7 @@ impl Consul {
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            let (status, body) = std::panic::catch_unwind(|| {
-                http(
-                    SocketAddr::from(([127, 0, 0, 1], c.http)),
-                    "GET",
-                    "/v1/status/leader",
-                    &[],
-                )
-            })
-            .unwrap_or((0, String::new()));
-            if status == 200 && body.contains("\"127.0.0.1:") {
+            if c.leader().is_some() {
                 return c;
             }
             std::thread::sleep(Duration::from_millis(100));
