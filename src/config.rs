@@ -150,6 +150,10 @@ pub struct StoreConfig {
     pub checkpoint_interval_ms: u64,
     /// How often readiness checks the store, in ms.
     pub health_interval_ms: u64,
+    /// Replicas that must confirm each checkpoint batch (Redis `WAIT`) before
+    /// its ops are acknowledged; 0 = do not wait. Set it to 1+ with a
+    /// replicated Redis (Sentinel) so an acknowledged op survives a failover.
+    pub wait_replicas: u32,
 }
 
 fn default_key_prefix() -> String {
@@ -169,6 +173,7 @@ impl Default for StoreConfig {
             durability: DurabilityMode::Sync,
             checkpoint_interval_ms: 1_000,
             health_interval_ms: 1_000,
+            wait_replicas: 0,
         }
     }
 }
@@ -632,12 +637,20 @@ impl Config {
             ));
         }
         if let Some(url) = &self.store.redis_url {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("redis+unix://")
-                || url.starts_with("unix://"))
-            {
-                return Err(("store.redis_url", format!("{url:?} is not a redis:// URL")));
+            let schemes = [
+                "redis://",
+                "rediss://",
+                "redis+unix://",
+                "unix://",
+                "redis+sentinel://",
+            ];
+            if !schemes.iter().any(|s| url.starts_with(s)) {
+                return Err((
+                    "store.redis_url",
+                    format!(
+                        "{url:?} is not a redis:// or redis+sentinel://host:port,.../service URL"
+                    ),
+                ));
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {

@@ -111,6 +111,7 @@ fn build_store(cfg: &Config) -> anyhow::Result<Arc<dyn CheckpointStore>> {
                 batch_max: cfg.store.batch_max,
                 batch_delay: Duration::from_micros(cfg.store.batch_delay_us),
                 max_inflight: cfg.store.max_inflight_batches,
+                wait_replicas: cfg.store.wait_replicas,
             })
             .context("store.redis_url")?,
         ),

@@ -689,3 +689,127 @@ pub async fn converge(nodes: &[&Berth], ids: &[&str]) {
     })
     .await;
 }
+
+/// A Redis primary, two replicas and three Sentinels on loopback ports.
+pub struct SentinelSet {
+    pub primary: Redis,
+    pub replicas: Vec<Redis>,
+    sentinels: Vec<Child>,
+    pub sentinel_ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+impl SentinelSet {
+    pub fn start() -> SentinelSet {
+        let bin = which("redis-server").expect("redis-server: run scripts/install-deps.sh");
+        let primary = Redis::start();
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let port = free_port();
+            let dir = std::env::temp_dir()
+                .join(format!("berth-it-replica-{port}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut r = Redis {
+                child: None,
+                port,
+                dir,
+                persistent: false,
+            };
+            r.child = Some(
+                Command::new(&bin)
+                    .args([
+                        "--port",
+                        &port.to_string(),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ])
+                    .args(["--replicaof", "127.0.0.1", &primary.port.to_string()])
+                    .arg("--dir")
+                    .arg(&r.dir)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            assert!(r.wait_up());
+            replicas.push(r);
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "berth-it-sentinels-{}-{}",
+            primary.port,
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut sentinels = Vec::new();
+        let mut sentinel_ports = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let conf = dir.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 2\nsentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\nsentinel parallel-syncs mymaster 2\n",
+                    dir.display(),
+                    primary.port
+                ),
+            )
+            .unwrap();
+            sentinels.push(
+                Command::new(&bin)
+                    .arg(&conf)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            sentinel_ports.push(port);
+        }
+        // Replicas in sync before anyone writes.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut primary.conn())
+                .unwrap();
+            if info.contains("connected_slaves:2") && info.matches("state=online").count() == 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas never came online: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        SentinelSet {
+            primary,
+            replicas,
+            sentinels,
+            sentinel_ports,
+            dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinel_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+sentinel://{}/mymaster", hosts.join(","))
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for s in &mut self.sentinels {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

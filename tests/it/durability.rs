@@ -129,6 +129,7 @@ fn store_config(redis: &Redis) -> RedisStoreConfig {
         batch_max: 16,
         batch_delay: Duration::ZERO,
         max_inflight: 2,
+        wait_replicas: 0,
     }
 }
 
@@ -338,5 +339,62 @@ async fn a_full_outbox_refuses_emit_until_acked() {
     assert_eq!(
         (event["seq"].clone(), result["value"].clone()),
         (json!(3), json!(3))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_is_followed_and_nothing_acknowledged_is_lost() {
+    let mut set = SentinelSet::start();
+    let mut env = base_env();
+    env.push(("BERTH__STORE__REDIS_URL".into(), set.url()));
+    env.push(("BERTH__STORE__WAIT_REPLICAS".into(), "1".into()));
+    let node = Berth::start_with(&env, &[]);
+    eventually("ready through sentinel", || {
+        node.admin_get("/health/ready").0 == 200
+    })
+    .await;
+    let mut c = Client::new_session(&node.ws_url()).await;
+    for i in 1..=10u64 {
+        assert_eq!(
+            c.op_with_id(i, "incr", json!({"key":"n"})).await["value"],
+            i
+        );
+    }
+    // The primary dies; Sentinel promotes a replica; berth must follow it.
+    set.primary.stop();
+    let started = std::time::Instant::now();
+    let mut r = c.op_with_id(11, "incr", json!({"key":"n"})).await;
+    while r["ok"] != true {
+        assert_eq!(r["error"]["code"], "unavailable", "{r}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "berth never followed the promoted primary"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        r = c.op_with_id(11, "incr", json!({"key":"n"})).await;
+    }
+    eprintln!(
+        "served again {:?} after the primary was killed",
+        started.elapsed()
+    );
+    assert_eq!(
+        r["value"], 11,
+        "every acknowledged incr survived the failover: {r}"
+    );
+    node.wait_log("redis primary (from sentinel)");
+    // A fresh node reads the same state from the new primary.
+    let (sid, tok) = (c.session.clone().unwrap(), c.token.clone().unwrap());
+    drop(c);
+    drop(node);
+    let fresh = Berth::start_with(&env, &[]);
+    eventually("fresh node ready", || {
+        fresh.admin_get("/health/ready").0 == 200
+    })
+    .await;
+    let (mut c, w) = Client::resume(&fresh.ws_url(), &sid, &tok, 0).await;
+    assert_eq!(w["last_op"], 11, "{w}");
+    assert_eq!(
+        c.op_with_id(12, "get", json!({"key":"n"})).await["value"],
+        11
     );
 }

@@ -81,6 +81,10 @@ pub struct RedisStoreConfig {
     pub batch_delay: Duration,
     /// Most pipelines in flight at once.
     pub max_inflight: usize,
+    /// Replicas that must confirm each checkpoint batch (Redis `WAIT`) before
+    /// its ops are acknowledged; 0 = do not wait. With a replicated Redis
+    /// (Sentinel), 1 or more makes an acknowledged op survive a failover.
+    pub wait_replicas: u32,
 }
 
 struct SaveReq {
@@ -98,6 +102,70 @@ struct Scripts {
     delete: Script,
 }
 
+/// The connection to the current primary. With a plain `redis://` URL it never
+/// changes. With `redis+sentinel://h1:p1,h2:p2/name`, the sentinels are asked
+/// for the primary at start and again after any failed call (one question at a
+/// time), so a promoted replica is followed without a restart.
+struct Primary {
+    current: std::sync::RwLock<Option<ConnectionManager>>,
+    sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
+    refreshing: std::sync::atomic::AtomicBool,
+    mcfg: ConnectionManagerConfig,
+}
+
+impl Primary {
+    fn get(&self) -> Result<ConnectionManager, StoreError> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Unavailable("no redis primary known yet (asking the sentinels)".into())
+            })
+    }
+
+    /// A call failed: with Sentinel, find the primary again.
+    fn failed(self: &Arc<Self>) {
+        if self.sentinel.is_none() || self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let found = async {
+                let mut s = me.sentinel.as_ref().expect("sentinel").lock().await;
+                let client = s.async_get_client().await?;
+                let addr = client.get_connection_info().addr().to_string();
+                ConnectionManager::new_lazy_with_config(client, me.mcfg.clone()).map(|c| (c, addr))
+            };
+            match tokio::time::timeout(Duration::from_secs(5), found).await {
+                Ok(Ok((conn, addr))) => {
+                    tracing::info!(primary = %addr, "redis primary (from sentinel)");
+                    *me.current.write().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "sentinels did not name a redis primary"),
+                Err(_) => tracing::warn!("sentinels did not answer in time"),
+            }
+            me.refreshing.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Parses `redis+sentinel://h1:p1,h2:p2/service[/db]` into sentinel URLs,
+/// the service name and the database.
+fn parse_sentinel_url(url: &str) -> Option<(Vec<String>, String, i64)> {
+    let rest = url.strip_prefix("redis+sentinel://")?;
+    let (hosts, path) = rest.split_once('/')?;
+    let mut parts = path.split('/');
+    let service = parts.next().filter(|s| !s.is_empty())?.to_owned();
+    let db = parts.next().map_or(Some(0), |d| d.parse().ok())?;
+    let sentinels: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("redis://{h}"))
+        .collect();
+    (!sentinels.is_empty()).then_some((sentinels, service, db))
+}
+
 /// Counters of the group commit, for tests and operators.
 #[derive(Debug, Default)]
 pub struct BatchStats {
@@ -112,7 +180,7 @@ pub struct BatchStats {
 #[derive(Clone)]
 pub struct RedisStore {
     stats: Arc<BatchStats>,
-    conn: ConnectionManager,
+    primary: Arc<Primary>,
     scripts: Arc<Scripts>,
     queue: mpsc::Sender<SaveReq>,
     cfg: Arc<RedisStoreConfig>,
@@ -131,16 +199,49 @@ impl RedisStore {
     /// Connects lazily (the node starts even while Redis is down and becomes
     /// ready when it answers) and starts the batcher on the current tokio runtime.
     pub fn new(cfg: RedisStoreConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("bad redis url: {e}")))?;
-        let info = client.get_connection_info();
-        let target = format!("redis {}", info.addr());
         let mcfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.op_timeout))
             .set_response_timeout(Some(cfg.op_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, mcfg).map_err(unavailable)?;
+        let (primary, target) = if cfg.url.starts_with("redis+sentinel://") {
+            let (sentinels, service, db) = parse_sentinel_url(&cfg.url).ok_or_else(|| {
+                StoreError::Unavailable("bad sentinel url: expected redis+sentinel://host:port[,host:port...]/service[/db]".into())
+            })?;
+            let node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                .set_redis_connection_info(redis::RedisConnectionInfo::default().set_db(db));
+            let client = redis::sentinel::SentinelClient::build(
+                sentinels.clone(),
+                service.clone(),
+                Some(node),
+                redis::sentinel::SentinelServerType::Master,
+            )
+            .map_err(|e| StoreError::Unavailable(format!("bad sentinel url: {e}")))?;
+            let p = Arc::new(Primary {
+                current: std::sync::RwLock::new(None),
+                sentinel: Some(tokio::sync::Mutex::new(client)),
+                refreshing: Default::default(),
+                mcfg,
+            });
+            p.failed(); // ask for the primary now
+            (
+                p,
+                format!("redis sentinel {} ({service})", sentinels.join(",")),
+            )
+        } else {
+            let client = redis::Client::open(cfg.url.as_str())
+                .map_err(|e| StoreError::Unavailable(format!("bad redis url: {e}")))?;
+            let target = format!("redis {}", client.get_connection_info().addr());
+            let conn = ConnectionManager::new_lazy_with_config(client, mcfg.clone())
+                .map_err(unavailable)?;
+            let p = Arc::new(Primary {
+                current: std::sync::RwLock::new(Some(conn)),
+                sentinel: None,
+                refreshing: Default::default(),
+                mcfg,
+            });
+            (p, target)
+        };
         let scripts = Arc::new(Scripts {
             activate: Script::new(ACTIVATE_LUA),
             create: Script::new(CREATE_LUA),
@@ -152,14 +253,14 @@ impl RedisStore {
         let stats = Arc::new(BatchStats::default());
         tokio::spawn(run_batcher(
             rx,
-            conn.clone(),
+            primary.clone(),
             scripts.clone(),
             cfg.clone(),
             stats.clone(),
         ));
         Ok(RedisStore {
             stats,
-            conn,
+            primary,
             scripts,
             queue,
             cfg,
@@ -217,13 +318,14 @@ impl CheckpointStore for RedisStore {
         id: &SessionId,
     ) -> BoxFuture<'static, Result<Option<Activation>, StoreError>> {
         let (ck, ep) = self.keys(id);
-        let (mut conn, scripts, ttl, t) = (
-            self.conn.clone(),
+        let (primary, scripts, ttl, t) = (
+            self.primary.clone(),
             self.scripts.clone(),
             self.ttl_ms(),
             self.cfg.op_timeout,
         );
         async move {
+            let mut conn = primary.get().inspect_err(|_| primary.failed())?;
             let r: Option<(u64, Vec<u8>)> = Self::timed(
                 t,
                 "activate",
@@ -234,7 +336,8 @@ impl CheckpointStore for RedisStore {
                     .arg(ttl)
                     .invoke_async(&mut conn),
             )
-            .await?;
+            .await
+            .inspect_err(|_| primary.failed())?;
             Ok(r.map(|(epoch, checkpoint)| Activation { epoch, checkpoint }))
         }
         .boxed()
@@ -242,19 +345,21 @@ impl CheckpointStore for RedisStore {
 
     fn create(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
         let (_, ep) = self.keys(id);
-        let (mut conn, scripts, ttl, t) = (
-            self.conn.clone(),
+        let (primary, scripts, ttl, t) = (
+            self.primary.clone(),
             self.scripts.clone(),
             self.ttl_ms(),
             self.cfg.op_timeout,
         );
         async move {
+            let mut conn = primary.get().inspect_err(|_| primary.failed())?;
             Self::timed(
                 t,
                 "create",
                 scripts.create.key(ep).arg(ttl).invoke_async(&mut conn),
             )
             .await
+            .inspect_err(|_| primary.failed())
         }
         .boxed()
     }
@@ -298,13 +403,14 @@ impl CheckpointStore for RedisStore {
 
     fn delete(&self, id: &SessionId, epoch: u64) -> BoxFuture<'static, Result<(), StoreError>> {
         let (ck, ep) = self.keys(id);
-        let (mut conn, scripts, ttl, t) = (
-            self.conn.clone(),
+        let (primary, scripts, ttl, t) = (
+            self.primary.clone(),
             self.scripts.clone(),
             self.ttl_ms(),
             self.cfg.op_timeout,
         );
         async move {
+            let mut conn = primary.get().inspect_err(|_| primary.failed())?;
             let stored: u64 = Self::timed(
                 t,
                 "delete",
@@ -316,18 +422,32 @@ impl CheckpointStore for RedisStore {
                     .arg(ttl)
                     .invoke_async(&mut conn),
             )
-            .await?;
+            .await
+            .inspect_err(|_| primary.failed())?;
             fenced(stored, epoch)
         }
         .boxed()
     }
 
     fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>> {
-        let (mut conn, t) = (self.conn.clone(), self.cfg.op_timeout);
+        let (primary, t) = (self.primary.clone(), self.cfg.op_timeout);
         async move {
-            let _: String =
-                Self::timed(t, "ping", redis::cmd("PING").query_async(&mut conn)).await?;
-            Ok(())
+            let mut conn = primary.get().inspect_err(|_| primary.failed())?;
+            // A demoted primary still answers PING: ask for the role, so the
+            // health loop notices a failover even while no write is failing.
+            let role: Vec<redis::Value> =
+                Self::timed(t, "ping", redis::cmd("ROLE").query_async(&mut conn))
+                    .await
+                    .inspect_err(|_| primary.failed())?;
+            match role.first() {
+                Some(redis::Value::BulkString(r)) if r.as_slice() == b"master" => Ok(()),
+                _ => {
+                    primary.failed();
+                    Err(StoreError::Unavailable(
+                        "redis is not a primary (read-only replica)".into(),
+                    ))
+                }
+            }
         }
         .boxed()
     }
@@ -343,7 +463,7 @@ impl CheckpointStore for RedisStore {
 
 async fn run_batcher(
     mut rx: mpsc::Receiver<SaveReq>,
-    conn: ConnectionManager,
+    primary: Arc<Primary>,
     scripts: Arc<Scripts>,
     cfg: Arc<RedisStoreConfig>,
     stats: Arc<BatchStats>,
@@ -378,20 +498,30 @@ async fn run_batcher(
         stats
             .writes
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let (conn, scripts, cfg) = (conn.clone(), scripts.clone(), cfg.clone());
+        let (primary, scripts, cfg) = (primary.clone(), scripts.clone(), cfg.clone());
         tokio::spawn(async move {
-            flush(conn, &scripts, &cfg, batch).await;
+            flush(&primary, &scripts, &cfg, batch).await;
             drop(permit);
         });
     }
 }
 
 async fn flush(
-    mut conn: ConnectionManager,
+    primary: &Arc<Primary>,
     scripts: &Scripts,
     cfg: &RedisStoreConfig,
     batch: Vec<SaveReq>,
 ) {
+    let mut conn = match primary.get() {
+        Ok(c) => c,
+        Err(e) => {
+            primary.failed();
+            for r in batch {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
     let started = Instant::now();
     let ttl = cfg.session_ttl.as_millis() as u64;
     let mut pipe = redis::pipe();
@@ -405,6 +535,11 @@ async fn flush(
                 .arg(&r.bytes[..])
                 .arg(ttl),
         );
+    }
+    if cfg.wait_replicas > 0 {
+        // Acknowledge only what enough replicas hold: a failover then keeps it.
+        let wait_ms = (cfg.op_timeout.as_millis() as u64 / 2).max(1);
+        pipe.cmd("WAIT").arg(cfg.wait_replicas).arg(wait_ms);
     }
     let mut result = RedisStore::timed(
         cfg.op_timeout,
@@ -434,6 +569,24 @@ async fn flush(
     }
     metrics::histogram!("berth_checkpoint_batch_size").record(batch.len() as f64);
     metrics::histogram!("berth_checkpoint_batch_seconds").record(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        primary.failed();
+    }
+    let result = match result {
+        Ok(mut v) if cfg.wait_replicas > 0 && v.len() == batch.len() + 1 => {
+            let confirmed = v.pop().unwrap_or(0);
+            if confirmed < u64::from(cfg.wait_replicas) {
+                count_error("save");
+                Err(StoreError::Unavailable(format!(
+                    "checkpoint reached {confirmed} of {} required replicas: not acknowledged, retry",
+                    cfg.wait_replicas
+                )))
+            } else {
+                Ok(v)
+            }
+        }
+        other => other,
+    };
     match result {
         Ok(stored) if stored.len() == batch.len() => {
             for (r, stored) in batch.into_iter().zip(stored) {
