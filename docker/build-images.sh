@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds the images of the reference deployment locally, with no registry:
+#   berth-base:local   Debian 12 minbase (debootstrap) + redis-server,
+#                      redis-sentinel, nginx, openssl, curl, and Consul 1.8.7
+#                      (the binary scripts/install-deps.sh unpacked into .tools/)
+#   berth:local        berth-base + the berth and berth-loadtest binaries built
+#                      on the host (docker/Dockerfile, target "local")
+# Every package is installed into the root file system before `docker import`,
+# so no build step needs network from inside a container.
+# Usage: docker/build-images.sh [--rebuild-base]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+rebuild=0; [ "${1:-}" = "--rebuild-base" ] && rebuild=1
+
+scripts/install-deps.sh >/dev/null
+command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+
+if [ "$rebuild" = 1 ] || ! docker image inspect berth-base:local >/dev/null 2>&1; then
+  mirror="$(grep -hoE '^(URIs:|deb)[[:space:]]+[^ ]+' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+    | awk '{print $2}' | grep -E '/debian/?$' | head -n1 || true)"
+  rootfs="$root/.tools/rootfs"
+  rm -rf "$rootfs"; mkdir -p "$rootfs"
+  echo "build-images: debootstrap bookworm (minbase) into $rootfs"
+  debootstrap --variant=minbase \
+    --include=redis-server,redis-sentinel,nginx-light,openssl,curl,ca-certificates,procps,iproute2 \
+    bookworm "$rootfs" "$mirror" >/dev/null
+  install -m 0755 "$root/.tools/bin/consul" "$rootfs/usr/local/bin/consul"
+  chroot "$rootfs" sh -c 'useradd --system --home /var/lib/berth --create-home --shell /usr/sbin/nologin berth; apt-get clean; rm -rf /var/lib/apt/lists/*'
+  echo "build-images: importing berth-base:local"
+  tar -C "$rootfs" -c . | docker import - berth-base:local >/dev/null
+  rm -rf "$rootfs"
+fi
+
+echo "build-images: building berth and berth-loadtest (release) on the host"
+cargo build --release -p berth -p berth-loadtest
+ctx="$(mktemp -d)"; trap 'rm -rf "$ctx"' EXIT
+cp target/release/berth target/release/berth-loadtest docker/Dockerfile "$ctx/"
+docker build -q --target local -t berth:local "$ctx" >/dev/null
+echo "build-images: berth-base:local and berth:local are ready"
