@@ -81,6 +81,8 @@ pub struct ClientConfig {
     pub backoff_cap: Duration,
     /// An op or reconnect slower than this is recorded as a stall.
     pub slow: Duration,
+    /// `wss://`: accept any server certificate (self-signed test deployments).
+    pub insecure: bool,
 }
 
 impl ClientConfig {
@@ -93,7 +95,92 @@ impl ClientConfig {
             backoff_base: Duration::from_millis(50),
             backoff_cap: Duration::from_secs(5),
             slow: Duration::from_millis(200),
+            insecure: false,
         }
+    }
+}
+
+/// TLS settings for `wss://`: the web PKI roots, or (insecure) any certificate.
+fn tls_config(insecure: bool) -> std::sync::Arc<rustls::ClientConfig> {
+    use std::sync::{Arc, OnceLock};
+    static SECURE: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    static INSECURE: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    let provider = || Arc::new(rustls::crypto::ring::default_provider());
+    if insecure {
+        INSECURE
+            .get_or_init(|| {
+                let cfg = rustls::ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default versions")
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AcceptAny(provider())))
+                    .with_no_client_auth();
+                Arc::new(cfg)
+            })
+            .clone()
+    } else {
+        SECURE
+            .get_or_init(|| {
+                let roots = rustls::RootCertStore::from_iter(
+                    webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
+                );
+                let cfg = rustls::ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default versions")
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Arc::new(cfg)
+            })
+            .clone()
+    }
+}
+
+/// `--insecure`: accepts any server certificate (signatures are still checked).
+#[derive(Debug)]
+struct AcceptAny(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -186,12 +273,17 @@ impl MobileClient {
 
     async fn dial(&self) -> Result<Ws, String> {
         let url = self.url().to_owned();
-        let host = url
-            .trim_start_matches("ws://")
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let (tls, rest) = match (url.strip_prefix("wss://"), url.strip_prefix("ws://")) {
+            (Some(r), _) => (true, r),
+            (None, Some(r)) => (false, r),
+            _ => return Err(format!("{url}: not a ws:// or wss:// URL")),
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        let host = if authority.contains(':') {
+            authority.to_owned()
+        } else {
+            format!("{authority}:{}", if tls { 443 } else { 80 })
+        };
         let addr: SocketAddr = tokio::net::lookup_host(&host)
             .await
             .map_err(|e| e.to_string())?
@@ -212,19 +304,16 @@ impl MobileClient {
             .map_err(|_| "connect timeout".to_string())?
             .map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
+        // Small buffers: tungstenite's default 128 KiB read buffer per
+        // connection would make 100k virtual clients cost 12 GiB.
+        let wscfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let connector =
+            tls.then(|| tokio_tungstenite::Connector::Rustls(tls_config(self.cfg.insecure)));
         let (ws, _) = tokio::time::timeout(
             self.cfg.read_timeout,
-            // Small buffers: tungstenite's default 128 KiB read buffer per
-            // connection would make 100k virtual clients cost 12 GiB.
-            tokio_tungstenite::client_async_with_config(
-                url,
-                MaybeTlsStream::Plain(stream),
-                Some(
-                    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-                        .read_buffer_size(4096)
-                        .write_buffer_size(0),
-                ),
-            ),
+            tokio_tungstenite::client_async_tls_with_config(url, stream, Some(wscfg), connector),
         )
         .await
         .map_err(|_| "handshake timeout".to_string())?

@@ -107,6 +107,9 @@ struct Load {
     /// No live progress line.
     #[arg(long)]
     quiet: bool,
+    /// With wss:// URLs: accept any server certificate (self-signed test deployments).
+    #[arg(long)]
+    insecure: bool,
 }
 
 impl Load {
@@ -135,6 +138,7 @@ impl Load {
             source_ips,
             progress: !self.quiet,
             pids: Arc::default(),
+            insecure: self.insecure,
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct RunConfig {
     pub progress: bool,
     /// Local PIDs by node id, for peak RSS (set by `local`).
     pub pids: Arc<Mutex<BTreeMap<String, u32>>>,
+    /// `wss://`: accept self-signed certificates.
+    pub insecure: bool,
 }
 
 #[derive(Default)]
@@ -186,6 +188,7 @@ async fn one_client(
     end: Instant,
 ) -> ClientOutcome {
     let mut ccfg = ClientConfig::new(cfg.urls.clone());
+    ccfg.insecure = cfg.insecure;
     if !cfg.source_ips.is_empty() {
         ccfg.source = Some(cfg.source_ips[i % cfg.source_ips.len()]);
     }

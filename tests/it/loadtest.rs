@@ -30,6 +30,7 @@ fn load(
         source_ips: Vec::new(),
         progress: false,
         pids: Arc::default(),
+        insecure: false,
     }
 }
 
