@@ -244,6 +244,9 @@ pub struct ClusterConfig {
     pub advertise: Option<String>,
     /// Shared secret that authenticates peer links (required when clustered).
     pub secret: Option<String>,
+    /// More secrets accepted from peers (never sent): for rotating `secret`
+    /// without a cluster-wide stop (docs/operations.md).
+    pub accept_secrets: Vec<String>,
     /// Static members, `id=host:peer_port` each, used when `consul_addr` is
     /// unset; empty (and no Consul) means a cluster of one.
     pub members: Vec<String>,
@@ -273,6 +276,7 @@ impl Default for ClusterConfig {
             peer_listen: "0.0.0.0:7070".into(),
             advertise: None,
             secret: None,
+            accept_secrets: Vec::new(),
             members: Vec::new(),
             vnodes: 4096,
             ttl_ms: 1_000,
@@ -518,6 +522,7 @@ pub fn load(
             .list_separator(",")
             .with_list_parse_key("server.origins")
             .with_list_parse_key("cluster.members")
+            .with_list_parse_key("cluster.accept_secrets")
             .source(Some(env_map)),
     );
     let file_source = layers.file.as_ref().map(|(p, _)| Source::File(p.clone()));
@@ -695,6 +700,11 @@ impl Config {
         let mut v = serde_json::to_value(self).expect("config serializes");
         if let Some(s) = v.pointer_mut("/cluster/secret") {
             if !s.is_null() {
+                *s = Value::String("***".into());
+            }
+        }
+        if let Some(Value::Array(list)) = v.pointer_mut("/cluster/accept_secrets") {
+            for s in list.iter_mut() {
                 *s = Value::String("***".into());
             }
         }

@@ -212,6 +212,13 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
                 .collect(),
         ),
     });
+    let auth = berth_cluster::peer::PeerAuth::new(
+        cfg.cluster.secret.clone().unwrap_or_default().into_bytes(),
+        cfg.cluster
+            .accept_secrets
+            .iter()
+            .map(|s| s.clone().into_bytes()),
+    );
     let arbiters: Vec<_> = (0..workers)
         .map(|_| actix::Arbiter::new().handle())
         .collect();
@@ -220,7 +227,7 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
             me: me.clone(),
             clustered,
             vnodes: cfg.cluster.vnodes,
-            secret: cfg.cluster.secret.clone().unwrap_or_default().into_bytes(),
+            auth: auth.clone(),
             peer_timeout: Duration::from_millis(cfg.cluster.peer_timeout_ms),
         },
         host.clone(),
@@ -235,7 +242,7 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
                 berth_cluster::peer::spawn_listener_on(
                     tokio::net::TcpListener::from_std(l)?,
                     me.clone(),
-                    cfg.cluster.secret.clone().unwrap_or_default().into_bytes(),
+                    auth.clone(),
                     router.handler(),
                     move |link| r.adopt_link(link),
                 )

@@ -184,8 +184,8 @@ pub struct RouterConfig {
     pub clustered: bool,
     /// Virtual nodes per member.
     pub vnodes: u32,
-    /// Peer-link secret.
-    pub secret: Vec<u8>,
+    /// Peer-link secrets (the one we sign with, and the ones we accept).
+    pub auth: berth_cluster::peer::PeerAuth,
     /// Deadline of one peer request.
     pub peer_timeout: Duration,
 }
@@ -375,7 +375,8 @@ impl Router {
             .ok_or_else(|| PeerError::Connect(format!("{member} is not a member")))?;
         let handler: Arc<dyn PeerHandler> = Arc::new(Handler(self.me_weak.clone()));
         let link =
-            berth_cluster::peer::connect(&addr, &self.cfg.me, &self.cfg.secret, handler).await?;
+            berth_cluster::peer::connect(&addr, &self.cfg.me, self.cfg.auth.clone(), handler)
+                .await?;
         self.adopt_link(link.clone());
         Ok(lock(&self.links).get(member).cloned().unwrap_or(link))
     }

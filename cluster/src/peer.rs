@@ -130,6 +130,57 @@ fn mac(secret: &[u8], label: &[u8], a: &[u8; 32], b: &[u8; 32], id: &str) -> [u8
     m.finalize().into_bytes().into()
 }
 
+/// The secrets of the handshake: one to prove ourselves with, and every
+/// secret whose proof we accept (the signing one included). Extra accepted
+/// secrets make rotation possible without a cluster-wide stop (see
+/// docs/operations.md).
+#[derive(Clone)]
+pub struct PeerAuth {
+    sign: Vec<u8>,
+    accept: Vec<Vec<u8>>,
+}
+
+impl PeerAuth {
+    /// Sign with `secret`; accept it and every one of `also_accept`.
+    pub fn new(secret: impl Into<Vec<u8>>, also_accept: impl IntoIterator<Item = Vec<u8>>) -> Self {
+        let sign = secret.into();
+        let mut accept = vec![sign.clone()];
+        accept.extend(also_accept.into_iter().filter(|s| !s.is_empty()));
+        PeerAuth { sign, accept }
+    }
+
+    fn verify(&self, label: &[u8], a: &[u8; 32], b: &[u8; 32], id: &str, tag: &[u8; 32]) -> bool {
+        // Every candidate is checked (no early exit), each in constant time.
+        self.accept.iter().fold(false, |ok, secret| {
+            verify(secret, label, a, b, id, tag) | ok
+        })
+    }
+}
+
+impl std::fmt::Debug for PeerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerAuth({} accepted secrets)", self.accept.len())
+    }
+}
+
+impl From<&[u8]> for PeerAuth {
+    fn from(secret: &[u8]) -> Self {
+        PeerAuth::new(secret.to_vec(), [])
+    }
+}
+
+impl<const N: usize> From<&[u8; N]> for PeerAuth {
+    fn from(secret: &[u8; N]) -> Self {
+        PeerAuth::new(secret.to_vec(), [])
+    }
+}
+
+impl From<Vec<u8>> for PeerAuth {
+    fn from(secret: Vec<u8>) -> Self {
+        PeerAuth::new(secret, [])
+    }
+}
+
 fn verify(
     secret: &[u8],
     label: &[u8],
@@ -425,13 +476,14 @@ fn run_link(t: Transport, peer: MemberId, handler: Arc<dyn PeerHandler>) -> Link
     link
 }
 
-/// Dials `addr`, authenticates with `secret` as `me`, and runs the link.
+/// Dials `addr`, authenticates with `auth` as `me`, and runs the link.
 pub async fn connect(
     addr: &str,
     me: &MemberId,
-    secret: &[u8],
+    auth: impl Into<PeerAuth>,
     handler: Arc<dyn PeerHandler>,
 ) -> Result<Link, PeerError> {
+    let auth: PeerAuth = auth.into();
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| PeerError::Connect(format!("{addr}: timed out")))?
@@ -454,12 +506,12 @@ pub async fn connect(
     else {
         return Err(PeerError::Auth("expected a challenge".into()));
     };
-    if !verify(secret, b"berth-peer-l", &nonce_d, &nonce_l, &id, &mac_l) {
+    if !auth.verify(b"berth-peer-l", &nonce_d, &nonce_l, &id, &mac_l) {
         return Err(PeerError::Auth(format!(
             "{addr} does not know the cluster secret"
         )));
     }
-    let proof = mac(secret, b"berth-peer-d", &nonce_l, &nonce_d, me.as_str());
+    let proof = mac(&auth.sign, b"berth-peer-d", &nonce_l, &nonce_d, me.as_str());
     send_handshake(&mut t, &Handshake::Proof { mac: proof }).await?;
     Ok(run_link(t, MemberId(id), handler))
 }
@@ -468,14 +520,14 @@ pub async fn connect(
 async fn accept_one(
     stream: TcpStream,
     me: &MemberId,
-    secret: &[u8],
+    auth: &PeerAuth,
 ) -> Result<(Transport, MemberId), PeerError> {
     let mut t = framed(stream);
     let Handshake::Hello { id, nonce: nonce_d } = next_handshake(&mut t).await? else {
         return Err(PeerError::Auth("expected hello".into()));
     };
     let nonce_l = nonce();
-    let mac_l = mac(secret, b"berth-peer-l", &nonce_d, &nonce_l, me.as_str());
+    let mac_l = mac(&auth.sign, b"berth-peer-l", &nonce_d, &nonce_l, me.as_str());
     send_handshake(
         &mut t,
         &Handshake::Challenge {
@@ -488,7 +540,7 @@ async fn accept_one(
     let Handshake::Proof { mac: mac_d } = next_handshake(&mut t).await? else {
         return Err(PeerError::Auth("expected proof".into()));
     };
-    if !verify(secret, b"berth-peer-d", &nonce_l, &nonce_d, &id, &mac_d) {
+    if !auth.verify(b"berth-peer-d", &nonce_l, &nonce_d, &id, &mac_d) {
         return Err(PeerError::Auth(format!(
             "peer claiming to be {id:?} does not know the cluster secret"
         )));
@@ -517,25 +569,25 @@ impl ListenerHandle {
 pub async fn spawn_listener(
     addr: &str,
     me: MemberId,
-    secret: Vec<u8>,
+    auth: impl Into<PeerAuth>,
     handler: Arc<dyn PeerHandler>,
     on_link: impl Fn(Link) + Send + Sync + 'static,
 ) -> std::io::Result<ListenerHandle> {
     let listener = TcpListener::bind(addr).await?;
-    spawn_listener_on(listener, me, secret, handler, on_link).await
+    spawn_listener_on(listener, me, auth, handler, on_link).await
 }
 
 /// Like [`spawn_listener`], on an already bound listener.
 pub async fn spawn_listener_on(
     listener: TcpListener,
     me: MemberId,
-    secret: Vec<u8>,
+    auth: impl Into<PeerAuth>,
     handler: Arc<dyn PeerHandler>,
     on_link: impl Fn(Link) + Send + Sync + 'static,
 ) -> std::io::Result<ListenerHandle> {
     let local_addr = listener.local_addr()?;
     let (stop, mut stop_rx) = watch::channel(false);
-    let secret: Arc<[u8]> = secret.into();
+    let secret: Arc<PeerAuth> = Arc::new(auth.into());
     let on_link = Arc::new(on_link);
     let task = tokio::spawn(async move {
         loop {
@@ -692,6 +744,53 @@ mod tests {
                 .is_err(),
             "no link was accepted"
         );
+    }
+
+    #[tokio::test]
+    async fn the_secret_rotates_in_three_steps_without_refusals() {
+        let (old, new) = (b"old-secret".to_vec(), b"new-secret".to_vec());
+        /// (listener signs, listener also accepts, dialer signs, dialer also accepts, link expected)
+        type Step<'a> = (&'a [u8], &'a [u8], &'a [u8], &'a [u8], bool);
+        let steps: [Step<'_>; 4] = [
+            // 1: every node learns to accept the new secret, still signing with the old.
+            (&old, &new, &old, b"", true),
+            // 2: nodes switch to signing with the new one, still accepting the old.
+            (&new, &old, &old, &new, true),
+            // 3: the old one is dropped.
+            (&new, b"", &new, b"", true),
+            // Skipping step 1 is refused: a node that only knows the old secret.
+            (&new, b"", &old, b"", false),
+        ];
+        for (i, (ls, la, ds, da, ok)) in steps.into_iter().enumerate() {
+            let (h, _) = echo();
+            let l = spawn_listener(
+                "127.0.0.1:0",
+                MemberId("server".into()),
+                PeerAuth::new(ls.to_vec(), [la.to_vec()]),
+                h,
+                |_| {},
+            )
+            .await
+            .unwrap();
+            let (h, _) = echo();
+            let r = connect(
+                &l.local_addr.to_string(),
+                &MemberId("c".into()),
+                PeerAuth::new(ds.to_vec(), [da.to_vec()]),
+                h,
+            )
+            .await;
+            assert_eq!(r.is_ok(), ok, "step {}: {r:?}", i + 1);
+            if let Ok(link) = r {
+                assert_eq!(
+                    link.request(b"x".to_vec(), Duration::from_secs(2))
+                        .await
+                        .unwrap(),
+                    b"c:x"
+                );
+            }
+            l.shutdown().await;
+        }
     }
 
     #[tokio::test]
