@@ -152,6 +152,7 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
             },
             checkpoint_interval: Duration::from_millis(cfg.store.checkpoint_interval_ms),
             touch_after: Duration::from_secs(cfg.store.session_ttl_s / 4),
+            lease: Duration::from_millis(cfg.cluster.ttl_ms),
         },
         cfg.session_limits(),
     );

@@ -49,6 +49,10 @@ pub struct HostConfig {
     /// A session whose last checkpoint is older than this rewrites it on a
     /// read, so the store's time to live follows activity, not only writes.
     pub touch_after: Duration,
+    /// How long a confirmed epoch is trusted: after this, an attach (and a
+    /// read) first checks that no newer activation exists elsewhere, so an
+    /// actor that outlived a partition never serves stale state.
+    pub lease: Duration,
 }
 
 /// Live actors by session id, with the generation that registered each.

@@ -189,6 +189,9 @@ pub struct SessionActor<A: Application> {
     /// Interval mode: a background checkpoint is in flight.
     flush_inflight: bool,
     last_saved: Instant,
+    /// When the store last confirmed this activation's epoch (a write, the
+    /// activation, or an explicit check).
+    last_confirmed: Instant,
 }
 
 impl<A: Application> SessionActor<A> {
@@ -211,6 +214,7 @@ impl<A: Application> SessionActor<A> {
             flush_failing: false,
             flush_inflight: false,
             last_saved: Instant::now(),
+            last_confirmed: Instant::now(),
         }
     }
 
@@ -222,6 +226,7 @@ impl<A: Application> SessionActor<A> {
         self.epoch = epoch;
         self.phase = Phase::Live;
         self.last_saved = Instant::now();
+        self.last_confirmed = Instant::now();
         metrics::gauge!("berth_sessions_live").increment(1.0);
         // Nobody attached yet: if nobody does, passivate like a detached session.
         self.schedule_passivation(ctx);
@@ -427,18 +432,10 @@ impl<A: Application> Actor for SessionActor<A> {
     }
 }
 
-impl<A: Application> Handler<Attach> for SessionActor<A> {
-    type Result = Result<Welcome, AttachError>;
-
-    fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) -> Self::Result {
-        match &self.phase {
-            Phase::Live => {}
-            Phase::Gone(r) => return Err(r.clone()),
-            Phase::Loading => return Err(AttachError::Unavailable("session is loading".into())),
-        }
-        if !self.state.token_hash.verify(&msg.token) {
-            return Err(AttachError::BadToken);
-        }
+impl<A: Application> SessionActor<A> {
+    /// Attaches `msg.conn` (token already checked): takes over from an older
+    /// connection, answers the welcome, replays events.
+    fn attach_now(&mut self, msg: Attach, ctx: &mut Context<Self>) -> Result<Welcome, AttachError> {
         if let Some(old) = self.conn.take() {
             if old.conn.id() != msg.conn.id() {
                 old.conn.close(
@@ -469,6 +466,48 @@ impl<A: Application> Handler<Attach> for SessionActor<A> {
         self.deliver(ctx);
         Ok(welcome)
     }
+
+    /// Whether the epoch must be checked before serving: the lease ran out.
+    fn lease_expired(&self) -> bool {
+        !self.fresh && self.last_confirmed.elapsed() > self.host.cfg.lease
+    }
+}
+
+impl<A: Application> Handler<Attach> for SessionActor<A> {
+    type Result = AtomicResponse<Self, Result<Welcome, AttachError>>;
+
+    fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) -> Self::Result {
+        let now = |r| AtomicResponse::new(Box::pin(actix::fut::ready(r)));
+        match &self.phase {
+            Phase::Live => {}
+            Phase::Gone(r) => return now(Err(r.clone())),
+            Phase::Loading => {
+                return now(Err(AttachError::Unavailable("session is loading".into())))
+            }
+        }
+        if !self.state.token_hash.verify(&msg.token) {
+            return now(Err(AttachError::BadToken));
+        }
+        if !self.lease_expired() {
+            return now(self.attach_now(msg, ctx));
+        }
+        // This actor may have outlived a partition while another node took the
+        // session over: make sure no newer activation exists before serving.
+        let fut = self.host.store.epoch(&self.id);
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(stored) if stored > act.epoch => {
+                tracing::info!(session = %act.id, ours = act.epoch, stored, "a newer activation exists: re-activating from the store");
+                act.close_conn(CloseCode::Restart, "session moved: resume");
+                act.gone(AttachError::Moved, ctx);
+                Err(AttachError::Moved)
+            }
+            Ok(_) => {
+                act.last_confirmed = Instant::now();
+                act.attach_now(msg, ctx)
+            }
+            Err(e) => Err(AttachError::Unavailable(e.to_string())),
+        })))
+    }
 }
 
 impl<A: Application> Handler<Op> for SessionActor<A> {
@@ -497,6 +536,26 @@ impl<A: Application> Handler<Op> for SessionActor<A> {
         );
         let Some(undo) = outcome.undo else {
             let reply = outcome.reply;
+            if self.lease_expired() && !interval {
+                // A read after the lease ran out: confirm no newer activation
+                // took the session over (a partition healing) before answering
+                // from memory. If the store cannot say, the read is answered:
+                // reads stay available while Redis is down.
+                let fut = self.host.store.epoch(&self.id);
+                return AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
+                    Ok(stored) if stored > act.epoch => {
+                        tracing::info!(session = %act.id, ours = act.epoch, stored, "a newer activation exists: not answering from stale memory");
+                        act.close_conn(CloseCode::Restart, "session moved: resume");
+                        act.gone(AttachError::Moved, ctx);
+                        Err(NotHere)
+                    }
+                    Ok(_) => {
+                        act.last_confirmed = Instant::now();
+                        Ok(reply)
+                    }
+                    Err(_) => Ok(reply),
+                })));
+            }
             // Reads keep a session alive in the store too: refresh its time to
             // live now and then.
             if self.last_saved.elapsed() <= self.host.cfg.touch_after {
@@ -543,6 +602,7 @@ impl<A: Application> Handler<Op> for SessionActor<A> {
                 Ok(()) => {
                     act.dirty = false;
                     act.last_saved = Instant::now();
+                    act.last_confirmed = act.last_saved;
                     act.deliver(ctx);
                     Ok(reply)
                 }

@@ -398,3 +398,42 @@ async fn sentinel_failover_is_followed_and_nothing_acknowledged_is_lost() {
         11
     );
 }
+
+/// Regression (found by the container suite's partition phase): an actor that
+/// outlived a partition while another node took its session over served its
+/// stale memory to the next client that attached to it.
+#[tokio::test]
+async fn a_stale_actor_left_behind_never_serves_old_state() {
+    let redis = Redis::start();
+    let mut env = base_env();
+    env.push(("BERTH__STORE__REDIS_URL".into(), redis.url()));
+    env.push(("BERTH__CLUSTER__TTL_MS".into(), "200".into())); // the lease
+    let a = Berth::start_with(&env, &[]);
+    let b = Berth::start_with(&env, &[]);
+    let mut on_a = Client::new_session(&a.ws_url()).await;
+    let (sid, tok) = (on_a.session.clone().unwrap(), on_a.token.clone().unwrap());
+    assert_eq!(
+        on_a.op_with_id(1, "incr", json!({"key":"n"})).await["value"],
+        1
+    );
+    drop(on_a); // the actor stays live on A (detached)
+                // B takes the session over and writes.
+    let (mut on_b, _) = Client::resume(&b.ws_url(), &sid, &tok, 0).await;
+    assert_eq!(
+        on_b.op_with_id(2, "incr", json!({"key":"n","by":10})).await["value"],
+        11
+    );
+    drop(on_b);
+    tokio::time::sleep(Duration::from_millis(300)).await; // past the lease
+                                                          // Back on A: the live but stale actor must not answer.
+    let (mut again, w) = Client::resume(&a.ws_url(), &sid, &tok, 0).await;
+    assert_eq!(
+        w["last_op"], 2,
+        "welcome from fresh state, not the stale actor: {w}"
+    );
+    assert_eq!(
+        again.op_with_id(3, "get", json!({"key":"n"})).await["value"],
+        11
+    );
+    a.wait_log("a newer activation exists");
+}

@@ -141,6 +141,11 @@ impl CheckpointStore for MemoryStore {
         future::ready(r).boxed()
     }
 
+    fn epoch(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
+        let e = self.with(|map, now| Self::live(map, id, now).map_or(0, |e| e.epoch));
+        future::ready(Ok(e)).boxed()
+    }
+
     fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>> {
         future::ready(Ok(())).boxed()
     }

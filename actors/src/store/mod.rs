@@ -73,6 +73,10 @@ pub trait CheckpointStore: Send + Sync + 'static {
     /// behind as a tombstone so a stale writer cannot bring the session back.
     fn delete(&self, id: &SessionId, epoch: u64) -> BoxFuture<'static, Result<(), StoreError>>;
 
+    /// The session's current epoch in the store (0 if none): an actor whose
+    /// own epoch is lower has been superseded by a newer activation.
+    fn epoch(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>>;
+
     /// Checks that the store answers (readiness).
     fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>>;
 

@@ -429,6 +429,20 @@ impl CheckpointStore for RedisStore {
         .boxed()
     }
 
+    fn epoch(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
+        let (_, ep) = self.keys(id);
+        let (primary, t) = (self.primary.clone(), self.cfg.op_timeout);
+        async move {
+            let mut conn = primary.get().inspect_err(|_| primary.failed())?;
+            let e: Option<u64> =
+                Self::timed(t, "epoch", redis::cmd("GET").arg(ep).query_async(&mut conn))
+                    .await
+                    .inspect_err(|_| primary.failed())?;
+            Ok(e.unwrap_or(0))
+        }
+        .boxed()
+    }
+
     fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>> {
         let (primary, t) = (self.primary.clone(), self.cfg.op_timeout);
         async move {
