@@ -612,6 +612,16 @@ impl Router {
         // The actor lives on this node's actix arbiters: run the attach there.
         let (tx, rx) = tokio::sync::oneshot::channel();
         let work = async move {
+            // The same client connection attaching again (it re-routed, e.g.
+            // after a link timeout): retire its previous proxy quietly. Left
+            // attached, the actor would close it as "taken over" (4000) and
+            // that close would reach the very connection that is attaching.
+            // Queued before the attach, so the actor sees it first.
+            if let Some(old) = lock(&me.proxies).remove(&(from.clone(), edge_conn)) {
+                old.addr.do_send(Detach {
+                    conn_id: old.conn_id,
+                });
+            }
             let (handle, mut recv) = conn_channel(2048);
             let conn_id = handle.id();
             let r = me.attach_local(handle, &id, &token, ack, create).await;

@@ -494,10 +494,15 @@ impl<A: Application> Handler<Attach> for SessionActor<A> {
         // This actor may have outlived a partition while another node took the
         // session over: make sure no newer activation exists before serving.
         let fut = self.host.store.epoch(&self.id);
+        let attaching = msg.conn.id();
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(stored) if stored > act.epoch => {
                 tracing::info!(session = %act.id, ours = act.epoch, stored, "a newer activation exists: re-activating from the store");
-                act.close_conn(CloseCode::Restart, "session moved: resume");
+                if act.conn.as_ref().is_some_and(|a| a.conn.id() == attaching) {
+                    act.conn = None; // the connection that is attaching again: keep it open
+                } else {
+                    act.close_conn(CloseCode::Restart, "session moved: resume");
+                }
                 act.gone(AttachError::Moved, ctx);
                 Err(AttachError::Moved)
             }
