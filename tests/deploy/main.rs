@@ -5,8 +5,11 @@
 //!
 //! Not yet part of the README's test command: run it with
 //! `docker/build-images.sh && cargo test --features deploy-tests --test deploy -- --nocapture`.
-//! Status: the berth-kill and scale phases pass; the Redis-primary-kill
-//! phase found acknowledged ops lost (under investigation, see the issue).
+//! Status: every phase passed on the last runs, after three fixes this suite
+//! led to (stale actors after a partition, a re-attach closing its own
+//! connection as taken over, containers advertising an IP that changes on
+//! reconnect). It joins the README's test command once it has passed often
+//! enough to be trusted in CI.
 
 #[path = "../it/common.rs"]
 mod common;
