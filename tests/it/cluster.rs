@@ -7,6 +7,16 @@ use serde_json::json;
 
 use crate::common::*;
 
+/// Nodes a, b and c on one Consul and one Redis, once they all see each other.
+async fn three_nodes(consul: &Consul, redis: &Redis) -> Vec<Berth> {
+    let nodes: Vec<Berth> = ["a", "b", "c"]
+        .iter()
+        .map(|id| Berth::start_with(&cluster_env(consul, redis, id), &[]))
+        .collect();
+    converge(&nodes.iter().collect::<Vec<_>>(), &["a", "b", "c"]).await;
+    nodes
+}
+
 fn ring(ids: &[&str]) -> Ring {
     Ring::new(ids.iter().map(|s| MemberId(s.to_string())), DEFAULT_VNODES)
 }
@@ -59,11 +69,7 @@ fn pct(sorted: &[u128], q: f64) -> u128 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_serve_every_session_through_every_node_from_its_owner() {
     let (consul, redis) = (Consul::start(), Redis::start());
-    let nodes: Vec<Berth> = ["a", "b", "c"]
-        .iter()
-        .map(|id| Berth::start_with(&cluster_env(&consul, &redis, id), &[]))
-        .collect();
-    converge(&nodes.iter().collect::<Vec<_>>(), &["a", "b", "c"]).await;
+    let nodes = three_nodes(&consul, &redis).await;
     let ring = ring(&["a", "b", "c"]);
     let mut owners = std::collections::BTreeMap::new();
     for i in 0..30u64 {
@@ -109,11 +115,7 @@ async fn three_nodes_serve_every_session_through_every_node_from_its_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_an_owner_under_traffic_fails_over_with_nothing_lost() {
     let (consul, redis) = (Consul::start(), Redis::start());
-    let mut nodes: Vec<Berth> = ["a", "b", "c"]
-        .iter()
-        .map(|id| Berth::start_with(&cluster_env(&consul, &redis, id), &[]))
-        .collect();
-    converge(&nodes.iter().collect::<Vec<_>>(), &["a", "b", "c"]).await;
+    let mut nodes = three_nodes(&consul, &redis).await;
     let ring = ring(&["a", "b", "c"]);
     // Clients on a and b; sessions owned everywhere; node c will die.
     let mut clients = Vec::new();
@@ -212,11 +214,7 @@ async fn a_joining_node_under_traffic_takes_only_its_sessions_and_no_connection_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_under_traffic_hands_off_and_closes_its_own_clients_with_1012() {
     let (consul, redis) = (Consul::start(), Redis::start());
-    let mut nodes: Vec<Berth> = ["a", "b", "c"]
-        .iter()
-        .map(|id| Berth::start_with(&cluster_env(&consul, &redis, id), &[]))
-        .collect();
-    converge(&nodes.iter().collect::<Vec<_>>(), &["a", "b", "c"]).await;
+    let mut nodes = three_nodes(&consul, &redis).await;
     let mut kept = Vec::new();
     let mut on_drained = Vec::new();
     for i in 0..45 {
@@ -389,11 +387,7 @@ async fn a_static_member_list_forms_a_cluster_without_consul() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_survive_the_owner_and_arrive_once_in_order_through_the_edge() {
     let (consul, redis) = (Consul::start(), Redis::start());
-    let mut nodes: Vec<Berth> = ["a", "b", "c"]
-        .iter()
-        .map(|id| Berth::start_with(&cluster_env(&consul, &redis, id), &[]))
-        .collect();
-    converge(&nodes.iter().collect::<Vec<_>>(), &["a", "b", "c"]).await;
+    let mut nodes = three_nodes(&consul, &redis).await;
     let ring = ring(&["a", "b", "c"]);
     // A session owned by c, used through a.
     let mut c = loop {
