@@ -265,6 +265,10 @@ pub struct ClusterConfig {
     pub hold_max: usize,
     /// Deadline of one request to another node, in ms.
     pub peer_timeout_ms: u64,
+    /// A new session gets an id this node owns on the ring, so it lives where
+    /// its client connected and its ops take no peer hop. Off: ids are
+    /// uniformly random and a new session lives wherever the ring puts it.
+    pub new_sessions_local: bool,
 }
 
 impl Default for ClusterConfig {
@@ -284,6 +288,7 @@ impl Default for ClusterConfig {
             hold_ms: 5_000,
             hold_max: 256,
             peer_timeout_ms: 2_000,
+            new_sessions_local: true,
         }
     }
 }

@@ -584,7 +584,7 @@ impl Conn {
         let (id, token, create) = match session {
             None => {
                 let (token, _) = berth_actors::ids::new_token();
-                (SessionId::random(), token, true)
+                (self.node.router.new_session_id(), token, true)
             }
             Some(raw) => {
                 let Some(id) = SessionId::parse(&raw) else {

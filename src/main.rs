@@ -230,6 +230,7 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
             vnodes: cfg.cluster.vnodes,
             auth: auth.clone(),
             peer_timeout: Duration::from_millis(cfg.cluster.peer_timeout_ms),
+            new_sessions_local: cfg.cluster.new_sessions_local,
         },
         host.clone(),
         membership.view(),

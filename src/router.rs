@@ -188,6 +188,8 @@ pub struct RouterConfig {
     pub auth: berth_cluster::peer::PeerAuth,
     /// Deadline of one peer request.
     pub peer_timeout: Duration,
+    /// New sessions get ids this node owns (see [`Router::new_session_id`]).
+    pub new_sessions_local: bool,
 }
 
 /// See the module docs.
@@ -302,6 +304,23 @@ impl Router {
             // An empty ring (no view yet, or we left): nobody to route to but us.
             None => None,
         }
+    }
+
+    /// The id of a new session created through this node: with
+    /// `new_sessions_local`, one this node owns on the current ring (the
+    /// session then lives where its client connected, and a proxy that routes
+    /// resumes by the `node` hint keeps every op off the peer links); any
+    /// random id when this node is not on the ring or is leaving.
+    pub fn new_session_id(&self) -> SessionId {
+        if self.cfg.clustered
+            && self.cfg.new_sessions_local
+            && !self.leaving.load(Ordering::Relaxed)
+        {
+            if let Some(id) = self.ring().draw_owned(&self.cfg.me, SessionId::random) {
+                return id;
+            }
+        }
+        SessionId::random()
     }
 
     fn owns(&self, id: &SessionId) -> bool {

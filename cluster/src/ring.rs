@@ -183,6 +183,26 @@ impl Ring {
         self.ring.get(&KeyBytes(key)).map(|vnode| &*vnode.member)
     }
 
+    /// A key owned by `me`, drawn from `draw` (a generator of fresh random
+    /// keys): berth gives a new session an id its creating node owns, so the
+    /// session lives where its client connected. A member owning a share `s`
+    /// needs `1/s` draws on average; up to `8 × members` are tried (at most
+    /// 4096), which fails with probability about `e^-8` on a balanced ring.
+    /// `None` when `me` is not on the ring or no draw landed on it.
+    pub fn draw_owned<K: AsRef<str>>(
+        &self,
+        me: &MemberId,
+        mut draw: impl FnMut() -> K,
+    ) -> Option<K> {
+        if !self.contains(me) {
+            return None;
+        }
+        let tries = (self.members.len() * 8).clamp(8, 4096);
+        (0..tries)
+            .map(|_| draw())
+            .find(|key| self.owner(key.as_ref()) == Some(me))
+    }
+
     /// The members, sorted, without duplicates.
     pub fn members(&self) -> &[MemberId] {
         &self.members
@@ -617,5 +637,43 @@ mod tests {
     fn ring_can_be_shared_across_threads() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Ring>();
+    }
+
+    #[test]
+    fn drawn_keys_are_owned_by_the_member_that_asked() {
+        let ids: Vec<MemberId> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|s| MemberId::new(*s))
+            .collect();
+        let ring = Ring::new(ids.clone(), 256);
+        let mut n = 0u64;
+        let mut counter = || {
+            n += 1;
+            format!("session-{n}")
+        };
+        for me in &ids {
+            for _ in 0..50 {
+                let key = ring
+                    .draw_owned(me, &mut counter)
+                    .expect("a balanced ring finds one");
+                assert_eq!(ring.owner(&key), Some(me));
+            }
+        }
+        // Not a member: nothing to own.
+        assert_eq!(ring.draw_owned(&MemberId::new("z"), &mut counter), None);
+        // A generator that never lands on `a` gives up after a bounded number of draws.
+        let mut draws = 0;
+        let b_key = (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| ring.owner(k) == Some(&ids[1]))
+            .unwrap();
+        assert_eq!(
+            ring.draw_owned(&ids[0], || {
+                draws += 1;
+                b_key.clone()
+            }),
+            None
+        );
+        assert_eq!(draws, 40, "8 draws per member");
     }
 }

@@ -347,7 +347,7 @@ async fn losing_the_consul_leader_does_not_stop_sessions_and_membership_resumes(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_static_member_list_forms_a_cluster_without_consul() {
+async fn a_static_member_list_forms_a_cluster_and_new_sessions_live_where_created() {
     let redis = Redis::start();
     let (pa, pb) = (free_port(), free_port());
     let members = format!("a=127.0.0.1:{pa},b=127.0.0.1:{pb}");
@@ -369,19 +369,33 @@ async fn a_static_member_list_forms_a_cluster_without_consul() {
     let b = Berth::start_with(&env("b", pb), &[]);
     assert_eq!(a.members(), vec!["a", "b"]);
     let ring = ring(&["a", "b"]);
-    let mut owners = std::collections::BTreeSet::new();
-    for _ in 0..10 {
-        let mut c = Client::new_session(&a.ws_url()).await;
+    // The default (`cluster.new_sessions_local`): a new session gets an id
+    // the node its client connected to owns, so it lives there; a resume
+    // through the other node still reaches it.
+    for i in 0..10 {
+        let (edge, other, id) = if i % 2 == 0 {
+            (&a, &b, "a")
+        } else {
+            (&b, &a, "b")
+        };
+        let mut c = Client::new_session(&edge.ws_url()).await;
         c.op("incr", json!({"key":"n"})).await;
         let sid = c.session.clone().unwrap();
-        let owner = ring.owner(&sid).unwrap().to_string();
-        owners.insert(owner.clone());
-        let (mut r, w) = Client::resume(&b.ws_url(), &sid, c.token.as_deref().unwrap(), 0).await;
-        assert_eq!(w["node"], owner.as_str());
+        assert_eq!(
+            ring.owner(&sid).unwrap().as_str(),
+            id,
+            "a new session is owned by the node it was created through"
+        );
+        let (mut r, w) =
+            Client::resume(&other.ws_url(), &sid, c.token.as_deref().unwrap(), 0).await;
+        assert_eq!(w["node"], id);
         r.set_next_id(2);
         assert_eq!(r.op("incr", json!({"key":"n"})).await["value"], 2);
     }
-    assert_eq!(owners.len(), 2, "both members own sessions");
+    // Only the resumes through the other node took a peer hop: one attach
+    // and one op each.
+    let forwarded = |n: &Berth| n.metric("berth_forwarded_ops_total");
+    assert_eq!(forwarded(&a) + forwarded(&b), 10.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -300,6 +300,23 @@ impl Berth {
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         http(self.admin, "GET", path, &[])
     }
+
+    /// The sum of the samples of Prometheus metric `name` on `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_sum(&self.admin_get("/metrics").1, name)
+    }
+}
+
+/// The sum of every sample of metric `name` (any labels) in a Prometheus text
+/// exposition; 0 when absent.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 impl Drop for Berth {
@@ -653,6 +670,11 @@ pub fn cluster_env(consul: &Consul, redis: &Redis, id: &str) -> Vec<(String, Str
         ("BERTH__CLUSTER__SERVICE".into(), "berth-it".into()),
         ("BERTH__CLUSTER__PEER_LISTEN".into(), "127.0.0.1:0".into()),
         ("BERTH__CLUSTER__SECRET".into(), SECRET.into()),
+        // Sessions spread over the ring whichever node created them, so the
+        // cluster tests exercise the peer hop and the re-route of connections
+        // whose owner is elsewhere (the default places new sessions on the
+        // node their client connected to: tested on its own).
+        ("BERTH__CLUSTER__NEW_SESSIONS_LOCAL".into(), "false".into()),
     ]);
     env
 }
