@@ -3,7 +3,11 @@
 //! full jitter on any drop, re-sends an unanswered op with the same id,
 //! retries `unavailable`/`rate_limited` answers with the same id, acknowledges
 //! events, and obeys close codes (1012 reconnect now; 1001/1011/1013 back off;
-//! 4000/4004/1008 stop). Usable on its own.
+//! 4000/4004/1008 stop). While it waits for an answer it probes the
+//! connection with a WebSocket ping, so a connection whose far end vanished
+//! (a killed container behind a proxy sends no FIN) is noticed in seconds and
+//! resumed, while a slow answer on a live connection is simply waited for.
+//! Usable on its own.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -73,16 +77,19 @@ pub struct ClientConfig {
     pub urls: Vec<String>,
     /// Local address to connect from (spreads sockets over 127.0.0.x).
     pub source: Option<IpAddr>,
-    /// A frame not answered within this is treated as a dead connection.
+    /// Connect and handshake deadline, and the longest wait for one answer.
     pub read_timeout: Duration,
+    /// Silence while an answer is due after which the client pings; silence
+    /// for as long again after the ping means the connection is dead.
+    pub probe_after: Duration,
     /// First backoff step.
     pub backoff_base: Duration,
     /// Largest backoff.
     pub backoff_cap: Duration,
     /// An op or reconnect slower than this is recorded as a stall.
     pub slow: Duration,
-    /// `wss://`: accept any server certificate (self-signed test deployments).
-    pub insecure: bool,
+    /// `wss://`: how the server's certificate is checked.
+    pub tls: TlsTrust,
 }
 
 impl ClientConfig {
@@ -92,47 +99,123 @@ impl ClientConfig {
             urls,
             source: None,
             read_timeout: Duration::from_secs(10),
+            probe_after: Duration::from_secs(2),
             backoff_base: Duration::from_millis(50),
             backoff_cap: Duration::from_secs(5),
             slow: Duration::from_millis(200),
-            insecure: false,
+            tls: TlsTrust::default(),
         }
     }
 }
 
-/// TLS settings for `wss://`: the web PKI roots, or (insecure) any certificate.
-fn tls_config(insecure: bool) -> std::sync::Arc<rustls::ClientConfig> {
-    use std::sync::{Arc, OnceLock};
-    static SECURE: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    static INSECURE: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    let provider = || Arc::new(rustls::crypto::ring::default_provider());
-    if insecure {
-        INSECURE
-            .get_or_init(|| {
-                let cfg = rustls::ClientConfig::builder_with_provider(provider())
-                    .with_safe_default_protocol_versions()
-                    .expect("ring supports the default versions")
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(AcceptAny(provider())))
-                    .with_no_client_auth();
-                Arc::new(cfg)
-            })
-            .clone()
-    } else {
-        SECURE
-            .get_or_init(|| {
-                let roots = rustls::RootCertStore::from_iter(
-                    webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
-                );
-                let cfg = rustls::ClientConfig::builder_with_provider(provider())
-                    .with_safe_default_protocol_versions()
-                    .expect("ring supports the default versions")
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                Arc::new(cfg)
-            })
-            .clone()
+/// How a `wss://` client checks the server's certificate.
+#[derive(Debug, Clone, Default)]
+pub enum TlsTrust {
+    /// The web PKI roots (webpki-roots).
+    #[default]
+    WebPki,
+    /// Only the CA certificates of a PEM file (a private CA): see
+    /// [`TlsTrust::ca_file`].
+    Ca(std::sync::Arc<rustls::ClientConfig>),
+    /// Any certificate (signatures are still checked): throw-away test
+    /// deployments only.
+    Insecure,
+}
+
+/// A CA file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    /// Not readable, or not PEM.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// PEM without a certificate.
+    #[error("{0}: no certificate in the file")]
+    Empty(String),
+    /// A certificate rustls does not accept as a trust anchor.
+    #[error("{path}: {source}")]
+    Anchor {
+        /// The file.
+        path: String,
+        /// Why.
+        source: rustls::Error,
+    },
+}
+
+impl TlsTrust {
+    /// Trusts the certificates of the PEM file `path` (and nothing else).
+    pub fn ca_file(path: &std::path::Path) -> Result<TlsTrust, CaFileError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let name = path.display().to_string();
+        let read = |source| CaFileError::Read {
+            path: name.clone(),
+            source,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(path).map_err(read)? {
+            roots
+                .add(cert.map_err(read)?)
+                .map_err(|source| CaFileError::Anchor {
+                    path: name.clone(),
+                    source,
+                })?;
+        }
+        if roots.is_empty() {
+            return Err(CaFileError::Empty(name));
+        }
+        Ok(TlsTrust::Ca(std::sync::Arc::new(
+            client_builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )))
     }
+
+    /// The rustls settings (built once per kind and shared).
+    fn config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        use std::sync::{Arc, OnceLock};
+        static WEBPKI: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+        static INSECURE: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+        match self {
+            TlsTrust::Ca(cfg) => cfg.clone(),
+            TlsTrust::WebPki => WEBPKI
+                .get_or_init(|| {
+                    let roots = rustls::RootCertStore::from_iter(
+                        webpki_roots::TLS_SERVER_ROOTS.iter().cloned(),
+                    );
+                    Arc::new(
+                        client_builder()
+                            .with_root_certificates(roots)
+                            .with_no_client_auth(),
+                    )
+                })
+                .clone(),
+            TlsTrust::Insecure => INSECURE
+                .get_or_init(|| {
+                    Arc::new(
+                        client_builder()
+                            .dangerous()
+                            .with_custom_certificate_verifier(Arc::new(AcceptAny(Arc::new(
+                                rustls::crypto::ring::default_provider(),
+                            ))))
+                            .with_no_client_auth(),
+                    )
+                })
+                .clone(),
+        }
+    }
+}
+
+fn client_builder() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default versions")
 }
 
 /// `--insecure`: accepts any server certificate (signatures are still checked).
@@ -184,6 +267,20 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     }
 }
 
+/// Percent-encodes a query value (everything but RFC 3986's unreserved
+/// characters and `:`, which node ids use and queries allow).
+fn query_escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// How a close code tells the client to behave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnClose {
@@ -223,6 +320,9 @@ pub struct MobileClient {
     /// Session id, once welcomed.
     pub session: Option<String>,
     token: Option<String>,
+    /// The node that answered the last `welcome` (the session's owner): a
+    /// routing hint for the proxy on the next connect.
+    owner: Option<String>,
     /// Next op id.
     pub next_id: u64,
     /// Highest event seq received.
@@ -248,6 +348,7 @@ impl MobileClient {
             ws: None,
             session: None,
             token: None,
+            owner: None,
             next_id: 1,
             last_seq: 0,
             acked_seq: 0,
@@ -262,6 +363,22 @@ impl MobileClient {
         &self.cfg.urls[self.url_idx % self.cfg.urls.len()]
     }
 
+    /// The URL of the next connect: a resume says `?session=ID&node=OWNER`
+    /// (design.md), so a proxy can send it straight to the session's owner.
+    fn connect_url(&self) -> String {
+        let base = self.url();
+        let Some(session) = &self.session else {
+            return base.to_owned();
+        };
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let mut url = format!("{base}{sep}session={}", query_escape(session));
+        if let Some(node) = &self.owner {
+            url.push_str("&node=");
+            url.push_str(&query_escape(node));
+        }
+        url
+    }
+
     /// Whether a connection is up.
     pub fn connected(&self) -> bool {
         self.ws.is_some()
@@ -272,13 +389,13 @@ impl MobileClient {
     }
 
     async fn dial(&self) -> Result<Ws, String> {
-        let url = self.url().to_owned();
+        let url = self.connect_url();
         let (tls, rest) = match (url.strip_prefix("wss://"), url.strip_prefix("ws://")) {
             (Some(r), _) => (true, r),
             (None, Some(r)) => (false, r),
             _ => return Err(format!("{url}: not a ws:// or wss:// URL")),
         };
-        let authority = rest.split('/').next().unwrap_or_default();
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
         let host = if authority.contains(':') {
             authority.to_owned()
         } else {
@@ -309,8 +426,7 @@ impl MobileClient {
         let wscfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(4096)
             .write_buffer_size(0);
-        let connector =
-            tls.then(|| tokio_tungstenite::Connector::Rustls(tls_config(self.cfg.insecure)));
+        let connector = tls.then(|| tokio_tungstenite::Connector::Rustls(self.cfg.tls.config()));
         let (ws, _) = tokio::time::timeout(
             self.cfg.read_timeout,
             tokio_tungstenite::client_async_tls_with_config(url, stream, Some(wscfg), connector),
@@ -374,6 +490,7 @@ impl MobileClient {
             match welcome {
                 Some(w) if w["type"] == "welcome" => {
                     let us = t.elapsed().as_micros().max(1) as u64;
+                    self.owner = w["node"].as_str().map(str::to_owned);
                     if resuming {
                         self.stats.resumes_ok += 1;
                         self.stats.resume_us.push(us);
@@ -428,6 +545,20 @@ impl MobileClient {
         Ok(())
     }
 
+    /// Drops the connection without `bye` and moves to the next URL, as a
+    /// phone that changes networks does; the next call resumes the session.
+    pub async fn roam(&mut self) {
+        if let Some(mut ws) = self.ws.take() {
+            let _ = ws.close(None).await;
+        }
+        self.url_idx += 1;
+    }
+
+    /// The node that answered the last `welcome`.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+
     /// The connection dropped or closed with `code`: forget it and wait as the
     /// code says before the next connect.
     async fn lost(&mut self, code: Option<u16>) {
@@ -460,13 +591,36 @@ impl MobileClient {
     }
 
     /// Reads frames until the result of op `id` (events on the way are recorded).
+    /// After `probe_after` of silence it pings; a connection silent for as
+    /// long again after the ping is dead. A live connection is waited on for
+    /// `read_timeout` at most.
     async fn read_result(&mut self, id: u64) -> Result<Value, Option<u16>> {
+        let give_up = tokio::time::Instant::now() + self.cfg.read_timeout;
+        let mut probed = false;
         loop {
             let ws = self.ws.as_mut().ok_or(None)?;
-            let m = match tokio::time::timeout(self.cfg.read_timeout, ws.next()).await {
-                Err(_) | Ok(None) | Ok(Some(Err(_))) => return Err(None),
+            let wait = (tokio::time::Instant::now() + self.cfg.probe_after).min(give_up);
+            let m = match tokio::time::timeout_at(wait, ws.next()).await {
+                Err(_) if !probed && wait < give_up => {
+                    probed = true;
+                    if ws.send(Message::Ping(Default::default())).await.is_err() {
+                        return Err(None);
+                    }
+                    continue;
+                }
+                Err(_) => {
+                    self.count_error(if probed {
+                        "client_probe_timeout"
+                    } else {
+                        "client_read_timeout"
+                    });
+                    return Err(None);
+                }
+                Ok(None) | Ok(Some(Err(_))) => return Err(None),
                 Ok(Some(Ok(m))) => m,
             };
+            // Any frame (a pong included) shows the connection is alive.
+            probed = false;
             match m {
                 Message::Text(t) => {
                     let v: Value = serde_json::from_str(&t).unwrap_or_default();
@@ -624,6 +778,41 @@ impl MobileClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_carries_the_session_and_its_owner_for_the_proxy() {
+        let mut c = MobileClient::new(ClientConfig::new(vec!["wss://edge:8443/ws".into()]), 0);
+        assert_eq!(
+            c.connect_url(),
+            "wss://edge:8443/ws",
+            "a new session has no hint"
+        );
+        c.session = Some("AbC-_1".into());
+        assert_eq!(c.connect_url(), "wss://edge:8443/ws?session=AbC-_1");
+        c.owner = Some("3f2a9c:8080".into());
+        assert_eq!(
+            c.connect_url(),
+            "wss://edge:8443/ws?session=AbC-_1&node=3f2a9c:8080"
+        );
+        c.owner = Some("a b&c".into());
+        assert!(c.connect_url().ends_with("&node=a%20b%26c"));
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_with_its_name() {
+        let dir = std::env::temp_dir().join(format!("berth-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = TlsTrust::ca_file(&empty).unwrap_err();
+        assert!(e.to_string().contains("empty.pem"), "{e}");
+        let missing = dir.join("missing.pem");
+        assert!(TlsTrust::ca_file(&missing)
+            .unwrap_err()
+            .to_string()
+            .contains("missing.pem"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn close_codes_follow_the_protocol_table() {

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use berth_loadtest::client::TlsTrust;
 use berth_loadtest::local::{parse_chaos, parse_duration, Chaos, LocalCluster};
 use berth_loadtest::result::RunResult;
 use berth_loadtest::run::{self, RunConfig, Scenario};
@@ -107,13 +108,18 @@ struct Load {
     /// No live progress line.
     #[arg(long)]
     quiet: bool,
-    /// With wss:// URLs: accept any server certificate (self-signed test deployments).
+    /// With wss:// URLs: trust only the CA certificates of this PEM file
+    /// (a private CA, or the reference deployment's own certificate authority).
+    #[arg(long, conflicts_with = "insecure")]
+    ca_cert: Option<PathBuf>,
+    /// With wss:// URLs: accept any server certificate (throw-away self-signed
+    /// test deployments only).
     #[arg(long)]
     insecure: bool,
 }
 
 impl Load {
-    fn config(&self, urls: Vec<String>, admin: Vec<String>) -> RunConfig {
+    fn config(&self, urls: Vec<String>, admin: Vec<String>) -> anyhow::Result<RunConfig> {
         let n = self
             .source_ips
             .map(usize::from)
@@ -126,7 +132,12 @@ impl Load {
         } else {
             Vec::new()
         };
-        RunConfig {
+        let tls = match (&self.ca_cert, self.insecure) {
+            (Some(path), _) => TlsTrust::ca_file(path)?,
+            (None, true) => TlsTrust::Insecure,
+            (None, false) => TlsTrust::WebPki,
+        };
+        Ok(RunConfig {
             urls,
             admin: Arc::new(Mutex::new(admin)),
             sessions: self.sessions,
@@ -138,8 +149,8 @@ impl Load {
             source_ips,
             progress: !self.quiet,
             pids: Arc::default(),
-            insecure: self.insecure,
-        }
+            tls,
+        })
     }
 }
 
@@ -166,7 +177,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let ok = match cli.cmd {
         Cmd::Run { urls, admin, load } => {
-            let r = run::run(load.config(urls, admin), run::live()).await;
+            let r = run::run(load.config(urls, admin)?, run::live()).await;
             finish(&load, &r)?
         }
         Cmd::Ceiling {
@@ -180,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
             let addr = ceiling::spawn(&listen, workers)?;
             eprintln!("ceiling server on {addr}");
             let r = run::run(
-                load.config(vec![format!("ws://{addr}/ws")], Vec::new()),
+                load.config(vec![format!("ws://{addr}/ws")], Vec::new())?,
                 run::live(),
             )
             .await;
@@ -203,7 +214,7 @@ async fn main() -> anyhow::Result<()> {
                 cluster.nodes.len(),
                 cluster.log_dir().display()
             );
-            let cfg = load.config(cluster.urls(), cluster.admins());
+            let cfg = load.config(cluster.urls(), cluster.admins())?;
             let r = berth_loadtest::local::run_with_chaos(&mut cluster, cfg, events).await?;
             drop(cluster);
             finish(&load, &r)?

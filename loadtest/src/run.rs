@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::client::{histogram, ClientConfig, ClientError, ClientStats, MobileClient};
+use crate::client::{histogram, ClientConfig, ClientError, ClientStats, MobileClient, TlsTrust};
 use crate::result::{Failover, Mark, NodeStat, Percentiles, RunResult, Sample, Verify, Window};
 
 /// What the virtual clients do.
@@ -60,8 +60,8 @@ pub struct RunConfig {
     pub progress: bool,
     /// Local PIDs by node id, for peak RSS (set by `local`).
     pub pids: Arc<Mutex<BTreeMap<String, u32>>>,
-    /// `wss://`: accept self-signed certificates.
-    pub insecure: bool,
+    /// `wss://`: how the server's certificate is checked.
+    pub tls: TlsTrust,
 }
 
 #[derive(Default)]
@@ -188,7 +188,7 @@ async fn one_client(
     end: Instant,
 ) -> ClientOutcome {
     let mut ccfg = ClientConfig::new(cfg.urls.clone());
-    ccfg.insecure = cfg.insecure;
+    ccfg.tls = cfg.tls.clone();
     if !cfg.source_ips.is_empty() {
         ccfg.source = Some(cfg.source_ips[i % cfg.source_ips.len()]);
     }
