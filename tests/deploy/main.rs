@@ -1,34 +1,140 @@
 //! The reference deployment (docker/compose.yml) with real containers: two
 //! nginx TLS edges, three berth nodes, a raft of three Consul servers, Redis
 //! primary + two replicas + three Sentinels. Images are built locally by
-//! docker/build-images.sh.
+//! docker/build-images.sh; scripts/test.sh (the README's test command) builds
+//! them and runs this suite with `--features deploy-tests`.
 //!
-//! Not yet part of the README's test command: run it with
-//! `docker/build-images.sh && cargo test --features deploy-tests --test deploy -- --nocapture`.
-//! Status: every phase passed on the last runs, after three fixes this suite
-//! led to (stale actors after a partition, a re-attach closing its own
-//! connection as taken over, containers advertising an IP that changes on
-//! reconnect). It joins the README's test command once it has passed often
-//! enough to be trusted in CI.
+//! One deployment is brought up and driven through nginx over TLS by
+//! berth-loadtest's verifying clients, phase after phase:
+//! 1. the protocol over TLS with a certificate made for the test (from a
+//!    mounted directory, then from base64 environment), HTTP redirected,
+//!    admin routes not reachable, resumes routed to their owner;
+//! 2. `docker kill` of a berth container;
+//! 3. scaling berth to 4;
+//! 4. killing the Redis primary (Sentinel failover);
+//! 5. one berth container cut off the network, then reconnected;
+//! 6. one Consul server killed.
+//!
+//! Every phase checks that nothing acknowledged was lost or applied twice,
+//! and prints the sessions its event affected and how long they waited.
 
 #[path = "../it/common.rs"]
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use berth_loadtest::client::{ClientConfig, MobileClient, TlsTrust};
 use berth_loadtest::result::RunResult;
 use berth_loadtest::run::{self, RunConfig, Scenario};
+use serde_json::{json, Value};
 
 use common::*;
+
+/// Sessions driven in each failure phase.
+const SESSIONS: usize = 60;
+
+/// Runs `cmd`, panicking with its stderr when it fails; answers stdout.
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?} could not start: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A certificate authority made for the test and a server certificate it
+/// signed for 127.0.0.1 / localhost (openssl, as the images use).
+struct TestCa {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TestCa {
+    fn make(dir: &Path, name: &str) -> TestCa {
+        let p = |f: &str| dir.join(format!("{name}-{f}"));
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+        run_ok(
+            Command::new("openssl")
+                .args(["req", "-x509", "-nodes", "-days", "2"])
+                .args(ec)
+                .args(["-subj", &format!("/CN=berth test CA {name}")])
+                .arg("-keyout")
+                .arg(p("ca.key"))
+                .arg("-out")
+                .arg(p("ca.pem")),
+        );
+        run_ok(
+            Command::new("openssl")
+                .args(["req", "-nodes"])
+                .args(ec)
+                .args(["-subj", "/CN=localhost"])
+                .arg("-keyout")
+                .arg(p("key.pem"))
+                .arg("-out")
+                .arg(p("csr.pem")),
+        );
+        std::fs::write(
+            p("ext.cnf"),
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        run_ok(
+            Command::new("openssl")
+                .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+                .arg("-in")
+                .arg(p("csr.pem"))
+                .arg("-CA")
+                .arg(p("ca.pem"))
+                .arg("-CAkey")
+                .arg(p("ca.key"))
+                .arg("-extfile")
+                .arg(p("ext.cnf"))
+                .arg("-out")
+                .arg(p("cert.pem")),
+        );
+        TestCa {
+            ca: p("ca.pem"),
+            cert: p("cert.pem"),
+            key: p("key.pem"),
+        }
+    }
+
+    fn trust(&self) -> TlsTrust {
+        TlsTrust::ca_file(&self.ca).expect("the test CA loads")
+    }
+}
+
+fn base64(path: &Path) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap())
+}
 
 struct Deployment {
     project: String,
     compose: PathBuf,
     https: [u16; 2],
     http: [u16; 2],
+    /// Variables every docker-compose call gets (the compose file reads them).
+    env: Mutex<Vec<(String, String)>>,
+    trust: Mutex<TlsTrust>,
+    _tls_dir: TempDir,
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Deployment {
@@ -45,18 +151,39 @@ impl Deployment {
                 "image {image} is missing: run docker/build-images.sh (scripts/test.sh does)"
             );
         }
+        let project = format!("berthit{}", std::process::id());
+        let tls_dir = std::env::temp_dir().join(&project);
+        std::fs::create_dir_all(&tls_dir).unwrap();
+        let ca = TestCa::make(&tls_dir, "files");
+        // nginx reads TLS_DIR/cert.pem and key.pem (the mounted-file path).
+        std::fs::copy(&ca.cert, tls_dir.join("cert.pem")).unwrap();
+        std::fs::copy(&ca.key, tls_dir.join("key.pem")).unwrap();
+        let (https, http) = ([free_port(), free_port()], [free_port(), free_port()]);
+        // berth's cluster.secret, by environment (a fresh one per run).
+        let secret = berth_actors::ids::new_token().0;
+        let env = vec![
+            ("NGINX1_HTTPS".into(), https[0].to_string()),
+            ("NGINX2_HTTPS".into(), https[1].to_string()),
+            ("NGINX1_HTTP".into(), http[0].to_string()),
+            ("NGINX2_HTTP".into(), http[1].to_string()),
+            ("TLS_DIR".into(), tls_dir.display().to_string()),
+            ("BERTH_SECRET".into(), secret),
+        ];
         let d = Deployment {
-            project: format!("berthit{}", std::process::id()),
+            project,
             compose: root.join("docker/compose.yml"),
-            https: [free_port(), free_port()],
-            http: [free_port(), free_port()],
+            https,
+            http,
+            env: Mutex::new(env),
+            trust: Mutex::new(ca.trust()),
+            _tls_dir: TempDir(tls_dir),
         };
         d.compose_cmd(&["up", "-d"]);
         let deadline = Instant::now() + Duration::from_secs(120);
-        while d.healthy_berth() < 3 {
+        while d.healthy_berth() < 3 || !d.edges_answer() {
             assert!(
                 Instant::now() < deadline,
-                "berth containers never became healthy:\n{}",
+                "the deployment never became healthy:\n{}",
                 d.logs()
             );
             std::thread::sleep(Duration::from_secs(1));
@@ -65,63 +192,89 @@ impl Deployment {
     }
 
     fn compose_cmd(&self, args: &[&str]) -> String {
-        let out = Command::new("docker-compose")
-            .args(["-p", &self.project, "-f"])
-            .arg(&self.compose)
-            .args(args)
-            .env("NGINX1_HTTPS", self.https[0].to_string())
-            .env("NGINX2_HTTPS", self.https[1].to_string())
-            .env("NGINX1_HTTP", self.http[0].to_string())
-            .env("NGINX2_HTTP", self.http[1].to_string())
-            .output()
-            .expect("docker-compose");
-        assert!(
-            out.status.success(),
-            "docker-compose {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let env = self.env.lock().unwrap().clone();
+        run_ok(
+            Command::new("docker-compose")
+                .args(["-p", &self.project, "-f"])
+                .arg(&self.compose)
+                .args(args)
+                .envs(env),
+        )
     }
 
-    fn docker(&self, args: &[&str]) {
-        let out = Command::new("docker").args(args).output().expect("docker");
-        assert!(
-            out.status.success(),
-            "docker {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    fn docker(&self, args: &[&str]) -> String {
+        run_ok(Command::new("docker").args(args))
     }
 
     fn container(&self, service: &str, n: u32) -> String {
         format!("{}_{service}_{n}", self.project)
     }
 
+    fn berth_containers(&self, healthy_only: bool) -> Vec<String> {
+        let mut cmd = Command::new("docker");
+        cmd.args(["ps", "--format", "{{.Names}}", "--filter"])
+            .arg(format!("label=com.docker.compose.project={}", self.project))
+            .args(["--filter", "label=com.docker.compose.service=berth"]);
+        if healthy_only {
+            cmd.args(["--filter", "health=healthy"]);
+        }
+        run_ok(&mut cmd).lines().map(str::to_owned).collect()
+    }
+
     fn healthy_berth(&self) -> usize {
-        let out = Command::new("docker")
-            .args([
-                "ps",
-                "--filter",
-                &format!("label=com.docker.compose.project={}", self.project),
-            ])
-            .args([
-                "--filter",
-                "label=com.docker.compose.service=berth",
-                "--filter",
-                "health=healthy",
-                "-q",
-            ])
+        self.berth_containers(true).len()
+    }
+
+    /// Both edges answer the demo page over TLS.
+    fn edges_answer(&self) -> bool {
+        self.https.iter().all(|p| {
+            Command::new("curl")
+                .args(["-skf", "-o", "/dev/null"])
+                .arg(format!("https://127.0.0.1:{p}/"))
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        })
+    }
+
+    /// GET on a berth container's admin port, from inside it.
+    fn admin(&self, container: &str, path: &str) -> String {
+        Command::new("docker")
+            .args(["exec", container, "curl", "-fsS", "--max-time", "2"])
+            .arg(format!("http://127.0.0.1:9090{path}"))
             .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).lines().count()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Metric `name` summed over the berth containers running now.
+    fn metric(&self, name: &str) -> f64 {
+        self.berth_containers(false)
+            .iter()
+            .map(|c| metric_sum(&self.admin(c, "/metrics"), name))
+            .sum()
+    }
+
+    /// How many members each running berth container sees.
+    fn member_counts(&self) -> Vec<usize> {
+        self.berth_containers(false)
+            .iter()
+            .map(|c| {
+                serde_json::from_str::<Value>(&self.admin(c, "/cluster")).unwrap_or_default()
+                    ["members"]
+                    .as_array()
+                    .map_or(0, Vec::len)
+            })
+            .collect()
     }
 
     fn logs(&self) -> String {
-        let out = Command::new("docker-compose")
+        Command::new("docker-compose")
             .args(["-p", &self.project, "-f"])
             .arg(&self.compose)
             .args(["logs", "--tail", "30"])
-            .output();
-        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
     }
 
@@ -145,17 +298,38 @@ impl Deployment {
             source_ips: Vec::new(),
             progress: false,
             pids: Arc::default(),
-            insecure: true,
+            tls: self.trust.lock().unwrap().clone(),
+        }
+    }
+
+    /// Waits until `n` berth containers (default: as many as run) are healthy
+    /// and each sees exactly that many members.
+    async fn converged(&self, n: Option<usize>, what: &str) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = n.unwrap_or_else(|| self.berth_containers(false).len());
+            let counts = self.member_counts();
+            if self.healthy_berth() == n && counts.len() == n && counts.iter().all(|c| *c == n) {
+                return n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the cluster never converged on {n} members: {counts:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }
 
 impl Drop for Deployment {
     fn drop(&mut self) {
+        let env = self.env.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let _ = Command::new("docker-compose")
             .args(["-p", &self.project, "-f"])
             .arg(&self.compose)
             .args(["down", "-v", "--remove-orphans", "-t", "5"])
+            .envs(env)
             .output();
     }
 }
@@ -166,6 +340,12 @@ fn assert_clean(what: &str, r: &RunResult) {
         "{what}: {} ops, {:.0} ops/s, p99 {:.1} ms, max {:.1} ms, reconnects {}, errors {:?}, verify {v:?}",
         r.ops, r.ops_per_s, r.latency_ms.p99, r.latency_ms.max, r.reconnects, r.errors
     );
+    for f in &r.failover {
+        eprintln!(
+            "{what}: event {:?} at {:.1} s: {} sessions affected, waited p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            f.event, f.at_s, f.sessions_affected, f.window_ms.p50, f.window_ms.p99, f.window_ms.max
+        );
+    }
     assert!(r.ops > 0, "{what}: no op was served");
     assert_eq!(
         v.sessions_checked, r.sessions,
@@ -184,7 +364,8 @@ fn assert_clean(what: &str, r: &RunResult) {
     );
 }
 
-/// Runs traffic for `secs` and applies `chaos` after `at`.
+/// Runs traffic for `secs` and, after `at`, marks the event (for the
+/// failover window) and applies `chaos`.
 async fn under_load(
     d: &Deployment,
     what: &str,
@@ -192,22 +373,69 @@ async fn under_load(
     at: Duration,
     chaos: impl FnOnce(),
 ) -> RunResult {
-    let runner = tokio::spawn(run::run(d.load(60, secs), run::live()));
+    let live = run::live();
+    let runner = tokio::spawn(run::run(d.load(SESSIONS, secs), live.clone()));
     tokio::time::sleep(at).await;
+    live.mark(what);
     chaos();
     let r = runner.await.unwrap();
     assert_clean(what, &r);
     r
 }
 
+/// The peer-hop share of ops while `f` runs: forwarded ops / all ops.
+async fn hop_share<F: std::future::Future<Output = ()>>(d: &Deployment, f: F) -> (f64, f64) {
+    let (fwd0, ops0) = (
+        d.metric("berth_forwarded_ops_total"),
+        d.metric("berth_ops_total"),
+    );
+    f.await;
+    (
+        d.metric("berth_forwarded_ops_total") - fwd0,
+        d.metric("berth_ops_total") - ops0,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
     let d = Deployment::up();
 
-    // The protocol through nginx over TLS (the harness's client speaks wss).
-    let r = run::run(d.load(20, 3), run::live()).await;
-    assert_clean("through nginx over TLS", &r);
-    // Plain HTTP is redirected; operator routes are not exposed.
+    // 1. The protocol through nginx over TLS, the certificate checked against
+    // the test's CA (the harness's client speaks wss).
+    let (hops, ops) = hop_share(&d, async {
+        let r = run::run(d.load(20, 3), run::live()).await;
+        assert_clean("through nginx over TLS", &r);
+    })
+    .await;
+    eprintln!("new sessions: {hops} of {ops} ops took a peer hop");
+    assert!(ops > 0.0);
+    assert!(
+        hops <= ops * 0.05,
+        "a new session lives on the node its client reached: {hops} of {ops} ops forwarded"
+    );
+
+    // Resumes name their owner (?session=&node=) and nginx sends them there:
+    // a client that roams to the other edge still reaches its owner directly.
+    let (hops, ops) = hop_share(&d, async {
+        let mut cfg = ClientConfig::new(d.urls());
+        cfg.tls = d.trust.lock().unwrap().clone();
+        for i in 0..20 {
+            let mut c = MobileClient::new(cfg.clone(), i);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let r = c.call("set", json!({"key":"k","value":i}), deadline).await;
+            assert_eq!(r.unwrap()["ok"], true);
+            let owner = c.owner().map(str::to_owned);
+            c.roam().await;
+            let r = c.call("get", json!({"key":"k"}), deadline).await.unwrap();
+            assert_eq!(r["value"], i, "{r}");
+            assert_eq!(c.owner().map(str::to_owned), owner, "the same owner");
+        }
+    })
+    .await;
+    eprintln!("roaming resumes with the owner hint: {hops} of {ops} ops took a peer hop");
+    assert_eq!(hops, 0.0, "resumes were routed to their owner");
+
+    // Plain HTTP is redirected to the published HTTPS port.
     let (status, head) = http(
         std::net::SocketAddr::from(([127, 0, 0, 1], d.http[0])),
         "GET",
@@ -215,50 +443,98 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
         &[],
     );
     assert_eq!(status, 301, "{head}");
-    assert!(head.to_lowercase().contains("location: https://"), "{head}");
-    let out = Command::new("curl")
-        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
-        .arg(format!("https://127.0.0.1:{}/metrics", d.https[0]))
-        .output();
-    if let Ok(o) = out {
-        assert_eq!(
-            String::from_utf8_lossy(&o.stdout),
-            "404",
-            "admin routes are not reachable through nginx"
+    let want = format!("location: https://127.0.0.1:{}/", d.https[0]);
+    assert!(head.to_lowercase().contains(&want), "{want} in {head}");
+    // Operator routes are not reachable through nginx.
+    for path in ["/metrics", "/health/ready", "/cluster", "/drain"] {
+        let code = run_ok(
+            Command::new("curl")
+                .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("https://127.0.0.1:{}{path}", d.https[0])),
         );
+        assert_eq!(code, "404", "{path} is not reachable through nginx");
     }
 
-    under_load(
+    // The certificate from base64 environment: nginx2 is recreated with a
+    // certificate of another CA, which clients trusting only that CA accept
+    // there and refuse on nginx1.
+    let other = TestCa::make(&d._tls_dir.0, "base64");
+    d.env.lock().unwrap().extend([
+        ("TLS_CERT_BASE64".to_string(), base64(&other.cert)),
+        ("TLS_KEY_BASE64".to_string(), base64(&other.key)),
+    ]);
+    d.compose_cmd(&["up", "-d", "--no-deps", "nginx2"]);
+    let mut only_other = ClientConfig::new(vec![d.urls()[1].clone()]);
+    only_other.tls = other.trust();
+    let mut c = MobileClient::new(only_other.clone(), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = c.call("set", json!({"key":"k","value":1}), deadline).await;
+    assert_eq!(
+        r.unwrap()["ok"],
+        true,
+        "nginx2 serves the base64 certificate"
+    );
+    only_other.urls = vec![d.urls()[0].clone()];
+    let mut c = MobileClient::new(only_other, 0);
+    let r = c
+        .ensure_connected(Instant::now() + Duration::from_secs(2))
+        .await;
+    assert!(
+        r.is_err() && c.stats.errors.contains_key("client_connect"),
+        "nginx1 still serves the mounted file's certificate: {r:?} {:?}",
+        c.stats.errors
+    );
+    // From here on the clients trust both CAs.
+    let bundle = d._tls_dir.0.join("both-ca.pem");
+    let pem = [&d._tls_dir.0.join("files-ca.pem"), &other.ca]
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<String>();
+    std::fs::write(&bundle, pem).unwrap();
+    *d.trust.lock().unwrap() = TlsTrust::ca_file(&bundle).unwrap();
+
+    // 2. A berth container killed under load.
+    let r = under_load(
         &d,
         "docker kill of a berth container",
         12,
         Duration::from_secs(4),
-        || d.docker(&["kill", &d.container("berth", 2)]),
+        || {
+            d.docker(&["kill", &d.container("berth", 2)]);
+        },
     )
     .await;
+    assert!(r.failover[0].sessions_affected > 0, "the kill hit sessions");
+    let left = d.converged(None, "after the kill").await;
+    eprintln!("after the kill: {left} berth nodes serve");
 
+    // 3. Scaled to 4 (starting the killed container again if its restart
+    // policy did not, and adding new ones).
+    let handoffs = d.metric("berth_handoffs_total");
     under_load(&d, "scale berth to 4", 14, Duration::from_secs(4), || {
         d.compose_cmd(&["up", "-d", "--no-recreate", "--scale", "berth=4"]);
     })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while d.healthy_berth() < 4 {
-        assert!(
-            Instant::now() < deadline,
-            "the fourth node never became healthy"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    d.converged(Some(4), "after scaling").await;
+    let moved = d.metric("berth_handoffs_total") - handoffs;
+    eprintln!("scale berth to 4: {moved} sessions handed off to the new nodes");
+    assert!(moved > 0.0, "sessions moved to the new nodes");
 
+    // 4. The Redis primary killed: Sentinel promotes a replica, berth follows.
     under_load(
         &d,
         "Redis primary killed (Sentinel failover)",
         20,
         Duration::from_secs(4),
-        || d.docker(&["kill", &d.container("redis1", 1)]),
+        || {
+            d.docker(&["kill", &d.container("redis1", 1)]);
+        },
     )
     .await;
 
+    // 5. One berth container cut off the network for 5 s while clients write.
+    let fenced = d.metric("berth_fenced_writes_total");
+    let victim = d.container("berth", 1);
     under_load(
         &d,
         "one berth node cut off the network",
@@ -266,20 +542,27 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
         Duration::from_secs(4),
         || {
             let net = format!("{}_berth", d.project);
-            let victim = d.container("berth", 1);
             d.docker(&["network", "disconnect", &net, &victim]);
             std::thread::sleep(Duration::from_secs(5));
             d.docker(&["network", "connect", &net, &victim]);
         },
     )
     .await;
+    d.converged(Some(4), "after the partition").await;
+    eprintln!(
+        "partition: {} checkpoint writes fenced off; the cut-off node rejoined",
+        d.metric("berth_fenced_writes_total") - fenced
+    );
 
+    // 6. One Consul server killed.
     under_load(
         &d,
         "one Consul server killed",
         12,
         Duration::from_secs(4),
-        || d.docker(&["kill", &d.container("consul1", 1)]),
+        || {
+            d.docker(&["kill", &d.container("consul1", 1)]);
+        },
     )
     .await;
 }
