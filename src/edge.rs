@@ -619,6 +619,7 @@ impl Conn {
                 }
                 Err(AttachFail::Refused(e)) => return self.refuse(e).await,
                 Err(AttachFail::Retry(why)) => {
+                    tracing::debug!(%why, session = %id, "attach will be retried");
                     if Instant::now() >= deadline {
                         return self.refuse(AttachError::Unavailable(why)).await;
                     }

@@ -210,6 +210,9 @@ pub struct Router {
     arbiters: Vec<actix::ArbiterHandle>,
     next_arbiter: std::sync::atomic::AtomicUsize,
     handoffs_in_flight: std::sync::atomic::AtomicUsize,
+    /// Bumped on every new view: an attach waiting to reach an owner gives up
+    /// and re-resolves when the membership changes under it.
+    views: tokio::sync::watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -238,6 +241,7 @@ impl Router {
             arbiters,
             next_arbiter: Default::default(),
             handoffs_in_flight: Default::default(),
+            views: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -349,6 +353,7 @@ impl Router {
                 keep
             });
         }
+        self.views.send_modify(|v| *v += 1);
         self.release_moved().await;
     }
 
@@ -393,9 +398,14 @@ impl Router {
             .map(|m| m.peer.clone())
             .ok_or_else(|| PeerError::Connect(format!("{member} is not a member")))?;
         let handler: Arc<dyn PeerHandler> = Arc::new(Handler(self.me_weak.clone()));
+        let started = std::time::Instant::now();
         let link =
             berth_cluster::peer::connect(&addr, &self.cfg.me, self.cfg.auth.clone(), handler)
-                .await?;
+                .await
+                .inspect_err(|e| {
+                    tracing::debug!(peer = %member, %addr, error = %e, ms = started.elapsed().as_millis() as u64, "peer link could not be opened");
+                })?;
+        tracing::debug!(peer = %member, %addr, ms = started.elapsed().as_millis() as u64, "peer link opened");
         self.adopt_link(link.clone());
         Ok(lock(&self.links).get(member).cloned().unwrap_or(link))
     }
@@ -416,10 +426,18 @@ impl Router {
                 .await
                 .map(|(w, a)| (w, Route::Local(a))),
             Some(member) => {
-                let link = self
-                    .link(&member)
-                    .await
-                    .map_err(|e| AttachFail::Retry(e.to_string()))?;
+                // Connecting to a member that just died can take seconds (a
+                // vanished address answers nothing); the next view usually
+                // names another owner, so a view change ends the wait.
+                let mut views = self.views.subscribe();
+                let link = tokio::select! {
+                    link = self.link(&member) => link.map_err(|e| AttachFail::Retry(e.to_string()))?,
+                    _ = views.changed() => {
+                        return Err(AttachFail::Retry(format!(
+                            "membership changed while connecting to {member}"
+                        )))
+                    }
+                };
                 lock(&self.edge_conns).insert(conn.id(), (member.clone(), conn.clone()));
                 let req = PeerReq::Attach(AttachReq {
                     session: id.to_string(),
