@@ -7,8 +7,17 @@
 //! deregistration, which are the core of membership here; a few typed calls
 //! over `reqwest` are smaller than adapting it. Tested against the real Consul
 //! 1.8.7 agent the project installs.
+//!
+//! A service instance and its TTL check belong to the agent they were
+//! registered with, so every call of a client goes to one agent even when the
+//! address is a name with several (a DNS alias over three servers, as in the
+//! reference deployment): [`ConsulClient::pin`] picks one of its addresses,
+//! and [`ConsulClient::repin`] moves to another when that one stops answering
+//! (the caller then registers again there).
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -97,26 +106,112 @@ pub fn duration_text(d: Duration) -> String {
     format!("{}ms", d.as_millis().max(1))
 }
 
-/// A client of one Consul agent.
+/// A client of one Consul agent (clones share the agent it is pinned to).
 #[derive(Debug, Clone)]
 pub struct ConsulClient {
-    http: reqwest::Client,
+    pinned: Arc<RwLock<Pinned>>,
     base: String,
+    /// Host name and port of `base` when it names a host rather than an IP.
+    name: Option<(String, u16)>,
+    timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Pinned {
+    http: reqwest::Client,
+    to: Option<SocketAddr>,
 }
 
 impl ConsulClient {
     /// A client of the agent at `addr` (`http://127.0.0.1:8500`). `timeout`
     /// bounds every call except blocking queries, whose bound is their wait
-    /// plus `timeout`.
+    /// plus `timeout`. A host name is resolved by [`ConsulClient::pin`].
     pub fn new(addr: &str, timeout: Duration) -> Result<Self, ConsulError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .build()
-            .map_err(ConsulError::from)?;
+        let base = format!("{}/v1", addr.trim_end_matches('/'));
+        let url = reqwest::Url::parse(&base)
+            .map_err(|e| ConsulError::Unreachable(format!("consul address {addr:?}: {e}")))?;
+        let name = match (url.host_str(), url.port_or_known_default()) {
+            (Some(h), Some(port)) if h.trim_matches(['[', ']']).parse::<IpAddr>().is_err() => {
+                Some((h.to_owned(), port))
+            }
+            _ => None,
+        };
         Ok(ConsulClient {
-            http,
-            base: format!("{}/v1", addr.trim_end_matches('/')),
+            pinned: Arc::new(RwLock::new(Pinned {
+                http: Self::http_client(timeout, None)?,
+                to: None,
+            })),
+            base,
+            name,
+            timeout,
         })
+    }
+
+    fn http_client(
+        timeout: Duration,
+        pin: Option<(&str, SocketAddr)>,
+    ) -> Result<reqwest::Client, ConsulError> {
+        let mut b = reqwest::Client::builder().connect_timeout(timeout);
+        if let Some((name, to)) = pin {
+            b = b.resolve(name, to);
+        }
+        b.build().map_err(ConsulError::from)
+    }
+
+    fn http(&self) -> reqwest::Client {
+        self.pinned
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .http
+            .clone()
+    }
+
+    /// The agent address calls go to, once pinned (`None` for an IP address,
+    /// which needs no pinning, or before [`ConsulClient::pin`]).
+    pub fn pinned(&self) -> Option<SocketAddr> {
+        self.pinned.read().unwrap_or_else(|p| p.into_inner()).to
+    }
+
+    /// Resolves the agent's name and sends every later call to one of its
+    /// addresses (at random, so nodes spread over the agents). Keeps the
+    /// current pin when the name does not resolve.
+    pub async fn pin(&self) -> Option<SocketAddr> {
+        self.pin_avoiding(None).await
+    }
+
+    /// Moves to another of the name's addresses if calls still go to
+    /// `failed` (the agent that stopped answering); a no-op when another
+    /// caller already moved. Answers the address calls go to now.
+    pub async fn repin(&self, failed: Option<SocketAddr>) -> Option<SocketAddr> {
+        if self.pinned() != failed {
+            return self.pinned();
+        }
+        self.pin_avoiding(failed).await
+    }
+
+    async fn pin_avoiding(&self, avoid: Option<SocketAddr>) -> Option<SocketAddr> {
+        use rand::seq::IndexedRandom;
+        let (name, port) = self.name.as_ref()?;
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((name.as_str(), *port)).await {
+            Ok(a) => a.collect(),
+            Err(e) => {
+                tracing::warn!(agent = %name, error = %e, "consul agent name does not resolve; keeping the current agent");
+                return self.pinned();
+            }
+        };
+        let others: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| Some(*a) != avoid)
+            .collect();
+        let to = *others.choose(&mut rand::rng()).or(addrs.first())?;
+        let http = Self::http_client(self.timeout, Some((name, to))).ok()?;
+        let mut p = self.pinned.write().unwrap_or_else(|p| p.into_inner());
+        if p.to != Some(to) {
+            tracing::info!(agent = %name, address = %to, of = addrs.len(), "consul agent pinned");
+        }
+        *p = Pinned { http, to: Some(to) };
+        Some(to)
     }
 
     async fn ok(resp: reqwest::Response) -> Result<reqwest::Response, ConsulError> {
@@ -134,7 +229,7 @@ impl ConsulClient {
     /// Registers (or re-registers) a service instance with its TTL check.
     pub async fn register(&self, reg: &Registration, timeout: Duration) -> Result<(), ConsulError> {
         let resp = self
-            .http
+            .http()
             .put(format!("{}/agent/service/register", self.base))
             .json(reg)
             .timeout(timeout)
@@ -146,7 +241,7 @@ impl ConsulClient {
     /// Marks a TTL check as passing.
     pub async fn pass(&self, check_id: &str, timeout: Duration) -> Result<(), ConsulError> {
         let resp = self
-            .http
+            .http()
             .put(format!("{}/agent/check/pass/{check_id}", self.base))
             .timeout(timeout)
             .send()
@@ -157,7 +252,7 @@ impl ConsulClient {
     /// Removes a service instance from the agent.
     pub async fn deregister(&self, service_id: &str, timeout: Duration) -> Result<(), ConsulError> {
         let resp = self
-            .http
+            .http()
             .put(format!(
                 "{}/agent/service/deregister/{service_id}",
                 self.base
@@ -182,7 +277,7 @@ impl ConsulClient {
         if index > 0 {
             url.push_str(&format!("&index={index}&wait={}", duration_text(wait)));
         }
-        let req = self.http.get(url);
+        let req = self.http().get(url);
         // The client-side bound sits above Consul's wait (which it may exceed by
         // up to wait/16 of jitter).
         let resp = req.timeout(wait + wait / 8 + timeout).send().await?;
@@ -195,5 +290,42 @@ impl ConsulClient {
             .unwrap_or(0);
         let entries: Vec<HealthEntry> = resp.json().await?;
         Ok((new_index, entries.into_iter().map(|e| e.service).collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_named_agent_is_pinned_to_one_address_and_an_ip_needs_no_pin() {
+        let t = Duration::from_secs(1);
+        let ip = ConsulClient::new("http://127.0.0.1:8500", t).unwrap();
+        assert_eq!(ip.pin().await, None, "an IP address is already one agent");
+
+        let named = ConsulClient::new("http://localhost:8500", t).unwrap();
+        assert_eq!(named.pinned(), None);
+        let to = named.pin().await.expect("localhost resolves");
+        assert!(to.ip().is_loopback() && to.port() == 8500, "{to}");
+        // Clones share the pin (the registrar and the watcher follow one agent).
+        assert_eq!(named.clone().pinned(), Some(to));
+        // A repin away from an address nobody uses any more is a no-op...
+        let elsewhere: SocketAddr = "10.9.9.9:8500".parse().unwrap();
+        assert_eq!(named.repin(Some(elsewhere)).await, Some(to));
+        // ...and away from the only address stays there (nothing else to use).
+        let single = tokio::net::lookup_host(("localhost", 8500))
+            .await
+            .unwrap()
+            .count()
+            == 1;
+        if single {
+            assert_eq!(named.repin(Some(to)).await, Some(to));
+        }
+    }
+
+    #[test]
+    fn a_bad_agent_address_is_an_error_that_names_it() {
+        let e = ConsulClient::new("not a url", Duration::from_secs(1)).unwrap_err();
+        assert!(e.to_string().contains("not a url"), "{e}");
     }
 }

@@ -318,6 +318,7 @@ async fn run_registrar(
     };
     let every = cfg.ttl / cfg.passes_per_ttl.max(1);
     let mut registered = false;
+    client.pin().await;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -325,6 +326,7 @@ async fn run_registrar(
         if state != Stop::Run {
             break;
         }
+        let agent = client.pinned();
         let r = if registered {
             client.pass(&check_id(&me), cfg.call_timeout).await
         } else {
@@ -344,6 +346,10 @@ async fn run_registrar(
                 // register again next time.
                 tracing::warn!(member = %me.id, error = %e, "consul registration/TTL pass failed; keeping the last known view");
                 registered = false;
+                if matches!(e, ConsulError::Unreachable(_)) {
+                    // That agent is gone: register with another one.
+                    client.repin(agent).await;
+                }
                 shared.set_registered(false);
                 shared.failed(&e);
             }
@@ -379,6 +385,7 @@ async fn run_watcher(
         if *stop.borrow() == Stop::Halt {
             return;
         }
+        let agent = client.pinned();
         let query = client.passing(&cfg.service, index, cfg.wait, cfg.call_timeout);
         let r = tokio::select! {
             r = query => r,
@@ -402,6 +409,9 @@ async fn run_watcher(
             Err(e) => {
                 tracing::warn!(error = %e, "consul watch failed; keeping the last known view");
                 shared.failed(&e);
+                if matches!(e, ConsulError::Unreachable(_)) {
+                    client.repin(agent).await;
+                }
                 index = 0;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

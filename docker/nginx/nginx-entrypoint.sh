@@ -37,12 +37,13 @@ routing() {
     END {
       if (n == 0) exit 1
       print "upstream berth {"
+      print "    zone berth 64k;"
       print "    hash $arg_session consistent;"
       for (i = 1; i <= n; i++) printf "    server %s:%s max_fails=1 fail_timeout=2s;\n", ip[i], port
       print "    keepalive 32;"
       print "}"
       for (i = 1; i <= n; i++) {
-        printf "upstream berth_node_%d {\n    server %s:%s max_fails=1 fail_timeout=2s;\n", i, ip[i], port
+        printf "upstream berth_node_%d {\n    zone berth_node_%d 64k;\n    server %s:%s max_fails=1 fail_timeout=2s;\n", i, i, ip[i], port
         for (j = 1; j <= n; j++) if (j != i) printf "    server %s:%s backup;\n", ip[j], port
         print "}"
       }

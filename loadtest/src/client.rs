@@ -99,7 +99,7 @@ impl ClientConfig {
             urls,
             source: None,
             read_timeout: Duration::from_secs(10),
-            probe_after: Duration::from_secs(2),
+            probe_after: Duration::from_secs(1),
             backoff_base: Duration::from_millis(50),
             backoff_cap: Duration::from_secs(5),
             slow: Duration::from_millis(200),

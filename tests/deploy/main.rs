@@ -255,6 +255,23 @@ impl Deployment {
             .sum()
     }
 
+    /// Log lines of the berth containers that contain `needle`.
+    fn berth_log_lines(&self, needle: &str) -> usize {
+        self.berth_containers(false)
+            .iter()
+            .map(|c| {
+                let out = Command::new("docker").args(["logs", c]).output();
+                out.map(|o| {
+                    [o.stdout, o.stderr]
+                        .iter()
+                        .map(|b| String::from_utf8_lossy(b).matches(needle).count())
+                        .sum::<usize>()
+                })
+                .unwrap_or(0)
+            })
+            .sum()
+    }
+
     /// How many members each running berth container sees.
     fn member_counts(&self) -> Vec<usize> {
         self.berth_containers(false)
@@ -434,6 +451,14 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
     .await;
     eprintln!("roaming resumes with the owner hint: {hops} of {ops} ops took a peer hop");
     assert_eq!(hops, 0.0, "resumes were routed to their owner");
+
+    // Each node registers with one Consul server and keeps passing its check
+    // there, although `consul` names all three.
+    assert_eq!(
+        d.berth_log_lines("does not have associated TTL"),
+        0,
+        "a TTL pass went to a Consul agent the node is not registered with"
+    );
 
     // Plain HTTP is redirected to the published HTTPS port.
     let (status, head) = http(
