@@ -36,5 +36,11 @@ echo "build-images: building berth and berth-loadtest (release) on the host"
 cargo build --release -p berth -p berth-loadtest
 ctx="$(mktemp -d)"; trap 'rm -rf "$ctx"' EXIT
 cp target/release/berth target/release/berth-loadtest docker/Dockerfile "$ctx/"
+old="$(docker image inspect -f '{{.Id}}' berth:local 2>/dev/null || true)"
 docker build -q --target local -t berth:local "$ctx" >/dev/null
+# The previous berth:local would stay behind untagged: remove it (unless a
+# container still uses it).
+if [ -n "$old" ] && [ "$old" != "$(docker image inspect -f '{{.Id}}' berth:local)" ]; then
+  docker rmi "$old" >/dev/null 2>&1 || true
+fi
 echo "build-images: berth-base:local and berth:local are ready"

@@ -8,12 +8,14 @@
 //! berth-loadtest's verifying clients, phase after phase:
 //! 1. the protocol over TLS with a certificate made for the test (from a
 //!    mounted directory, then from base64 environment), HTTP redirected,
-//!    admin routes not reachable, resumes routed to their owner;
+//!    admin routes not reachable, the demo page cached, resumes routed to
+//!    their owner;
 //! 2. `docker kill` of a berth container;
 //! 3. scaling berth to 4;
 //! 4. killing the Redis primary (Sentinel failover);
 //! 5. one berth container cut off the network, then reconnected;
-//! 6. one Consul server killed.
+//! 6. `docker stop` of a berth container (drain on SIGTERM as PID 1);
+//! 7. one Consul server killed.
 //!
 //! Every phase checks that nothing acknowledged was lost or applied twice,
 //! and prints the sessions its event affected and how long they waited.
@@ -470,6 +472,27 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
     assert_eq!(status, 301, "{head}");
     let want = format!("location: https://127.0.0.1:{}/", d.https[0]);
     assert!(head.to_lowercase().contains(&want), "{want} in {head}");
+    // The demo page is served from nginx's cache after the first request.
+    let cache_status = || {
+        let head = run_ok(
+            Command::new("curl")
+                .args(["-sk", "-D", "-", "-o", "/dev/null"])
+                .arg(format!("https://127.0.0.1:{}/", d.https[1])),
+        );
+        head.lines()
+            .find_map(|l| {
+                l.to_lowercase()
+                    .strip_prefix("x-cache-status:")
+                    .map(|v| v.trim().to_owned())
+            })
+            .unwrap_or_default()
+    };
+    let first = cache_status();
+    assert_eq!(
+        cache_status(),
+        "hit",
+        "the demo page is cached (first: {first})"
+    );
     // Operator routes are not reachable through nginx.
     for path in ["/metrics", "/health/ready", "/cluster", "/drain"] {
         let code = run_ok(
@@ -579,7 +602,25 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
         d.metric("berth_fenced_writes_total") - fenced
     );
 
-    // 6. One Consul server killed.
+    // 6. A berth container stopped (SIGTERM to berth as PID 1): it drains,
+    // hands its sessions off, closes its clients with 1012, exits 0 within
+    // the stop grace period.
+    let leaving = d.container("berth", 3);
+    under_load(
+        &d,
+        "docker stop of a berth container (drain)",
+        14,
+        Duration::from_secs(4),
+        || {
+            d.docker(&["stop", "-t", "15", &leaving]);
+        },
+    )
+    .await;
+    let exit = d.docker(&["inspect", "-f", "{{.State.ExitCode}}", &leaving]);
+    assert_eq!(exit.trim(), "0", "berth drained and exited by itself");
+    d.converged(Some(3), "after the drain").await;
+
+    // 7. One Consul server killed.
     under_load(
         &d,
         "one Consul server killed",
