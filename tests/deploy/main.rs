@@ -115,8 +115,12 @@ impl TestCa {
 }
 
 fn base64(path: &Path) -> String {
+    base64_text(std::fs::read(path).unwrap())
+}
+
+fn base64_text(bytes: impl AsRef<[u8]>) -> String {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap())
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 struct Deployment {
@@ -170,6 +174,12 @@ impl Deployment {
             ("NGINX2_HTTP".into(), http[1].to_string()),
             ("TLS_DIR".into(), tls_dir.display().to_string()),
             ("BERTH_SECRET".into(), secret),
+            // A whole config file by base64 environment (under the BERTH__*
+            // variables the compose file sets).
+            (
+                "BERTH_CONFIG_BASE64".into(),
+                base64_text("[session]\ndetach_timeout_s = 300\n"),
+            ),
         ];
         let d = Deployment {
             project,
@@ -453,6 +463,27 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
     .await;
     eprintln!("roaming resumes with the owner hint: {hops} of {ops} ops took a peer hop");
     assert_eq!(hops, 0.0, "resumes were routed to their owner");
+
+    // berth's configuration by environment, base64 file and defaults, as the
+    // node inside the container sees it (the secret is masked).
+    let effective = d.docker(&["exec", &d.container("berth", 1), "berth", "--print-config"]);
+    assert!(
+        effective.contains("session.detach_timeout_s = 300"),
+        "BERTH_CONFIG_BASE64 applies: {effective}"
+    );
+    let secret = d
+        .env
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| k == "BERTH_SECRET")
+        .unwrap()
+        .1
+        .clone();
+    assert!(
+        !effective.contains(&secret) && effective.contains("cluster.secret = "),
+        "the secret is set and masked: {effective}"
+    );
 
     // Each node registers with one Consul server and keeps passing its check
     // there, although `consul` names all three.
