@@ -38,6 +38,12 @@ use serde_json::Value;
 
 /// Attempts to attach when the actor stopped between lookup and attach.
 const ATTACH_ATTEMPTS: usize = 3;
+/// Serialises dials to one member; holds the last failed dial and its time.
+type DialGate = Arc<tokio::sync::Mutex<Option<(std::time::Instant, PeerError)>>>;
+
+/// After a failed dial to a member, callers get that failure again for this
+/// long instead of dialling it again (its retries come every 50 ms).
+const DIAL_BACKOFF: Duration = Duration::from_millis(250);
 
 /// Requests an edge sends to an owner.
 #[derive(Debug, Encode, Decode)]
@@ -200,6 +206,10 @@ pub struct Router {
     view: RwLock<Arc<View>>,
     leaving: AtomicBool,
     links: Mutex<HashMap<MemberId, Link>>,
+    /// One dial at a time per member (the others wait and share its link),
+    /// and the last failed dial, answered again for [`DIAL_BACKOFF`] so a
+    /// dead member is not dialled by every waiting attach every 50 ms.
+    dials: Mutex<HashMap<MemberId, DialGate>>,
     /// Edge connections of this node routed to another node: pushes reach them here.
     edge_conns: Mutex<HashMap<u64, (MemberId, ConnHandle)>>,
     /// Sessions hosted here for other nodes' edge connections.
@@ -235,6 +245,7 @@ impl Router {
             host,
             leaving: AtomicBool::new(false),
             links: Mutex::default(),
+            dials: Mutex::default(),
             edge_conns: Mutex::default(),
             proxies: Mutex::default(),
             me_weak: me_weak.clone(),
@@ -352,6 +363,8 @@ impl Router {
                 }
                 keep
             });
+            drop(links);
+            lock(&self.dials).retain(|m, _| view.get(m).is_some());
         }
         self.views.send_modify(|v| *v += 1);
         self.release_moved().await;
@@ -389,8 +402,25 @@ impl Router {
     }
 
     async fn link(&self, member: &MemberId) -> Result<Link, PeerError> {
-        if let Some(l) = lock(&self.links).get(member).filter(|l| !l.is_closed()) {
-            return Ok(l.clone());
+        let open = || {
+            lock(&self.links)
+                .get(member)
+                .filter(|l| !l.is_closed())
+                .cloned()
+        };
+        if let Some(l) = open() {
+            return Ok(l);
+        }
+        let gate = lock(&self.dials).entry(member.clone()).or_default().clone();
+        let mut last_failure = gate.lock().await;
+        // Another caller may have opened it while this one waited.
+        if let Some(l) = open() {
+            return Ok(l);
+        }
+        if let Some((at, e)) = last_failure.as_ref() {
+            if at.elapsed() < DIAL_BACKOFF {
+                return Err(e.clone());
+            }
         }
         let addr = self
             .view()
@@ -404,10 +434,12 @@ impl Router {
                 .await
                 .inspect_err(|e| {
                     tracing::debug!(peer = %member, %addr, error = %e, ms = started.elapsed().as_millis() as u64, "peer link could not be opened");
+                    *last_failure = Some((std::time::Instant::now(), e.clone()));
                 })?;
+        *last_failure = None;
         tracing::debug!(peer = %member, %addr, ms = started.elapsed().as_millis() as u64, "peer link opened");
         self.adopt_link(link.clone());
-        Ok(lock(&self.links).get(member).cloned().unwrap_or(link))
+        Ok(open().unwrap_or(link))
     }
 
     /// Attaches `conn` to session `id` wherever it lives.
