@@ -8,6 +8,8 @@
 //! # Layout
 //! - [`consul`]: a small typed client of Consul's HTTP API (registration, TTL
 //!   check, blocking health queries).
+//! - [`dev_agent`]: a `consul agent -dev` on free loopback ports (tests and
+//!   `berth-loadtest local`).
 //! - [`membership`]: the member view, from Consul or a static list, with the
 //!   last known view kept on errors.
 //! - [`peer`]: authenticated, multiplexed node-to-node links.
@@ -17,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod consul;
+pub mod dev_agent;
 pub mod membership;
 pub mod peer;
 pub mod ring;

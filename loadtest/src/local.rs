@@ -4,7 +4,6 @@
 //! stops (processes are killed when the [`LocalCluster`] is dropped).
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -87,12 +86,7 @@ pub fn parse_chaos(s: &str) -> Result<Chaos, String> {
     })
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
+use berth_cluster::dev_agent::free_port;
 
 fn find(bin: &str, hint: Option<&Path>) -> Option<PathBuf> {
     if let Some(h) = hint {
@@ -114,37 +108,9 @@ fn find(bin: &str, hint: Option<&Path>) -> Option<PathBuf> {
     })
 }
 
-/// Starts `consul agent -dev` on free loopback ports (HTTP, serf LAN/WAN,
-/// server; DNS and gRPC off), logging to `log`; answers the process and its
-/// HTTP port. The integration tests start their Consul agents with this too.
-pub fn spawn_consul_dev(bin: &Path, log: Stdio) -> std::io::Result<(Child, u16)> {
-    let http = free_port();
-    let child = Command::new(bin)
-        .args([
-            "agent",
-            "-dev",
-            "-bind",
-            "127.0.0.1",
-            "-client",
-            "127.0.0.1",
-            "-dns-port",
-            "-1",
-            "-grpc-port",
-            "-1",
-        ])
-        .args(["-http-port", &http.to_string()])
-        .args([
-            "-serf-lan-port",
-            &free_port().to_string(),
-            "-serf-wan-port",
-            &free_port().to_string(),
-        ])
-        .args(["-server-port", &free_port().to_string()])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    Ok((child, http))
-}
+/// A `consul agent -dev` on free loopback ports (see
+/// [`berth_cluster::dev_agent`]): the child and its HTTP port.
+pub use berth_cluster::dev_agent::spawn as spawn_consul_dev;
 
 /// One berth process.
 pub struct Node {

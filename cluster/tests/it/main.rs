@@ -1,22 +1,14 @@
 //! berth-cluster against a real Consul 1.8.7 agent (`consul agent -dev` on free
 //! loopback ports, killed on drop).
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_cluster::consul::ConsulClient;
+use berth_cluster::dev_agent::free_port;
 use berth_cluster::membership::{spawn_consul, ConsulConfig, Member, MembershipHandle};
 use berth_cluster::ring::MemberId;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn consul_bin() -> PathBuf {
     let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/consul");
@@ -36,28 +28,8 @@ struct Consul {
 
 impl Consul {
     fn start() -> Consul {
-        let http = free_port();
-        let child = Command::new(consul_bin())
-            .args([
-                "agent",
-                "-dev",
-                "-bind",
-                "127.0.0.1",
-                "-client",
-                "127.0.0.1",
-                "-dns-port",
-                "-1",
-                "-grpc-port",
-                "-1",
-            ])
-            .args(["-http-port", &http.to_string()])
-            .args(["-serf-lan-port", &free_port().to_string()])
-            .args(["-serf-wan-port", &free_port().to_string()])
-            .args(["-server-port", &free_port().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn consul");
+        let (child, http) =
+            berth_cluster::dev_agent::spawn(&consul_bin(), Stdio::null()).expect("spawn consul");
         let c = Consul { child, http };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
