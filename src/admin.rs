@@ -3,9 +3,10 @@
 
 use std::sync::atomic::Ordering;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use crate::node::Node;
 
@@ -108,7 +109,31 @@ fn process_memory() -> serde_json::Value {
     json!({ "rss_bytes": kb("VmRSS:"), "peak_rss_bytes": kb("VmHWM:") })
 }
 
-async fn drain(node: web::Data<Node>) -> HttpResponse {
+/// `POST /drain`: with `admin.drain_token`, only a request that presents it
+/// (`Authorization: Bearer …`, compared in constant time); without one, only
+/// a caller on loopback. Anyone else on the admin network gets 403 and the
+/// node goes on serving.
+async fn drain(req: HttpRequest, node: web::Data<Node>) -> HttpResponse {
+    let allowed = match &node.cfg.admin.drain_token {
+        Some(token) => req
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.as_bytes()))),
+        None => req.peer_addr().is_some_and(|a| a.ip().is_loopback()),
+    };
+    if !allowed {
+        tracing::warn!(peer = ?req.peer_addr(), "drain refused: no valid admin.drain_token, and not from loopback");
+        return HttpResponse::Forbidden().json(json!({
+            "error": "forbidden",
+            "message": if node.cfg.admin.drain_token.is_some() {
+                "POST /drain needs `Authorization: Bearer <admin.drain_token>`"
+            } else {
+                "POST /drain is accepted from loopback only (set admin.drain_token to drain over the network)"
+            },
+        }));
+    }
     node.drain_requested.send_replace(true);
     HttpResponse::Accepted().json(json!({
         "draining": true,

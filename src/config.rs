@@ -99,6 +99,9 @@ impl Default for ServerConfig {
 pub struct AdminConfig {
     /// Address of the operator endpoint (health, metrics, cluster, drain). Keep it private.
     pub listen: String,
+    /// Bearer token `POST /drain` needs when set; unset, only callers on
+    /// loopback may drain (the reads stay open to the private network).
+    pub drain_token: Option<String>,
 }
 
 fn default_admin_listen() -> String {
@@ -109,6 +112,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            drain_token: None,
         }
     }
 }
@@ -703,9 +707,11 @@ impl Config {
             }
         }
         let mut v = serde_json::to_value(self).expect("config serializes");
-        if let Some(s) = v.pointer_mut("/cluster/secret") {
-            if !s.is_null() {
-                *s = Value::String("***".into());
+        for secret in ["/cluster/secret", "/admin/drain_token"] {
+            if let Some(s) = v.pointer_mut(secret) {
+                if !s.is_null() {
+                    *s = Value::String("***".into());
+                }
             }
         }
         if let Some(Value::Array(list)) = v.pointer_mut("/cluster/accept_secrets") {

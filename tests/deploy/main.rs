@@ -504,6 +504,27 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
     assert_eq!(status, 301, "{head}");
     let want = format!("location: https://127.0.0.1:{}/", d.https[0]);
     assert!(head.to_lowercase().contains(&want), "{want} in {head}");
+    // The admin port listens on the compose network (Prometheus, the edges'
+    // node map), but a drain from another container is refused.
+    let from_nginx = d.docker(&[
+        "exec",
+        &d.container("nginx1", 1),
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        &format!("http://{}:9090/drain", d.container("berth", 1)),
+    ]);
+    assert_eq!(
+        from_nginx, "403",
+        "drain over the network without admin.drain_token"
+    );
+    assert_eq!(d.healthy_berth(), 3, "the refused drain changed nothing");
+
     // The demo page is served from nginx's cache after the first request.
     let cache_status = || {
         let head = run_ok(

@@ -214,6 +214,36 @@ async fn drain_checkpoints_closes_1012_and_exits() {
 }
 
 #[tokio::test]
+async fn drain_with_a_token_needs_the_token_and_refuses_everything_else() {
+    let mut env = base_env();
+    env.push(("BERTH__ADMIN__DRAIN_TOKEN".into(), "drain-me-please".into()));
+    let mut node = Berth::start_with(&env, &[]);
+    let mut c = Client::new_session(&node.ws_url()).await;
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer wrong-token")],
+        vec![("Authorization", "drain-me-please")],
+    ] {
+        let (status, body) = http(node.admin, "POST", "/drain", &headers);
+        assert_eq!(status, 403, "{headers:?}: {body}");
+        assert!(body.contains("admin.drain_token"), "{body}");
+    }
+    // Refused drains change nothing: the node still serves.
+    assert_eq!(c.op("incr", json!({"key":"n"})).await["value"], 1);
+    let (_, ready) = node.admin_get("/health/ready");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let (status, _) = http(
+        node.admin,
+        "POST",
+        "/drain",
+        &[("Authorization", "Bearer drain-me-please")],
+    );
+    assert_eq!(status, 202);
+    assert_eq!(c.recv_close().await, Some(1012));
+    assert!(node.wait_exit(Duration::from_secs(15)).success());
+}
+
+#[tokio::test]
 async fn detached_sessions_passivate_and_reactivate() {
     let redis = Redis::start();
     let mut env = base_env();
