@@ -20,7 +20,7 @@ use berth_actors::ids::SessionId;
 use berth_actors::protocol::Welcome;
 use berth_actors::protocol::{ClientMsg, CloseCode, ErrorBody, ErrorCode, OpReply, ServerMsg};
 use berth_actors::session::{AttachError, NotHere};
-use futures_util::future::LocalBoxFuture;
+use futures_util::future::{FutureExt, LocalBoxFuture};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use crate::node::Node;
@@ -213,6 +213,11 @@ impl Conn {
         self.bound.as_ref().is_some_and(|b| b.route.is_some())
     }
 
+    /// The connection's loop. Nested futures that are large (a hello's
+    /// attach, writing an answer) are boxed where they are awaited: inline,
+    /// the largest of them would be part of every idle connection's task.
+    /// Measured: the task went from 3,280 to 2,176 bytes, and a node's RSS
+    /// per idle session from 20.4 KB to 19.3 KB.
     async fn run(mut self, mut stream: actix_ws::AggregatedMessageStream) {
         let mut rx = self.rx.take().expect("receiver");
         let ping_every = self.node.cfg.ping_interval();
@@ -225,6 +230,7 @@ impl Conn {
             if let Some(r) = self.ready.pop_front() {
                 if self
                     .write_result(r, "limited", Instant::now())
+                    .boxed_local()
                     .await
                     .is_err()
                 {
@@ -249,7 +255,7 @@ impl Conn {
                                 continue; // already written before a re-route
                             }
                             b.delivered = e.seq;
-                            if send(&mut self.ws, &ServerMsg::Event(e)).await.is_err() { break Exit::Gone; }
+                            if send(&mut self.ws, &ServerMsg::Event(e)).boxed_local().await.is_err() { break Exit::Gone; }
                         }
                         Some(ConnMsg::Close(code, why)) => break Exit::Close(code, why),
                         Some(ConnMsg::Moved) => {
@@ -265,7 +271,7 @@ impl Conn {
                     match reply {
                         Ok(reply) => {
                             let p = self.pending.pop_front().expect("a pending op per reply");
-                            if self.write_result(reply, p.label, p.started).await.is_err() { break Exit::Gone; }
+                            if self.write_result(reply, p.label, p.started).boxed_local().await.is_err() { break Exit::Gone; }
                         }
                         Err(NotHere) => self.lose_route(),
                     }
@@ -281,7 +287,7 @@ impl Conn {
                             self.dispatch_pending();
                         }
                         Err(AttachFail::Refused(e)) => {
-                            match self.refuse(e).await {
+                            match self.refuse(e).boxed_local().await {
                                 Ok(Some(exit)) => break exit,
                                 _ => break Exit::Gone,
                             }
@@ -312,10 +318,10 @@ impl Conn {
                         }
                         Some(Ok(AggregatedMessage::Pong(_))) => {}
                         Some(Ok(AggregatedMessage::Binary(_))) => {
-                            if self.error(ErrorCode::BadFrame, "binary frames are not accepted: send JSON text frames").await.is_err() { break Exit::Gone; }
+                            if self.error(ErrorCode::BadFrame, "binary frames are not accepted: send JSON text frames").boxed_local().await.is_err() { break Exit::Gone; }
                         }
                         Some(Ok(AggregatedMessage::Text(text))) => {
-                            match self.on_text(&text).await {
+                            match self.on_text(&text).boxed_local().await {
                                 Ok(None) => {}
                                 Ok(Some(exit)) => break exit,
                                 Err(_) => break Exit::Gone,
@@ -348,7 +354,12 @@ impl Conn {
                 let Some(p) = self.pending.pop_front() else {
                     break;
                 };
-                if self.write_result(reply, p.label, p.started).await.is_err() {
+                if self
+                    .write_result(reply, p.label, p.started)
+                    .boxed_local()
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
