@@ -255,9 +255,9 @@ impl Conn {
                                 continue; // already written before a re-route
                             }
                             b.delivered = e.seq;
-                            if send(&mut self.ws, &ServerMsg::Event(e)).boxed_local().await.is_err() { break Exit::Gone; }
+                            if send(&mut self.ws, &ServerMsg::Event(*e)).boxed_local().await.is_err() { break Exit::Gone; }
                         }
-                        Some(ConnMsg::Close(code, why)) => break Exit::Close(code, why),
+                        Some(ConnMsg::Close(code, why)) => break Exit::Close(code, why.into()),
                         Some(ConnMsg::Moved) => {
                             if self.node.is_stopping() {
                                 break Exit::Close(CloseCode::Restart, "node draining: resume".into());

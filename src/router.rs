@@ -702,11 +702,11 @@ impl Router {
                     actix::spawn(async move {
                         while let Some(m) = recv.recv().await {
                             let (push, last) = match m {
-                                ConnMsg::Event(Event { seq, body }) => (
+                                ConnMsg::Event(e) => (
                                     PeerPush::Event {
                                         edge_conn,
-                                        seq,
-                                        body: body.to_string(),
+                                        seq: e.seq,
+                                        body: e.body.to_string(),
                                     },
                                     false,
                                 ),
@@ -714,7 +714,7 @@ impl Router {
                                     PeerPush::Close {
                                         edge_conn,
                                         code: code.code(),
-                                        reason,
+                                        reason: reason.into(),
                                     },
                                     true,
                                 ),

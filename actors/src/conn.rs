@@ -17,11 +17,14 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What an actor sends to a connection.
 #[derive(Debug, Clone, PartialEq)]
+///
+/// Kept at 24 bytes (payloads boxed): the channel allocates its first block of
+/// 32 slots with every connection, idle or not.
 pub enum ConnMsg {
     /// A session event to write.
-    Event(Event),
+    Event(Box<Event>),
     /// Close the connection with this code and reason, after what is queued.
-    Close(CloseCode, String),
+    Close(CloseCode, Box<str>),
     /// The session left this actor (handed off to another owner): the
     /// connection keeps its client and routes to the session's new owner.
     Moved,
@@ -71,7 +74,7 @@ impl ConnHandle {
     /// Queues an event; `false` if the connection is gone or too slow (then it is
     /// being closed with 1013).
     pub fn send_event(&self, e: Event) -> bool {
-        match self.tx.try_send(ConnMsg::Event(e)) {
+        match self.tx.try_send(ConnMsg::Event(Box::new(e))) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.force_close(
@@ -87,8 +90,9 @@ impl ConnHandle {
     /// Closes the connection after the messages already queued.
     pub fn close(&self, code: CloseCode, reason: impl Into<String>) {
         let reason = reason.into();
-        if let Err(mpsc::error::TrySendError::Full(_)) =
-            self.tx.try_send(ConnMsg::Close(code, reason.clone()))
+        if let Err(mpsc::error::TrySendError::Full(_)) = self
+            .tx
+            .try_send(ConnMsg::Close(code, reason.as_str().into()))
         {
             self.force_close(code, reason);
         }
@@ -123,7 +127,7 @@ impl ConnReceiver {
                 .unwrap_or_else(|p| p.into_inner())
                 .take()
             {
-                return Some(ConnMsg::Close(code, reason));
+                return Some(ConnMsg::Close(code, reason.into()));
             }
             tokio::select! {
                 biased;
@@ -131,5 +135,20 @@ impl ConnReceiver {
                 m = self.rx.recv() => return m,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queued_message_stays_small() {
+        // Every connection's channel allocates 32 slots up front.
+        assert!(
+            std::mem::size_of::<ConnMsg>() <= 24,
+            "{}",
+            std::mem::size_of::<ConnMsg>()
+        );
     }
 }
