@@ -203,7 +203,9 @@ pub struct Router {
     cfg: RouterConfig,
     host: Host<KvApp>,
     ring: RwLock<Arc<Ring>>,
-    view: RwLock<Arc<View>>,
+    /// The current membership view. An attach waiting to reach an owner
+    /// watches it, gives up when it changes and re-resolves the owner.
+    view: tokio::sync::watch::Sender<Arc<View>>,
     leaving: AtomicBool,
     links: Mutex<HashMap<MemberId, Link>>,
     /// One dial at a time per member (the others wait and share its link),
@@ -220,9 +222,6 @@ pub struct Router {
     arbiters: Vec<actix::ArbiterHandle>,
     next_arbiter: std::sync::atomic::AtomicUsize,
     handoffs_in_flight: std::sync::atomic::AtomicUsize,
-    /// Bumped on every new view: an attach waiting to reach an owner gives up
-    /// and re-resolves when the membership changes under it.
-    views: tokio::sync::watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -240,7 +239,7 @@ impl Router {
         let ring = Ring::new(view.ids().cloned(), cfg.vnodes);
         Arc::new_cyclic(|me_weak| Router {
             ring: RwLock::new(Arc::new(ring)),
-            view: RwLock::new(view),
+            view: tokio::sync::watch::Sender::new(view),
             cfg,
             host,
             leaving: AtomicBool::new(false),
@@ -252,7 +251,6 @@ impl Router {
             arbiters,
             next_arbiter: Default::default(),
             handoffs_in_flight: Default::default(),
-            views: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -275,7 +273,7 @@ impl Router {
 
     /// The current membership view.
     pub fn view(&self) -> Arc<View> {
-        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.view.borrow().clone()
     }
 
     /// Whether this node is clustered.
@@ -350,7 +348,9 @@ impl Router {
             ids.retain(|m| m != &self.cfg.me);
         }
         let ring = Arc::new(Ring::new(ids, self.cfg.vnodes));
-        *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+        // Waiting attaches wake now and retry after the edge's 50 ms retry
+        // delay, by which time the ring below is in place.
+        self.view.send_replace(view);
         *self.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
         // Links to members that left are closed: their routes re-resolve.
         {
@@ -366,7 +366,6 @@ impl Router {
             drop(links);
             lock(&self.dials).retain(|m, _| view.get(m).is_some());
         }
-        self.views.send_modify(|v| *v += 1);
         self.release_moved().await;
     }
 
@@ -461,7 +460,7 @@ impl Router {
                 // Connecting to a member that just died can take seconds (a
                 // vanished address answers nothing); the next view usually
                 // names another owner, so a view change ends the wait.
-                let mut views = self.views.subscribe();
+                let mut views = self.view.subscribe();
                 let link = tokio::select! {
                     link = self.link(&member) => link.map_err(|e| AttachFail::Retry(e.to_string()))?,
                     _ = views.changed() => {

@@ -1105,16 +1105,7 @@ mod tests {
         let back: RunResult = serde_json::from_str(&text).unwrap();
         assert_eq!(back, r);
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-        for field in [
-            "ops",
-            "ops_per_s",
-            "latency_ms",
-            "errors",
-            "reconnects",
-            "verify",
-            "failover",
-            "nodes",
-        ] {
+        for field in CONTRACT_FIELDS {
             assert!(value.get(field).is_some(), "missing {field}");
         }
         assert!(

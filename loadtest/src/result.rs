@@ -101,6 +101,19 @@ pub struct Mark {
     pub label: String,
 }
 
+/// Top-level fields of the `--json` output that other tools rely on (the
+/// issue's contract); tests check that every one is present.
+pub const CONTRACT_FIELDS: [&str; 8] = [
+    "ops",
+    "ops_per_s",
+    "latency_ms",
+    "errors",
+    "reconnects",
+    "verify",
+    "failover",
+    "nodes",
+];
+
 /// A whole run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunResult {

@@ -203,15 +203,19 @@ impl Deployment {
         d
     }
 
+    /// `docker-compose` on this deployment's project, with its variables.
+    fn compose(&self, args: &[&str]) -> Command {
+        let env = self.env.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut cmd = Command::new("docker-compose");
+        cmd.args(["-p", &self.project, "-f"])
+            .arg(&self.compose)
+            .args(args)
+            .envs(env);
+        cmd
+    }
+
     fn compose_cmd(&self, args: &[&str]) -> String {
-        let env = self.env.lock().unwrap().clone();
-        run_ok(
-            Command::new("docker-compose")
-                .args(["-p", &self.project, "-f"])
-                .arg(&self.compose)
-                .args(args)
-                .envs(env),
-        )
+        run_ok(&mut self.compose(args))
     }
 
     fn docker(&self, args: &[&str]) -> String {
@@ -298,10 +302,7 @@ impl Deployment {
     }
 
     fn logs(&self) -> String {
-        Command::new("docker-compose")
-            .args(["-p", &self.project, "-f"])
-            .arg(&self.compose)
-            .args(["logs", "--tail", "30"])
+        self.compose(&["logs", "--tail", "30"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
@@ -353,12 +354,8 @@ impl Deployment {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
-        let env = self.env.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let _ = Command::new("docker-compose")
-            .args(["-p", &self.project, "-f"])
-            .arg(&self.compose)
-            .args(["down", "-v", "--remove-orphans", "-t", "5"])
-            .envs(env)
+        let _ = self
+            .compose(&["down", "-v", "--remove-orphans", "-t", "5"])
             .output();
     }
 }

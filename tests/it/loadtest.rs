@@ -80,16 +80,7 @@ async fn every_scenario_runs_clean_and_the_json_has_every_field() {
             assert!(r.resumes_ok > 0, "churn resumes");
         }
         let json: serde_json::Value = serde_json::from_str(&report::json(&r)).unwrap();
-        for field in [
-            "ops",
-            "ops_per_s",
-            "latency_ms",
-            "errors",
-            "reconnects",
-            "verify",
-            "failover",
-            "nodes",
-        ] {
+        for field in berth_loadtest::result::CONTRACT_FIELDS {
             assert!(
                 json.get(field).is_some(),
                 "{scenario:?}: JSON lacks {field}"
