@@ -10,15 +10,18 @@
 //! Usable on its own.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -29,10 +32,104 @@ type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 pub enum ClientError {
     /// Closed for good by the server (4000 taken over, 4004 unknown session, 1008 bad token).
     #[error("stopped by the server: {0}")]
-    Terminal(String),
+    Terminal(Stop),
     /// The deadline passed before an answer.
     #[error("no answer before the deadline")]
     Deadline,
+}
+
+/// Why the server told a client to stop: protocol.md says not to reconnect
+/// (or not with the same credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Closed with a code that says not to reconnect (1000, 1008, 4000, 4004).
+    Close(u16),
+    /// `hello` refused with `session_not_found`.
+    SessionNotFound,
+    /// `hello` refused with `bad_token`.
+    BadToken,
+}
+
+impl Stop {
+    /// The stop that a refusal of `hello` with error `code` means, if it
+    /// means one (other refusals are retried).
+    pub fn of_refusal(code: &str) -> Option<Stop> {
+        match code {
+            "session_not_found" => Some(Stop::SessionNotFound),
+            "bad_token" => Some(Stop::BadToken),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stop::Close(code) => write!(f, "close {code}"),
+            Stop::SessionNotFound => f.write_str("session_not_found"),
+            Stop::BadToken => f.write_str("bad_token"),
+        }
+    }
+}
+
+/// How a client's last connection, or its last attempt at one, ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnEnd {
+    /// The server's close frame (1006 when the frame had no code).
+    Closed {
+        /// The close code.
+        code: u16,
+        /// The close reason (may be empty).
+        reason: String,
+    },
+    /// The server answered `hello` with an `error` frame.
+    Refused {
+        /// Its error code (`session_not_found`, `bad_token`, `unavailable`, ...).
+        code: String,
+    },
+    /// Lost without a close frame: reset, end of stream, a failed send, or
+    /// no answer to a probe or within the read timeout.
+    Dropped,
+    /// No connection: the connect, TLS or WebSocket handshake failed, or
+    /// `hello` had no answer.
+    Unreachable,
+}
+
+impl ConnEnd {
+    /// The end a close frame says (`None`: a close frame without a code).
+    fn closed(frame: Option<CloseFrame>) -> ConnEnd {
+        match frame {
+            Some(f) => ConnEnd::Closed {
+                code: u16::from(f.code),
+                reason: f.reason.to_string(),
+            },
+            None => ConnEnd::Closed {
+                code: u16::from(WsCloseCode::Abnormal),
+                reason: String::new(),
+            },
+        }
+    }
+
+    /// The close code, if the server sent one.
+    pub fn close_code(&self) -> Option<u16> {
+        match self {
+            ConnEnd::Closed { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ConnEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnEnd::Closed { code, reason } if reason.is_empty() => write!(f, "close {code}"),
+            ConnEnd::Closed { code, reason } => write!(f, "close {code} {reason:?}"),
+            ConnEnd::Refused { code } => write!(f, "hello refused: {code}"),
+            ConnEnd::Dropped => f.write_str("dropped without a close frame"),
+            ConnEnd::Unreachable => f.write_str("unreachable"),
+        }
+    }
 }
 
 /// Counters of one client, merged into the run's result.
@@ -301,6 +398,16 @@ pub fn on_close(code: Option<u16>) -> OnClose {
     }
 }
 
+/// What came back for `hello`.
+enum HelloAnswer {
+    /// A text frame (`welcome` or `error`).
+    Frame(Value),
+    /// A close frame.
+    Closed(ConnEnd),
+    /// Nothing: the send failed, or the connection dropped or stayed silent.
+    Nothing,
+}
+
 /// Full-jitter exponential backoff: uniform in [0, min(cap, base * 2^attempt)].
 pub fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
     let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
@@ -333,10 +440,15 @@ pub struct MobileClient {
     /// Counters.
     pub stats: ClientStats,
     /// Set once the server told us to stop.
-    pub stopped: Option<String>,
+    pub stopped: Option<Stop>,
     /// Id of the last state-changing op that was acknowledged (set by the
     /// scenario): a resume whose `welcome.last_op` is below it lost that op.
     pub last_acked_write: u64,
+    /// How the last connection that ended (or the last failed attempt at
+    /// one) ended, even if a later one is up; `None` if none has.
+    pub last_end: Option<ConnEnd>,
+    /// The session's `version` in the last `welcome` or `result` received.
+    pub last_version: u64,
 }
 
 impl MobileClient {
@@ -356,7 +468,36 @@ impl MobileClient {
             stats: ClientStats::default(),
             stopped: None,
             last_acked_write: 0,
+            last_end: None,
+            last_version: 0,
         }
+    }
+
+    /// A new client for this client's session, on a fresh connection: the
+    /// same URLs and TLS settings, and it resumes (`hello` with the session
+    /// id, token and `ack`, the `?session=&node=` hints in the URL) where
+    /// this one is, going on from the same op id, with counters of its own
+    /// and no stop. `None` before the first `welcome`: there is no session
+    /// to resume.
+    pub fn fresh_resume(&self) -> Option<MobileClient> {
+        self.session.as_ref()?;
+        Some(MobileClient {
+            cfg: self.cfg.clone(),
+            url_idx: self.url_idx,
+            ws: None,
+            session: self.session.clone(),
+            token: self.token.clone(),
+            owner: self.owner.clone(),
+            next_id: self.next_id,
+            last_seq: self.last_seq,
+            acked_seq: self.acked_seq,
+            received: Vec::new(),
+            stats: ClientStats::default(),
+            stopped: None,
+            last_acked_write: self.last_acked_write,
+            last_end: None,
+            last_version: self.last_version,
+        })
     }
 
     fn url(&self) -> &str {
@@ -444,8 +585,8 @@ impl MobileClient {
         let mut attempt = 0u32;
         let began = Instant::now();
         while self.ws.is_none() {
-            if let Some(why) = &self.stopped {
-                return Err(ClientError::Terminal(why.clone()));
+            if let Some(why) = self.stopped {
+                return Err(ClientError::Terminal(why));
             }
             if Instant::now() >= deadline {
                 return Err(ClientError::Deadline);
@@ -455,42 +596,18 @@ impl MobileClient {
                 Ok(ws) => ws,
                 Err(_) => {
                     self.count_error("client_connect");
+                    self.last_end = Some(ConnEnd::Unreachable);
                     self.url_idx += 1;
-                    tokio::time::sleep(backoff(
-                        self.cfg.backoff_base,
-                        self.cfg.backoff_cap,
-                        attempt,
-                    ))
-                    .await;
-                    attempt += 1;
+                    self.pause(&mut attempt).await;
                     continue;
                 }
             };
-            let hello = json!({"type":"hello","session":self.session,"token":self.token,"ack":self.last_seq});
-            let welcome = async {
-                ws.send(Message::text(hello.to_string())).await.ok()?;
-                loop {
-                    match tokio::time::timeout(self.cfg.read_timeout, ws.next())
-                        .await
-                        .ok()??
-                    {
-                        Ok(Message::Text(t)) => return serde_json::from_str::<Value>(&t).ok(),
-                        Ok(Message::Close(f)) => {
-                            return Some(
-                                json!({"type":"closed","code": f.map(|f| u16::from(f.code))}),
-                            )
-                        }
-                        Ok(_) => continue,
-                        Err(_) => return None,
-                    }
-                }
-            }
-            .await;
             let resuming = self.session.is_some();
-            match welcome {
-                Some(w) if w["type"] == "welcome" => {
+            match self.hello(&mut ws).await {
+                HelloAnswer::Frame(w) if w["type"] == "welcome" => {
                     let us = t.elapsed().as_micros().max(1) as u64;
                     self.owner = w["node"].as_str().map(str::to_owned);
+                    self.saw_version(&w);
                     if resuming {
                         self.stats.resumes_ok += 1;
                         self.stats.resume_us.push(us);
@@ -504,38 +621,33 @@ impl MobileClient {
                     }
                     self.ws = Some(ws);
                 }
-                Some(w) if w["type"] == "error" => {
+                HelloAnswer::Frame(w) if w["type"] == "error" => {
                     let code = w["code"].as_str().unwrap_or("unknown").to_owned();
                     self.count_error(&code);
-                    match code.as_str() {
-                        "session_not_found" | "bad_token" => {
-                            if resuming {
-                                self.stats.resumes_failed += 1;
-                            }
-                            self.stopped = Some(code.clone());
-                            return Err(ClientError::Terminal(code));
+                    self.stopped = Stop::of_refusal(&code);
+                    self.last_end = Some(ConnEnd::Refused { code });
+                    if self.stopped.is_some() {
+                        if resuming {
+                            self.stats.resumes_failed += 1;
                         }
-                        _ => {
-                            tokio::time::sleep(backoff(
-                                self.cfg.backoff_base,
-                                self.cfg.backoff_cap,
-                                attempt,
-                            ))
-                            .await;
-                            attempt += 1;
-                        }
+                    } else {
+                        self.pause(&mut attempt).await;
                     }
                 }
-                _ => {
+                answer => {
                     self.count_error("client_hello");
-                    self.url_idx += 1;
-                    tokio::time::sleep(backoff(
-                        self.cfg.backoff_base,
-                        self.cfg.backoff_cap,
-                        attempt,
-                    ))
-                    .await;
-                    attempt += 1;
+                    let end = match answer {
+                        HelloAnswer::Closed(end) => end,
+                        _ => ConnEnd::Unreachable,
+                    };
+                    if self.ended(end) == OnClose::Stop {
+                        if resuming {
+                            self.stats.resumes_failed += 1;
+                        }
+                    } else {
+                        self.url_idx += 1;
+                        self.pause(&mut attempt).await;
+                    }
                 }
             }
         }
@@ -543,6 +655,44 @@ impl MobileClient {
             self.stats.stalls.push((began, Instant::now()));
         }
         Ok(())
+    }
+
+    /// Says `hello` on a new connection and reads the answer.
+    async fn hello(&self, ws: &mut Ws) -> HelloAnswer {
+        let hello =
+            json!({"type":"hello","session":self.session,"token":self.token,"ack":self.last_seq});
+        if ws.send(Message::text(hello.to_string())).await.is_err() {
+            return HelloAnswer::Nothing;
+        }
+        loop {
+            match tokio::time::timeout(self.cfg.read_timeout, ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return serde_json::from_str(&t)
+                        .map_or(HelloAnswer::Nothing, HelloAnswer::Frame)
+                }
+                Ok(Some(Ok(Message::Close(f)))) => return HelloAnswer::Closed(ConnEnd::closed(f)),
+                Ok(Some(Ok(_))) => continue,
+                _ => return HelloAnswer::Nothing,
+            }
+        }
+    }
+
+    /// Sleeps the backoff of retry `attempt`, then counts it.
+    async fn pause(&self, attempt: &mut u32) {
+        tokio::time::sleep(backoff(
+            self.cfg.backoff_base,
+            self.cfg.backoff_cap,
+            *attempt,
+        ))
+        .await;
+        *attempt += 1;
+    }
+
+    /// Notes the session `version` a `welcome` or `result` frame carries.
+    fn saw_version(&mut self, frame: &Value) {
+        if let Some(v) = frame["version"].as_u64() {
+            self.last_version = v;
+        }
     }
 
     /// Drops the connection without `bye` and moves to the next URL, as a
@@ -559,21 +709,26 @@ impl MobileClient {
         self.owner.as_deref()
     }
 
-    /// The connection dropped or closed with `code`: forget it and wait as the
+    /// Records how a connection ended and answers what that tells the
+    /// client to do; a close code that says not to reconnect stops it.
+    fn ended(&mut self, end: ConnEnd) -> OnClose {
+        let code = end.close_code();
+        let then = on_close(code);
+        if let (OnClose::Stop, Some(code)) = (then, code) {
+            self.stopped = Some(Stop::Close(code));
+        }
+        self.last_end = Some(end);
+        then
+    }
+
+    /// The connection ended as `end` says: forget it and wait as its close
     /// code says before the next connect.
-    async fn lost(&mut self, code: Option<u16>) {
+    async fn lost(&mut self, end: ConnEnd) {
         self.ws = None;
         self.stats.reconnects += 1;
-        match on_close(code) {
-            OnClose::Now => {}
-            OnClose::Backoff => {
-                self.url_idx += 1;
-                tokio::time::sleep(backoff(self.cfg.backoff_base, self.cfg.backoff_cap, 1)).await;
-            }
-            OnClose::Stop => {
-                let why = format!("close {}", code.unwrap_or(0));
-                self.stopped = Some(why);
-            }
+        if self.ended(end) == OnClose::Backoff {
+            self.url_idx += 1;
+            tokio::time::sleep(backoff(self.cfg.backoff_base, self.cfg.backoff_cap, 1)).await;
         }
     }
 
@@ -593,18 +748,18 @@ impl MobileClient {
     /// Reads frames until the result of op `id` (events on the way are recorded).
     /// After `probe_after` of silence it pings; a connection silent for as
     /// long again after the ping is dead. A live connection is waited on for
-    /// `read_timeout` at most.
-    async fn read_result(&mut self, id: u64) -> Result<Value, Option<u16>> {
+    /// `read_timeout` at most. Fails with how the connection ended.
+    async fn read_result(&mut self, id: u64) -> Result<Value, ConnEnd> {
         let give_up = tokio::time::Instant::now() + self.cfg.read_timeout;
         let mut probed = false;
         loop {
-            let ws = self.ws.as_mut().ok_or(None)?;
+            let ws = self.ws.as_mut().ok_or(ConnEnd::Dropped)?;
             let wait = (tokio::time::Instant::now() + self.cfg.probe_after).min(give_up);
             let m = match tokio::time::timeout_at(wait, ws.next()).await {
                 Err(_) if !probed && wait < give_up => {
                     probed = true;
                     if ws.send(Message::Ping(Default::default())).await.is_err() {
-                        return Err(None);
+                        return Err(ConnEnd::Dropped);
                     }
                     continue;
                 }
@@ -614,9 +769,9 @@ impl MobileClient {
                     } else {
                         "client_read_timeout"
                     });
-                    return Err(None);
+                    return Err(ConnEnd::Dropped);
                 }
-                Ok(None) | Ok(Some(Err(_))) => return Err(None),
+                Ok(None) | Ok(Some(Err(_))) => return Err(ConnEnd::Dropped),
                 Ok(Some(Ok(m))) => m,
             };
             // Any frame (a pong included) shows the connection is alive.
@@ -625,7 +780,10 @@ impl MobileClient {
                 Message::Text(t) => {
                     let v: Value = serde_json::from_str(&t).unwrap_or_default();
                     match v["type"].as_str() {
-                        Some("result") if v["id"] == id => return Ok(v),
+                        Some("result") if v["id"] == id => {
+                            self.saw_version(&v);
+                            return Ok(v);
+                        }
                         Some("event") => {
                             let seq = v["seq"].as_u64().unwrap_or(0);
                             self.on_event(seq, v["body"].clone());
@@ -633,11 +791,7 @@ impl MobileClient {
                         _ => {}
                     }
                 }
-                Message::Close(f) => {
-                    return Err(f
-                        .map(|f| u16::from(f.code))
-                        .or(Some(u16::from(WsCloseCode::Abnormal))))
-                }
+                Message::Close(f) => return Err(ConnEnd::closed(f)),
                 _ => {}
             }
         }
@@ -662,7 +816,9 @@ impl MobileClient {
 
     /// Runs op `op` with the next id until it is answered (re-sent with the same
     /// id across reconnects and `unavailable`/`rate_limited` answers), or until
-    /// `deadline`. Answers the `result` frame.
+    /// `deadline`. Answers the `result` frame. The id is used up either way:
+    /// an op that got no answer may have been applied, so no later op may
+    /// reuse its id (the server would answer that op's stored result).
     pub async fn call(
         &mut self,
         op: &str,
@@ -670,11 +826,14 @@ impl MobileClient {
         deadline: Instant,
     ) -> Result<Value, ClientError> {
         let id = self.next_id;
+        self.next_id += 1;
         let frame = json!({"type":"op","id":id,"op":op,"args":args}).to_string();
         let started = Instant::now();
         let mut attempt = 0u32;
         let result = loop {
-            self.ensure_connected(deadline).await?;
+            if let Err(e) = self.ensure_connected(deadline).await {
+                break Err(e);
+            }
             self.ack().await;
             let sent = self
                 .ws
@@ -683,7 +842,7 @@ impl MobileClient {
                 .send(Message::text(frame.clone()))
                 .await;
             if sent.is_err() {
-                self.lost(None).await;
+                self.lost(ConnEnd::Dropped).await;
                 continue;
             }
             match self.read_result(id).await {
@@ -696,13 +855,7 @@ impl MobileClient {
                             if Instant::now() >= deadline {
                                 break Err(ClientError::Deadline);
                             }
-                            tokio::time::sleep(backoff(
-                                self.cfg.backoff_base,
-                                self.cfg.backoff_cap,
-                                attempt,
-                            ))
-                            .await;
-                            attempt += 1;
+                            self.pause(&mut attempt).await;
                         }
                         Some(c) => {
                             self.count_error(c);
@@ -711,10 +864,10 @@ impl MobileClient {
                         None => break Ok(v),
                     }
                 }
-                Err(code) => {
-                    self.lost(code).await;
-                    if let Some(why) = &self.stopped {
-                        break Err(ClientError::Terminal(why.clone()));
+                Err(end) => {
+                    self.lost(end).await;
+                    if let Some(why) = self.stopped {
+                        break Err(ClientError::Terminal(why));
                     }
                 }
             }
@@ -722,13 +875,11 @@ impl MobileClient {
         if started.elapsed() > self.cfg.slow {
             self.stats.stalls.push((started, Instant::now()));
         }
-        if result.is_ok() {
-            self.next_id += 1;
-        }
         result
     }
 
-    /// Reads (and records) whatever events arrive within `for_`.
+    /// Reads (and records) whatever events arrive within `for_`. A close on
+    /// the way is obeyed as on any other read (a stop code stops the client).
     pub async fn drain_events(&mut self, for_: Duration) {
         let end = tokio::time::Instant::now() + for_;
         while let Some(ws) = self.ws.as_mut() {
@@ -739,9 +890,13 @@ impl MobileClient {
                         self.on_event(v["seq"].as_u64().unwrap_or(0), v["body"].clone());
                     }
                 }
+                Ok(Some(Ok(Message::Close(f)))) => {
+                    self.lost(ConnEnd::closed(f)).await;
+                    break;
+                }
                 Ok(Some(Ok(_))) => {}
                 Ok(_) => {
-                    self.ws = None;
+                    self.lost(ConnEnd::Dropped).await;
                     break;
                 }
                 Err(_) => break,
@@ -766,9 +921,9 @@ impl MobileClient {
             let left = end.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, ws.next()).await {
                 Err(_) => break,
-                Ok(Some(Ok(Message::Close(f)))) => self.lost(f.map(|f| u16::from(f.code))).await,
+                Ok(Some(Ok(Message::Close(f)))) => self.lost(ConnEnd::closed(f)).await,
                 Ok(Some(Ok(_))) => {}
-                Ok(_) => self.lost(None).await,
+                Ok(_) => self.lost(ConnEnd::Dropped).await,
             }
         }
         Ok(())
@@ -838,6 +993,91 @@ mod tests {
         // Jitter: not always the same value.
         let draws: std::collections::BTreeSet<_> = (0..50).map(|_| backoff(base, cap, 5)).collect();
         assert!(draws.len() > 5);
+    }
+
+    #[test]
+    fn a_close_that_says_stop_stops_the_client_and_is_kept() {
+        let mut c = MobileClient::new(ClientConfig::new(vec!["ws://127.0.0.1:1/ws".into()]), 0);
+        assert_eq!(c.ended(ConnEnd::Dropped), OnClose::Backoff);
+        assert_eq!(
+            (c.stopped, c.last_end.clone()),
+            (None, Some(ConnEnd::Dropped))
+        );
+        let restart = ConnEnd::Closed {
+            code: 1012,
+            reason: "node draining: resume".into(),
+        };
+        assert_eq!(c.ended(restart.clone()), OnClose::Now);
+        assert_eq!((c.stopped, c.last_end.clone()), (None, Some(restart)));
+        let taken = ConnEnd::Closed {
+            code: 4000,
+            reason: "taken over".into(),
+        };
+        assert_eq!(c.ended(taken.clone()), OnClose::Stop);
+        assert_eq!(c.stopped, Some(Stop::Close(4000)));
+        assert_eq!(c.last_end, Some(taken));
+    }
+
+    #[test]
+    fn only_unknown_session_and_bad_token_refusals_stop() {
+        assert_eq!(
+            Stop::of_refusal("session_not_found"),
+            Some(Stop::SessionNotFound)
+        );
+        assert_eq!(Stop::of_refusal("bad_token"), Some(Stop::BadToken));
+        for code in ["unavailable", "bad_origin", "hello_required", "unknown"] {
+            assert_eq!(Stop::of_refusal(code), None, "{code}");
+        }
+    }
+
+    #[test]
+    fn connection_ends_name_their_code_and_reason() {
+        assert_eq!(
+            ConnEnd::closed(None),
+            ConnEnd::Closed {
+                code: 1006,
+                reason: String::new()
+            }
+        );
+        let taken = ConnEnd::closed(Some(CloseFrame {
+            code: WsCloseCode::from(4000),
+            reason: "taken over".into(),
+        }));
+        assert_eq!(taken.close_code(), Some(4000));
+        assert_eq!(taken.to_string(), "close 4000 \"taken over\"");
+        assert_eq!(ConnEnd::closed(None).to_string(), "close 1006");
+        assert_eq!(ConnEnd::Dropped.close_code(), None);
+        assert_eq!(
+            ConnEnd::Refused {
+                code: "bad_token".into()
+            }
+            .to_string(),
+            "hello refused: bad_token"
+        );
+    }
+
+    #[test]
+    fn a_fresh_resume_goes_on_where_the_client_is_without_its_stop() {
+        let mut c = MobileClient::new(ClientConfig::new(vec!["ws://edge/ws".into()]), 0);
+        assert!(c.fresh_resume().is_none(), "no session yet");
+        c.session = Some("s1".into());
+        c.token = Some("t1".into());
+        c.owner = Some("n1".into());
+        c.next_id = 7;
+        c.last_seq = 3;
+        c.last_version = 9;
+        c.stopped = Some(Stop::Close(4000));
+        c.last_end = Some(ConnEnd::Dropped);
+        c.stats.reconnects = 2;
+        let f = c.fresh_resume().unwrap();
+        assert_eq!(f.connect_url(), "ws://edge/ws?session=s1&node=n1");
+        assert_eq!(
+            (f.token.as_deref(), f.next_id, f.last_seq, f.last_version),
+            (Some("t1"), 7, 3, 9)
+        );
+        assert_eq!((f.stopped, f.last_end.clone()), (None, None));
+        assert_eq!(f.stats.reconnects, 0);
+        assert!(!f.connected());
     }
 
     #[test]

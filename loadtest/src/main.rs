@@ -102,7 +102,7 @@ struct Load {
     /// Write a self-contained HTML report.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Fail (exit 1) unless this holds, e.g. p99<20ms, lost_acked_ops==0, errors<0.1% (repeat).
+    /// Fail (exit 1) unless this holds, e.g. p99<20ms, lost_acked_ops==0, sessions_sent_away==0, errors<0.1% (repeat).
     #[arg(long = "threshold")]
     thresholds: Vec<String>,
     /// No live progress line.

@@ -15,7 +15,8 @@ use crate::result::*;
 use crate::threshold::Check;
 
 /// The plain-text summary: aligned tables of the run, throughput, latency,
-/// errors, sessions, the verification verdict, failovers, nodes and
+/// errors, sessions, the verification verdict (with the sessions that have
+/// a problem, at most [`SUMMARY_PROBLEMS`]), failovers, nodes and
 /// thresholds, in that order. Sections with nothing to show (no failover, no
 /// node, no threshold) are left out.
 pub fn summary(r: &RunResult, checks: &[Check]) -> String {
@@ -107,6 +108,10 @@ pub fn summary(r: &RunResult, checks: &[Check]) -> String {
                 v.sessions_checked.to_string(),
             ]),
             row(["  lost acked ops".to_string(), v.lost_acked_ops.to_string()]),
+            row([
+                "  sessions sent away".to_string(),
+                v.sessions_sent_away.to_string(),
+            ]),
             row(["  duplicate ops".to_string(), v.duplicate_ops.to_string()]),
             row(["  event gaps".to_string(), v.event_gaps.to_string()]),
             row([
@@ -122,7 +127,9 @@ pub fn summary(r: &RunResult, checks: &[Check]) -> String {
     // The verdict goes on a line of its own, outside the table, so that it
     // stands out and does not widen the number column.
     out.pop();
-    out.push_str(&format!("  verdict: {}\n\n", Verdict::of(v).text()));
+    out.push_str(&format!("  verdict: {}\n", Verdict::of(v).text()));
+    problem_summary(&mut out, &r.problems);
+    out.push('\n');
 
     if !r.failover.is_empty() {
         let mut rows = vec![row([
@@ -169,6 +176,77 @@ pub fn summary(r: &RunResult, checks: &[Check]) -> String {
     out.truncate(out.trim_end().len());
     out.push('\n');
     out
+}
+
+/// Problem lines the text summary shows at most; the JSON has them all.
+pub const SUMMARY_PROBLEMS: usize = 20;
+
+/// Appends the problem sessions under the verdict: one line each, at most
+/// [`SUMMARY_PROBLEMS`], then how many more there are.
+fn problem_summary(out: &mut String, problems: &[Problem]) {
+    if problems.is_empty() {
+        return;
+    }
+    out.push_str(&format!("  problems: {} sessions\n", problems.len()));
+    for p in problems.iter().take(SUMMARY_PROBLEMS) {
+        out.push_str(&format!("    {}\n", problem_line(p)));
+    }
+    if problems.len() > SUMMARY_PROBLEMS {
+        out.push_str(&format!(
+            "    ... and {} more\n",
+            problems.len() - SUMMARY_PROBLEMS
+        ));
+    }
+}
+
+/// One session's problem on one line: what was found, how its client's
+/// last connection ended, its error counts, reconnects and resumes, its
+/// last node and version, and what a fresh resume found.
+pub fn problem_line(p: &Problem) -> String {
+    let f = &p.found;
+    let mut found: Vec<String> = [
+        ("lost", f.lost_acked_ops),
+        ("duplicate", f.duplicate_ops),
+        ("mismatch", f.state_mismatches),
+        ("event gaps", f.event_gaps),
+        ("event duplicates", f.event_duplicates),
+    ]
+    .iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(what, n)| format!("{what} {n}"))
+    .collect();
+    if f.sessions_sent_away > 0 {
+        found.push("sent away".into());
+    }
+    if found.is_empty() {
+        found.push("state unreadable".into());
+    }
+    let errors = if p.errors.is_empty() {
+        "none".to_string()
+    } else {
+        p.errors
+            .iter()
+            .map(|(code, n)| format!("{code}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!(
+        "session {} (client {}): {}; last {}; errors {}; reconnects {}, resumes ok {}; node {}; version {}; fresh resume: {}",
+        p.session.as_deref().unwrap_or("-"),
+        p.client,
+        found.join(", "),
+        p.last_end
+            .as_ref()
+            .map_or_else(|| "connection still up".to_string(), ToString::to_string),
+        errors,
+        p.reconnects,
+        p.resumes_ok,
+        p.node.as_deref().unwrap_or("-"),
+        p.last_version,
+        p.fresh_resume
+            .as_ref()
+            .map_or_else(|| "not needed".to_string(), ToString::to_string),
+    )
 }
 
 /// The run as pretty-printed JSON. The field names are those of
@@ -306,6 +384,7 @@ pub fn html(r: &RunResult, checks: &[Check]) -> String {
                 vec!["sessions checked".into(), v.sessions_checked.to_string()],
             ),
             counter("lost acked ops", v.lost_acked_ops),
+            counter("sessions sent away", v.sessions_sent_away),
             counter("duplicate ops", v.duplicate_ops),
             counter("event gaps", v.event_gaps),
             counter("event duplicates", v.event_duplicates),
@@ -470,21 +549,20 @@ footer{color:#888;font-size:12px;margin:32px 0 8px}
 enum Verdict {
     /// Sessions were checked and every counter is zero.
     NothingLost,
-    /// At least one counter is not zero.
+    /// At least one data counter (lost, duplicated, mismatched) is not zero.
     LostOrDuplicated,
+    /// No data problem, but clients were sent away.
+    SentAway,
     /// Every counter is zero, but no session was checked: zero proves nothing.
     NotVerified,
 }
 
 impl Verdict {
     fn of(v: &Verify) -> Verdict {
-        let problems = v.lost_acked_ops
-            + v.duplicate_ops
-            + v.event_gaps
-            + v.event_duplicates
-            + v.state_mismatches;
-        if problems > 0 {
+        if v.data_problems() > 0 {
             Verdict::LostOrDuplicated
+        } else if v.problem_count() > 0 {
+            Verdict::SentAway
         } else if v.sessions_checked == 0 {
             Verdict::NotVerified
         } else {
@@ -496,6 +574,7 @@ impl Verdict {
         match self {
             Verdict::NothingLost => "nothing lost",
             Verdict::LostOrDuplicated => "LOST OR DUPLICATED DATA",
+            Verdict::SentAway => "SESSIONS SENT AWAY (data intact)",
             Verdict::NotVerified => "not verified (no session checked)",
         }
     }
@@ -503,7 +582,7 @@ impl Verdict {
     fn class(self) -> &'static str {
         match self {
             Verdict::NothingLost => "ok",
-            Verdict::LostOrDuplicated => "bad",
+            Verdict::LostOrDuplicated | Verdict::SentAway => "bad",
             Verdict::NotVerified => "unknown",
         }
     }
@@ -888,6 +967,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::client::ConnEnd;
     use crate::threshold::parse;
 
     fn run() -> RunResult {
@@ -1042,6 +1122,7 @@ mod tests {
         r.verify = Verify {
             sessions_checked: 100,
             lost_acked_ops: 1,
+            sessions_sent_away: 6,
             duplicate_ops: 2,
             event_gaps: 3,
             event_duplicates: 4,
@@ -1051,6 +1132,7 @@ mod tests {
         for (label, n) in [
             ("sessions checked", 100),
             ("lost acked ops", 1),
+            ("sessions sent away", 6),
             ("duplicate ops", 2),
             ("event gaps", 3),
             ("event duplicates", 4),
@@ -1064,6 +1146,128 @@ mod tests {
         }
         assert!(s.contains("verdict: LOST OR DUPLICATED DATA"), "{s}");
         assert!(!s.contains("THRESHOLDS"), "no thresholds, no section:\n{s}");
+    }
+
+    fn sent_away(client: u64) -> Problem {
+        let mut errors = BTreeMap::new();
+        errors.insert("unavailable".to_string(), 2);
+        Problem {
+            client,
+            session: Some(format!("s{client}")),
+            found: Verify {
+                sessions_checked: 1,
+                sessions_sent_away: 1,
+                ..Default::default()
+            },
+            last_end: Some(ConnEnd::Closed {
+                code: 4000,
+                reason: "taken over".into(),
+            }),
+            errors,
+            reconnects: 3,
+            resumes_ok: 2,
+            node: Some("n2:8080".into()),
+            last_version: 41,
+            fresh_resume: Some(FreshResume::StateRead),
+        }
+    }
+
+    #[test]
+    fn a_problem_line_says_what_the_client_saw_and_what_a_fresh_resume_found() {
+        let line = problem_line(&sent_away(7));
+        for needle in [
+            "session s7 (client 7)",
+            "sent away",
+            "close 4000 \"taken over\"",
+            "errors unavailable=2",
+            "reconnects 3, resumes ok 2",
+            "node n2:8080",
+            "version 41",
+            "fresh resume: state read",
+        ] {
+            assert!(line.contains(needle), "missing {needle:?} in {line}");
+        }
+        assert!(!line.contains("lost"), "{line}");
+
+        let mut lost = sent_away(1);
+        lost.found.lost_acked_ops = 5;
+        lost.found.sessions_sent_away = 0;
+        lost.errors.clear();
+        lost.last_end = None;
+        lost.node = None;
+        lost.fresh_resume = Some(FreshResume::NotFound);
+        let line = problem_line(&lost);
+        for needle in [
+            ": lost 5;",
+            "errors none",
+            "last connection still up",
+            "node -",
+            "fresh resume: session not found",
+        ] {
+            assert!(line.contains(needle), "missing {needle:?} in {line}");
+        }
+        assert!(!line.contains("sent away"), "{line}");
+
+        let mut unreadable = sent_away(2);
+        unreadable.found = Verify::default();
+        unreadable.fresh_resume = Some(FreshResume::Unreachable);
+        let line = problem_line(&unreadable);
+        assert!(line.contains(": state unreadable;"), "{line}");
+    }
+
+    #[test]
+    fn the_summary_lists_at_most_twenty_problems_and_counts_the_rest() {
+        let mut r = run();
+        r.verify.sessions_sent_away = 23;
+        r.problems = (0..23).map(sent_away).collect();
+        let s = summary(&r, &[]);
+        assert!(
+            s.contains("verdict: SESSIONS SENT AWAY (data intact)"),
+            "{s}"
+        );
+        assert!(s.contains("  problems: 23 sessions\n"), "{s}");
+        let lines = s.lines().filter(|l| l.starts_with("    session ")).count();
+        assert_eq!(lines, SUMMARY_PROBLEMS, "{s}");
+        assert!(s.contains("    session s19 (client 19)"), "{s}");
+        assert!(!s.contains("session s20 "), "{s}");
+        assert!(s.contains("    ... and 3 more\n"), "{s}");
+        // The JSON has every one.
+        let back: RunResult = serde_json::from_str(&json(&r)).unwrap();
+        assert_eq!(back.problems.len(), 23);
+        assert_eq!(back, r);
+        // The HTML marks the counter and the verdict.
+        let page = html(&r, &[]);
+        assert!(
+            page.contains("<td>sessions sent away</td><td>23</td>"),
+            "{page}"
+        );
+        assert!(page.contains("verify: SESSIONS SENT AWAY"));
+
+        let clean = summary(&run(), &[]);
+        assert!(!clean.contains("problems:"), "{clean}");
+    }
+
+    #[test]
+    fn a_sent_away_session_fails_the_all_zero_rule_and_its_threshold() {
+        let mut r = run();
+        r.verify.sessions_sent_away = 1;
+        assert_eq!(Verdict::of(&r.verify), Verdict::SentAway);
+        assert_eq!(Verdict::of(&r.verify).class(), "bad");
+        assert!(!parse("sessions_sent_away==0").unwrap().check(&r).ok);
+        r.verify.lost_acked_ops = 1;
+        assert_eq!(Verdict::of(&r.verify), Verdict::LostOrDuplicated);
+    }
+
+    #[test]
+    fn json_of_an_older_run_without_the_new_fields_still_parses() {
+        let mut value: serde_json::Value = serde_json::from_str(&json(&run())).unwrap();
+        value.as_object_mut().unwrap().remove("problems");
+        value["verify"]
+            .as_object_mut()
+            .unwrap()
+            .remove("sessions_sent_away");
+        let old: RunResult = serde_json::from_value(value).unwrap();
+        assert_eq!(old, run());
     }
 
     #[test]

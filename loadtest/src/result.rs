@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::client::ConnEnd;
+
 /// Latency percentiles, in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
@@ -28,6 +30,13 @@ pub struct Verify {
     pub sessions_checked: u64,
     /// Acknowledged ops whose effect is missing from the server's state.
     pub lost_acked_ops: u64,
+    /// Sessions whose client the server sent away during the run (a close
+    /// code that says not to reconnect: 4000, 4004, 1008, 1000; or a resume
+    /// refused as `session_not_found` / `bad_token`) although it was the
+    /// session's only client. Their state is still checked, on a fresh
+    /// connection: a phone told to stop is a failure even if nothing is lost.
+    #[serde(default)]
+    pub sessions_sent_away: u64,
     /// Ops whose effect appears more than once.
     pub duplicate_ops: u64,
     /// Events skipped (a seq jumped over one never received).
@@ -36,6 +45,101 @@ pub struct Verify {
     pub event_duplicates: u64,
     /// Sessions whose state differs from the expected one in another way.
     pub state_mismatches: u64,
+}
+
+impl Verify {
+    /// Acknowledged data lost, applied twice, or otherwise not as expected:
+    /// every counter but `sessions_sent_away` (and `sessions_checked`).
+    pub fn data_problems(&self) -> u64 {
+        self.lost_acked_ops
+            + self.duplicate_ops
+            + self.event_gaps
+            + self.event_duplicates
+            + self.state_mismatches
+    }
+
+    /// Everything that must be 0 for a clean run: the data problems and the
+    /// sessions sent away.
+    pub fn problem_count(&self) -> u64 {
+        self.data_problems() + self.sessions_sent_away
+    }
+
+    /// Adds `other`'s counters to these (sessions' figures into the run's).
+    pub fn add(&mut self, other: &Verify) {
+        self.sessions_checked += other.sessions_checked;
+        self.lost_acked_ops += other.lost_acked_ops;
+        self.sessions_sent_away += other.sessions_sent_away;
+        self.duplicate_ops += other.duplicate_ops;
+        self.event_gaps += other.event_gaps;
+        self.event_duplicates += other.event_duplicates;
+        self.state_mismatches += other.state_mismatches;
+    }
+}
+
+/// What a fresh connection that resumed a session (its own client being
+/// stopped, or unable to read the state) found when it read the state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FreshResume {
+    /// The state was read (and verified like a live session's).
+    StateRead,
+    /// The server does not know the session (`session_not_found`, 4004).
+    NotFound,
+    /// The server refused the session's token (`bad_token`, 1008).
+    BadToken,
+    /// Closed with another code that says not to reconnect.
+    Stopped {
+        /// The close code.
+        code: u16,
+    },
+    /// The `state` op was answered with an error.
+    Error {
+        /// Its error code.
+        code: String,
+    },
+    /// No answer before the deadline (no connection, or no result).
+    Unreachable,
+}
+
+impl std::fmt::Display for FreshResume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FreshResume::StateRead => f.write_str("state read"),
+            FreshResume::NotFound => f.write_str("session not found"),
+            FreshResume::BadToken => f.write_str("bad token"),
+            FreshResume::Stopped { code } => write!(f, "stopped with close {code}"),
+            FreshResume::Error { code } => write!(f, "state op failed: {code}"),
+            FreshResume::Unreachable => f.write_str("unreachable until the deadline"),
+        }
+    }
+}
+
+/// One session with a problem (anything [`Verify`] counts, or a fresh resume
+/// that could not read its state) and what its client saw, to tell "the
+/// client was sent away" from "the state was lost".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    /// The virtual client's index in the run.
+    pub client: u64,
+    /// The session id (`None`: never welcomed).
+    pub session: Option<String>,
+    /// What the verifier found in this session alone.
+    pub found: Verify,
+    /// How the client's last connection (or attempt at one) ended.
+    pub last_end: Option<ConnEnd>,
+    /// The client's error answers by code (`client_*` for its own failures).
+    pub errors: BTreeMap<String, u64>,
+    /// Connections the client lost and made again.
+    pub reconnects: u64,
+    /// Resumes of the client that found the session.
+    pub resumes_ok: u64,
+    /// The node of its last `welcome` (the session's owner then).
+    pub node: Option<String>,
+    /// The session `version` in the last `welcome` or `result` it received.
+    pub last_version: u64,
+    /// What a fresh connection resuming the session found (`None`: not
+    /// needed, the client read the state itself).
+    pub fresh_resume: Option<FreshResume>,
 }
 
 /// Windows of a failover, in milliseconds.
@@ -155,6 +259,9 @@ pub struct RunResult {
     pub timeline: Vec<Sample>,
     /// Chart markers (chaos events).
     pub marks: Vec<Mark>,
+    /// Every session with a problem, by client index.
+    #[serde(default)]
+    pub problems: Vec<Problem>,
 }
 
 impl RunResult {

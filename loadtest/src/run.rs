@@ -16,8 +16,12 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::client::{histogram, ClientConfig, ClientError, ClientStats, MobileClient, TlsTrust};
-use crate::result::{Failover, Mark, NodeStat, Percentiles, RunResult, Sample, Verify, Window};
+use crate::client::{
+    histogram, ClientConfig, ClientError, ClientStats, MobileClient, Stop, TlsTrust,
+};
+use crate::result::{
+    Failover, FreshResume, Mark, NodeStat, Percentiles, Problem, RunResult, Sample, Verify, Window,
+};
 
 /// What the virtual clients do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -153,9 +157,44 @@ struct Expected {
     echo_mismatches: u64,
 }
 
+impl Expected {
+    /// Acknowledged state-changing ops whose effect the state must show.
+    fn acked_writes(&self) -> u64 {
+        self.incr + self.log.len() as u64
+    }
+
+    /// Ops named `name` whose answer never came.
+    fn unsure(&self, name: &str) -> u64 {
+        self.uncertain.iter().filter(|(op, _)| op == name).count() as u64
+    }
+}
+
+/// The longest a fresh connection is given to read a session's state, past
+/// the run's own grace period if that is over already.
+const FRESH_RESUME_WINDOW: Duration = Duration::from_secs(10);
+
+/// What verifying one session found.
+struct SessionCheck {
+    verify: Verify,
+    /// What a fresh resume found, when one was needed.
+    fresh: Option<FreshResume>,
+}
+
 struct ClientOutcome {
     stats: ClientStats,
     verify: Verify,
+    problem: Option<Problem>,
+}
+
+impl ClientOutcome {
+    /// The outcome of client `index`, done, whose session `check` verified.
+    fn of(index: usize, c: MobileClient, check: SessionCheck) -> ClientOutcome {
+        ClientOutcome {
+            problem: problem(index, &c, &check),
+            stats: c.stats,
+            verify: check.verify,
+        }
+    }
 }
 
 fn pct(h: &Histogram<u64>) -> Percentiles {
@@ -198,10 +237,15 @@ async fn one_client(
     let ramp_at = begin + cfg.ramp.mul_f64(i as f64 / cfg.sessions.max(1) as f64);
     tokio::time::sleep_until(ramp_at.into()).await;
     if c.ensure_connected(grace).await.is_err() {
-        return ClientOutcome {
-            stats: c.stats,
-            verify: Verify::default(),
+        // Never welcomed: no session to check, but it may have been sent away.
+        let check = SessionCheck {
+            verify: Verify {
+                sessions_sent_away: sent_away(c.stopped) as u64,
+                ..Verify::default()
+            },
+            fresh: None,
         };
+        return ClientOutcome::of(i, c, check);
     }
     live.connected.fetch_add(1, Ordering::Relaxed);
     let payload = "x".repeat(cfg.payload);
@@ -258,11 +302,12 @@ async fn one_client(
                     }
                 }
             }
-            Err(ClientError::Deadline) => {
+            Err(_) => {
+                // No answer before the deadline, or stopped after sending it:
+                // applied or not.
                 exp.uncertain.push((op.to_owned(), id));
                 break;
             }
-            Err(ClientError::Terminal(_)) => break,
         }
         if cfg.scenario == Scenario::Events && k % 16 == 0 {
             c.drain_events(Duration::ZERO).await;
@@ -276,31 +321,42 @@ async fn one_client(
         }
     }
     live.connected.fetch_sub(1, Ordering::Relaxed);
-    let verify = verify_session(&mut c, &exp, cfg.scenario, grace).await;
+    let verify_by = grace.max(Instant::now() + FRESH_RESUME_WINDOW);
+    let check = verify_session(&mut c, &exp, cfg.scenario, verify_by).await;
     c.disconnect().await;
-    ClientOutcome {
-        stats: c.stats,
-        verify,
-    }
+    ClientOutcome::of(i, c, check)
 }
 
 /// Checks the server's state of this client's session against what the
-/// client was acknowledged.
+/// client was acknowledged, and whether the server sent the client away.
+/// The state is read on the client's own connection or, if that fails (the
+/// client was stopped, or cannot get an answer), on a fresh one that
+/// resumes the session; only if that fails too is every acknowledged op
+/// counted as lost.
 async fn verify_session(
     c: &mut MobileClient,
     exp: &Expected,
     scenario: Scenario,
     deadline: Instant,
-) -> Verify {
-    let v = Verify {
+) -> SessionCheck {
+    let mut v = Verify {
+        sessions_checked: 1,
         // Checked on every resume: the session's last applied op went backwards;
         // and every echo must come back as sent.
         state_mismatches: c.stats.resume_regressions + exp.echo_mismatches,
         ..Verify::default()
     };
-    let mut v = v;
+    let mut fresh = None;
     match scenario {
-        Scenario::Kv | Scenario::Churn => {}
+        Scenario::Kv | Scenario::Churn => {
+            let (state, found) = read_state(c, deadline).await;
+            fresh = found;
+            match state {
+                Some(state) => v.add(&compare_state(&state, exp)),
+                // Gone (or unreachable to the end): everything acknowledged is lost.
+                None => v.lost_acked_ops += exp.acked_writes(),
+            }
+        }
         Scenario::Events => {
             c.drain_events(Duration::from_millis(500)).await;
             let got = c.received.len() as u64;
@@ -309,30 +365,78 @@ async fn verify_session(
             }
             v.event_gaps += c.stats.event_gaps;
             v.event_duplicates += c.stats.event_duplicates;
-            v.sessions_checked = 1;
-            return v;
         }
-        Scenario::Echo | Scenario::Idle => {
-            v.sessions_checked = 1;
-            return v;
-        }
+        Scenario::Echo | Scenario::Idle => {}
     }
-    let unsure = |name: &str| exp.uncertain.iter().filter(|(op, _)| op == name).count() as u64;
-    let state = match c.call("state", Value::Null, deadline).await {
-        Ok(r) if r["ok"] == true => r["value"].clone(),
-        _ => {
-            // The session is gone (or unreachable to the end): everything acknowledged is lost.
-            v.lost_acked_ops += exp.incr + exp.log.len() as u64;
-            v.sessions_checked = 1;
-            return v;
-        }
+    // After the reads above: a stop while verifying counts too.
+    v.sessions_sent_away = sent_away(c.stopped) as u64;
+    SessionCheck { verify: v, fresh }
+}
+
+/// Whether a client's end state says the server sent it away: it recorded a
+/// stop (a close code that says not to reconnect, or a refused resume).
+/// Every session of a run has exactly one client, so no takeover, no
+/// "unknown session" and no refused token is ever deserved.
+fn sent_away(stopped: Option<Stop>) -> bool {
+    stopped.is_some()
+}
+
+/// Reads the session's state with the `state` op: on the client's own
+/// connection, else on a fresh one that resumes the session. Answers the
+/// state (`None`: neither could read it) and what the fresh resume found
+/// (`None`: none was needed, or there was no session to resume).
+async fn read_state(
+    c: &mut MobileClient,
+    deadline: Instant,
+) -> (Option<Value>, Option<FreshResume>) {
+    if let Some(state) = state_in(&c.call("state", Value::Null, deadline).await) {
+        return (Some(state), None);
+    }
+    // Let go of the old connection, if any, so the resume is no takeover.
+    c.disconnect().await;
+    let Some(mut fresh) = c.fresh_resume() else {
+        return (None, None);
     };
-    v.sessions_checked = 1;
+    let answer = fresh.call("state", Value::Null, deadline).await;
+    fresh.disconnect().await;
+    (state_in(&answer), Some(fresh_resume_found(&answer)))
+}
+
+/// The state in the answer to a `state` op, if it is a successful one.
+fn state_in(answer: &Result<Value, ClientError>) -> Option<Value> {
+    match answer {
+        Ok(r) if r["ok"] == true => Some(r["value"].clone()),
+        _ => None,
+    }
+}
+
+/// What the answer to a fresh resume's `state` op says about the session.
+fn fresh_resume_found(answer: &Result<Value, ClientError>) -> FreshResume {
+    match answer {
+        Ok(r) if r["ok"] == true => FreshResume::StateRead,
+        Ok(r) => FreshResume::Error {
+            code: r["error"]["code"].as_str().unwrap_or("unknown").to_owned(),
+        },
+        Err(ClientError::Terminal(Stop::SessionNotFound | Stop::Close(4004))) => {
+            FreshResume::NotFound
+        }
+        Err(ClientError::Terminal(Stop::BadToken | Stop::Close(1008))) => FreshResume::BadToken,
+        Err(ClientError::Terminal(Stop::Close(code))) => FreshResume::Stopped { code: *code },
+        Err(ClientError::Deadline) => FreshResume::Unreachable,
+    }
+}
+
+/// Compares a session's state (the value of `state`) with what its client
+/// was acknowledged: `n` counts the acknowledged `incr`s, `log` holds every
+/// acknowledged `append` once and in order. Ops whose answer never came may
+/// or may not be there.
+fn compare_state(state: &Value, exp: &Expected) -> Verify {
+    let mut v = Verify::default();
     let n = state["n"].as_u64().unwrap_or(0);
     if n < exp.incr {
         v.lost_acked_ops += exp.incr - n;
-    } else if n > exp.incr + unsure("incr") {
-        v.duplicate_ops += n - exp.incr - unsure("incr");
+    } else if n > exp.incr + exp.unsure("incr") {
+        v.duplicate_ops += n - exp.incr - exp.unsure("incr");
     }
     let log: Vec<u64> = state["log"]
         .as_array()
@@ -369,6 +473,31 @@ async fn verify_session(
         v.state_mismatches += 1;
     }
     v
+}
+
+/// The report of client `index`'s session if it has a problem (anything
+/// counted, or a fresh resume that could not read the state); `None` for a
+/// clean session.
+fn problem(index: usize, c: &MobileClient, check: &SessionCheck) -> Option<Problem> {
+    let resume_failed = check
+        .fresh
+        .as_ref()
+        .is_some_and(|f| *f != FreshResume::StateRead);
+    if check.verify.problem_count() == 0 && !resume_failed {
+        return None;
+    }
+    Some(Problem {
+        client: index as u64,
+        session: c.session.clone(),
+        found: check.verify.clone(),
+        last_end: c.last_end.clone(),
+        errors: c.stats.errors.clone(),
+        reconnects: c.stats.reconnects,
+        resumes_ok: c.stats.resumes_ok,
+        node: c.owner().map(str::to_owned),
+        last_version: c.last_version,
+        fresh_resume: check.fresh.clone(),
+    })
 }
 
 async fn sample_nodes(
@@ -488,13 +617,8 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
         for (k, n) in o.stats.errors {
             *result.errors.entry(k).or_default() += n;
         }
-        let v = &mut result.verify;
-        v.sessions_checked += o.verify.sessions_checked;
-        v.lost_acked_ops += o.verify.lost_acked_ops;
-        v.duplicate_ops += o.verify.duplicate_ops;
-        v.event_gaps += o.verify.event_gaps;
-        v.event_duplicates += o.verify.event_duplicates;
-        v.state_mismatches += o.verify.state_mismatches;
+        result.verify.add(&o.verify);
+        result.problems.extend(o.problem);
         stalls.push(o.stats.stalls);
     }
     live.stop_sampler();
@@ -666,6 +790,375 @@ pub mod reqwest_lite {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::ConnEnd;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message;
+
+    fn expected(incr: u64, log: &[u64], uncertain: &[(&str, u64)]) -> Expected {
+        Expected {
+            incr,
+            log: log.to_vec(),
+            uncertain: uncertain
+                .iter()
+                .map(|(op, id)| (op.to_string(), *id))
+                .collect(),
+            ..Expected::default()
+        }
+    }
+
+    #[test]
+    fn the_state_is_compared_with_what_was_acknowledged() {
+        let exp = expected(2, &[1, 5], &[("incr", 8), ("append", 9)]);
+        let clean = compare_state(&json!({"n": 2, "log": [1, 5]}), &exp);
+        assert_eq!(clean.problem_count(), 0, "{clean:?}");
+        // Unanswered ops may or may not be there.
+        let unsure = compare_state(&json!({"n": 3, "log": [1, 5, 9]}), &exp);
+        assert_eq!(unsure.problem_count(), 0, "{unsure:?}");
+        let lost = compare_state(&json!({"n": 1, "log": [5]}), &exp);
+        assert_eq!(lost.lost_acked_ops, 2, "{lost:?}");
+        let twice = compare_state(&json!({"n": 4, "log": [1, 1, 5]}), &exp);
+        assert_eq!(twice.duplicate_ops, 2, "{twice:?}");
+        let foreign = compare_state(&json!({"n": 2, "log": [1, 5, 7]}), &exp);
+        assert_eq!(foreign.state_mismatches, 1, "{foreign:?}");
+        let reordered = compare_state(&json!({"n": 2, "log": [5, 1]}), &exp);
+        assert_eq!(reordered.state_mismatches, 1, "{reordered:?}");
+        let gone = compare_state(&Value::Null, &exp);
+        assert_eq!(gone.lost_acked_ops, exp.acked_writes());
+    }
+
+    #[test]
+    fn a_fresh_resume_is_classified_by_close_code_and_stop() {
+        let cases = [
+            (Ok(json!({"ok": true, "value": {}})), FreshResume::StateRead),
+            (
+                Ok(json!({"ok": false, "error": {"code": "internal"}})),
+                FreshResume::Error {
+                    code: "internal".into(),
+                },
+            ),
+            (
+                Err(ClientError::Terminal(Stop::SessionNotFound)),
+                FreshResume::NotFound,
+            ),
+            (
+                Err(ClientError::Terminal(Stop::Close(4004))),
+                FreshResume::NotFound,
+            ),
+            (
+                Err(ClientError::Terminal(Stop::BadToken)),
+                FreshResume::BadToken,
+            ),
+            (
+                Err(ClientError::Terminal(Stop::Close(1008))),
+                FreshResume::BadToken,
+            ),
+            (
+                Err(ClientError::Terminal(Stop::Close(4000))),
+                FreshResume::Stopped { code: 4000 },
+            ),
+            (Err(ClientError::Deadline), FreshResume::Unreachable),
+        ];
+        for (answer, found) in cases {
+            assert_eq!(fresh_resume_found(&answer), found, "{answer:?}");
+            assert_eq!(
+                state_in(&answer).is_some(),
+                found == FreshResume::StateRead,
+                "{answer:?}"
+            );
+        }
+    }
+
+    fn client(url: &str) -> MobileClient {
+        MobileClient::new(ClientConfig::new(vec![url.into()]), 0)
+    }
+
+    #[tokio::test]
+    async fn a_stopped_client_counts_as_sent_away_in_every_scenario() {
+        for scenario in [Scenario::Echo, Scenario::Idle, Scenario::Events] {
+            let mut c = client("ws://127.0.0.1:1/ws");
+            let deadline = Instant::now();
+            let check = verify_session(&mut c, &Expected::default(), scenario, deadline).await;
+            assert_eq!(check.verify.sessions_sent_away, 0, "{scenario:?}");
+            assert!(problem(0, &c, &check).is_none(), "{scenario:?}");
+            c.stopped = Some(Stop::Close(4000));
+            let check = verify_session(&mut c, &Expected::default(), scenario, deadline).await;
+            assert_eq!(check.verify.sessions_sent_away, 1, "{scenario:?}");
+            assert_eq!(check.verify.data_problems(), 0, "{scenario:?}");
+            assert!(problem(0, &c, &check).is_some(), "{scenario:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_no_fresh_connection_can_reach_loses_what_was_acknowledged() {
+        // Nothing listens on port 1: neither the client nor a fresh resume
+        // can read the state before the deadline.
+        let mut c = client("ws://127.0.0.1:1/ws");
+        c.session = Some("s1".into());
+        c.stopped = Some(Stop::Close(4000));
+        c.last_end = Some(ConnEnd::Closed {
+            code: 4000,
+            reason: "taken over".into(),
+        });
+        let exp = expected(2, &[1], &[]);
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let check = verify_session(&mut c, &exp, Scenario::Kv, deadline).await;
+        assert_eq!(check.fresh, Some(FreshResume::Unreachable));
+        assert_eq!(
+            (check.verify.lost_acked_ops, check.verify.sessions_sent_away),
+            (3, 1)
+        );
+        let p = problem(4, &c, &check).unwrap();
+        assert_eq!(p.client, 4);
+        assert_eq!(p.session.as_deref(), Some("s1"));
+        assert_eq!(p.last_end, c.last_end);
+        assert_eq!(p.fresh_resume, Some(FreshResume::Unreachable));
+    }
+
+    /// One session on a berth stand-in: what it holds, and every hello it got
+    /// (with the URL it came on).
+    #[derive(Default)]
+    struct FakeSession {
+        state: serde_json::Map<String, Value>,
+        last_op: u64,
+        version: u64,
+        hellos: Vec<(String, Value)>,
+    }
+
+    impl FakeSession {
+        /// Runs op frame `op` on the session and answers its `result` frame
+        /// (a repeated id is not applied again, as on berth).
+        fn apply(&mut self, op: &Value) -> Value {
+            let id = op["id"].as_u64().unwrap_or(0);
+            if id <= self.last_op {
+                return json!({"type":"result","id":id,"ok":true,"duplicate":true,"version":self.version});
+            }
+            self.last_op = id;
+            let args = &op["args"];
+            let key = args["key"].as_str().unwrap_or_default().to_owned();
+            let value = match op["op"].as_str().unwrap_or_default() {
+                "incr" => {
+                    let n = self.state.get(&key).and_then(Value::as_u64).unwrap_or(0) + 1;
+                    self.state.insert(key, json!(n));
+                    json!(n)
+                }
+                "append" => {
+                    let list = self.state.entry(key).or_insert_with(|| json!([]));
+                    let list = list.as_array_mut().expect("a list");
+                    list.push(args["value"].clone());
+                    json!(list.len())
+                }
+                "set" => self
+                    .state
+                    .insert(key, args["value"].clone())
+                    .unwrap_or_default(),
+                "get" => self.state.get(&key).cloned().unwrap_or_default(),
+                "state" => Value::Object(self.state.clone()),
+                other => panic!("unexpected op {other}"),
+            };
+            if !matches!(op["op"].as_str(), Some("get" | "state")) {
+                self.version += 1;
+            }
+            json!({"type":"result","id":id,"ok":true,"value":value,"version":self.version})
+        }
+    }
+
+    /// A berth stand-in for a single session (`s1`, token `t1`, owner
+    /// `n1`). The connection that created it gets op `takeover_after + 1`
+    /// applied and then, instead of its answer, a 4000 close (as if another
+    /// connection had taken the session over). With `forget`, no resume
+    /// finds the session. Answers its URL and the session.
+    async fn fake_berth(
+        takeover_after: Option<u64>,
+        forget: bool,
+    ) -> (String, Arc<Mutex<FakeSession>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let session = Arc::new(Mutex::new(FakeSession::default()));
+        let shared = session.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let session = shared.clone();
+                tokio::spawn(async move {
+                    let mut uri = String::new();
+                    // The error type is the one tungstenite's handshake callback requires.
+                    #[allow(clippy::result_large_err)]
+                    let keep_uri = |req: &Request, resp: Response| {
+                        uri = req.uri().to_string();
+                        Ok(resp)
+                    };
+                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, keep_uri).await
+                    else {
+                        return;
+                    };
+                    let Some(Ok(Message::Text(t))) = ws.next().await else {
+                        return;
+                    };
+                    let hello: Value = serde_json::from_str(&t).unwrap();
+                    let resuming = !hello["session"].is_null();
+                    let known = hello["session"] == "s1" && hello["token"] == "t1";
+                    let welcome = {
+                        let mut s = session.lock().unwrap();
+                        s.hellos.push((uri, hello));
+                        json!({"type":"welcome","session":"s1","token":"t1","resumed":resuming,
+                               "version":s.version,"last_op":s.last_op,"node":"n1"})
+                    };
+                    if resuming && (forget || !known) {
+                        let error =
+                            json!({"type":"error","code":"session_not_found","message":"unknown"});
+                        let _ = ws.send(Message::text(error.to_string())).await;
+                        let _ = ws
+                            .close(Some(CloseFrame {
+                                code: CloseCode::from(4004),
+                                reason: "session unknown".into(),
+                            }))
+                            .await;
+                        return;
+                    }
+                    let _ = ws.send(Message::text(welcome.to_string())).await;
+                    let mut ops = 0;
+                    while let Some(Ok(m)) = ws.next().await {
+                        let Message::Text(t) = m else { continue };
+                        let op: Value = serde_json::from_str(&t).unwrap();
+                        if op["type"] != "op" {
+                            continue;
+                        }
+                        let answer = session.lock().unwrap().apply(&op);
+                        ops += 1;
+                        if !resuming && takeover_after.is_some_and(|n| ops > n) {
+                            let _ = ws
+                                .close(Some(CloseFrame {
+                                    code: CloseCode::from(4000),
+                                    reason: "taken over".into(),
+                                }))
+                                .await;
+                            return;
+                        }
+                        let _ = ws.send(Message::text(answer.to_string())).await;
+                    }
+                });
+            }
+        });
+        (url, session)
+    }
+
+    /// A short closed-model `kv` run of one session against `url`.
+    async fn run_one(url: String) -> RunResult {
+        let cfg = RunConfig {
+            urls: vec![url],
+            admin: Arc::default(),
+            sessions: 1,
+            duration: Duration::from_millis(300),
+            ramp: Duration::ZERO,
+            scenario: Scenario::Kv,
+            rate: None,
+            payload: 4,
+            source_ips: Vec::new(),
+            progress: false,
+            pids: Arc::default(),
+            tls: TlsTrust::default(),
+        };
+        run(cfg, live()).await
+    }
+
+    #[tokio::test]
+    async fn a_live_session_is_read_on_its_own_connection() {
+        let (url, session) = fake_berth(None, false).await;
+        let r = run_one(url).await;
+        assert!(r.ops > 10, "{} ops", r.ops);
+        assert_eq!(r.verify.sessions_checked, 1);
+        assert_eq!(r.verify.problem_count(), 0, "{:?}", r.verify);
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(session.lock().unwrap().hellos.len(), 1, "no fresh resume");
+    }
+
+    #[tokio::test]
+    async fn a_client_sent_away_is_verified_on_a_fresh_connection() {
+        // Ops 1-3 (append, set, get) are answered; op 4 (incr) is applied,
+        // then the connection is closed 4000 instead of answering.
+        let (url, session) = fake_berth(Some(3), false).await;
+        let r = run_one(url).await;
+        let v = &r.verify;
+        assert_eq!(
+            (v.sessions_checked, v.sessions_sent_away, v.data_problems()),
+            (1, 1, 0),
+            "sent away, but nothing lost or applied twice: {v:?}"
+        );
+        let [p] = r.problems.as_slice() else {
+            panic!("one problem: {:?}", r.problems)
+        };
+        assert_eq!(p.session.as_deref(), Some("s1"));
+        assert_eq!(
+            p.last_end,
+            Some(ConnEnd::Closed {
+                code: 4000,
+                reason: "taken over".into()
+            })
+        );
+        assert_eq!(p.fresh_resume, Some(FreshResume::StateRead));
+        assert_eq!(p.node.as_deref(), Some("n1"));
+        assert_eq!(p.last_version, 2, "the version in op 3's answer");
+        assert_eq!((p.reconnects, p.resumes_ok), (1, 0));
+        let s = session.lock().unwrap();
+        let [_, (uri, hello)] = s.hellos.as_slice() else {
+            panic!("a create and one fresh resume: {:?}", s.hellos)
+        };
+        assert_eq!(uri, "/ws?session=s1&node=n1", "the resume hints");
+        assert_eq!(
+            (&hello["session"], &hello["token"]),
+            (&json!("s1"), &json!("t1"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_sent_away_before_its_welcome_is_counted() {
+        // Every hello is closed with 1008: do not retry these credentials.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    continue;
+                };
+                let _ = ws.next().await;
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::Policy,
+                        reason: "bad origin".into(),
+                    }))
+                    .await;
+            }
+        });
+        let r = run_one(url).await;
+        let v = &r.verify;
+        assert_eq!((v.sessions_checked, v.sessions_sent_away), (0, 1), "{v:?}");
+        let [p] = r.problems.as_slice() else {
+            panic!("one problem: {:?}", r.problems)
+        };
+        assert_eq!(p.session, None);
+        assert_eq!(
+            p.last_end,
+            Some(ConnEnd::Closed {
+                code: 1008,
+                reason: "bad origin".into()
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_a_fresh_resume_cannot_find_is_lost() {
+        let (url, _session) = fake_berth(Some(3), true).await;
+        let r = run_one(url).await;
+        let v = &r.verify;
+        // Append 1 was acknowledged; the incr of op 4 was never answered.
+        assert_eq!((v.lost_acked_ops, v.sessions_sent_away), (1, 1), "{v:?}");
+        let [p] = r.problems.as_slice() else {
+            panic!("one problem: {:?}", r.problems)
+        };
+        assert_eq!(p.fresh_resume, Some(FreshResume::NotFound));
+    }
 
     #[test]
     fn open_model_schedules_from_intended_times() {

@@ -22,7 +22,7 @@ use crate::result::*;
 /// Every metric name a threshold accepts, for error messages and `--help`.
 pub const KNOWN_METRICS: &str = "p50, p90, p99, p999, max, connect_p99, resume_p99, \
      ops_per_s, ops, errors, errors.<code>, reconnects, resumes_failed, lost_acked_ops, \
-     duplicate_ops, event_gaps, event_duplicates, state_mismatches, failover_p99, \
+     sessions_sent_away, duplicate_ops, event_gaps, event_duplicates, state_mismatches, failover_p99, \
      failover_max, peak_rss_bytes";
 
 /// Every comparison operator a threshold accepts, for error messages.
@@ -210,6 +210,8 @@ pub enum Metric {
     ResumesFailed,
     /// `lost_acked_ops`: acknowledged ops missing from the server's state.
     LostAckedOps,
+    /// `sessions_sent_away`: sessions whose only client the server told to stop.
+    SessionsSentAway,
     /// `duplicate_ops`: ops applied more than once.
     DuplicateOps,
     /// `event_gaps`: events skipped.
@@ -287,6 +289,7 @@ impl Metric {
             "reconnects" => Metric::Reconnects,
             "resumes_failed" => Metric::ResumesFailed,
             "lost_acked_ops" => Metric::LostAckedOps,
+            "sessions_sent_away" => Metric::SessionsSentAway,
             "duplicate_ops" => Metric::DuplicateOps,
             "event_gaps" => Metric::EventGaps,
             "event_duplicates" => Metric::EventDuplicates,
@@ -317,6 +320,7 @@ impl Metric {
             | Metric::Reconnects
             | Metric::ResumesFailed
             | Metric::LostAckedOps
+            | Metric::SessionsSentAway
             | Metric::DuplicateOps
             | Metric::EventGaps
             | Metric::EventDuplicates
@@ -342,6 +346,7 @@ impl Metric {
             Metric::Reconnects => r.reconnects as f64,
             Metric::ResumesFailed => r.resumes_failed as f64,
             Metric::LostAckedOps => v.lost_acked_ops as f64,
+            Metric::SessionsSentAway => v.sessions_sent_away as f64,
             Metric::DuplicateOps => v.duplicate_ops as f64,
             Metric::EventGaps => v.event_gaps as f64,
             Metric::EventDuplicates => v.event_duplicates as f64,
@@ -380,6 +385,7 @@ impl fmt::Display for Metric {
             Metric::Reconnects => "reconnects",
             Metric::ResumesFailed => "resumes_failed",
             Metric::LostAckedOps => "lost_acked_ops",
+            Metric::SessionsSentAway => "sessions_sent_away",
             Metric::DuplicateOps => "duplicate_ops",
             Metric::EventGaps => "event_gaps",
             Metric::EventDuplicates => "event_duplicates",
@@ -634,6 +640,7 @@ mod tests {
             verify: Verify {
                 sessions_checked: 100,
                 lost_acked_ops: 2,
+                sessions_sent_away: 9,
                 duplicate_ops: 3,
                 event_gaps: 4,
                 event_duplicates: 5,
@@ -928,6 +935,7 @@ mod tests {
             ("reconnects==7", "7"),
             ("resumes_failed==1", "1"),
             ("lost_acked_ops==2", "2"),
+            ("sessions_sent_away==9", "9"),
             ("duplicate_ops==3", "3"),
             ("event_gaps==4", "4"),
             ("event_duplicates==5", "5"),

@@ -377,16 +377,24 @@ fn assert_clean(what: &str, r: &RunResult) {
         v.sessions_checked, r.sessions,
         "{what}: every session verified"
     );
+    let problems: Vec<String> = r
+        .problems
+        .iter()
+        .map(berth_loadtest::report::problem_line)
+        .collect();
     assert_eq!(
         (
             v.lost_acked_ops,
+            v.sessions_sent_away,
             v.duplicate_ops,
             v.state_mismatches,
             v.event_gaps,
             v.event_duplicates
         ),
-        (0, 0, 0, 0, 0),
-        "{what}: nothing lost, nothing applied twice, state never went backwards"
+        (0, 0, 0, 0, 0, 0),
+        "{what}: nothing lost, no client sent away, nothing applied twice, state never went backwards; {} problem sessions:\n{}",
+        problems.len(),
+        problems.join("\n")
     );
 }
 

@@ -67,9 +67,10 @@ async fn every_scenario_runs_clean_and_the_json_has_every_field() {
                 v.duplicate_ops,
                 v.event_gaps,
                 v.event_duplicates,
-                v.state_mismatches
+                v.state_mismatches,
+                v.sessions_sent_away
             ),
-            (0, 0, 0, 0, 0),
+            (0, 0, 0, 0, 0, 0),
             "{scenario:?}: {v:?}"
         );
         assert_eq!(v.sessions_checked, 20, "{scenario:?}");
@@ -156,8 +157,13 @@ async fn local_cluster_with_a_kill_reports_a_failover_window_and_loses_nothing()
     eprintln!("{}", report::summary(&r, &[]));
     let v = &r.verify;
     assert_eq!(
-        (v.lost_acked_ops, v.duplicate_ops, v.state_mismatches),
-        (0, 0, 0),
+        (
+            v.lost_acked_ops,
+            v.duplicate_ops,
+            v.state_mismatches,
+            v.sessions_sent_away
+        ),
+        (0, 0, 0, 0),
         "{v:?}"
     );
     assert_eq!(r.failover.len(), 1);
