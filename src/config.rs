@@ -262,6 +262,11 @@ pub struct ClusterConfig {
     /// Readiness turns 503 after Consul has been failing this long, in ms (the
     /// last known members stay in use meanwhile).
     pub consul_grace_ms: u64,
+    /// A node whose store has been unreachable this long, in ms, marks its
+    /// Consul check critical and leaves the ring until the store answers
+    /// again (its sessions move to nodes that can serve them). A node never
+    /// joins before its store has answered once.
+    pub unready_leave_ms: u64,
     /// How long a connection holds ops while its session moves to another
     /// owner, in ms; past it they answer `unavailable`.
     pub hold_ms: u64,
@@ -289,6 +294,7 @@ impl Default for ClusterConfig {
             vnodes: 4096,
             ttl_ms: 1_000,
             consul_grace_ms: 10_000,
+            unready_leave_ms: 10_000,
             hold_ms: 5_000,
             hold_max: 256,
             peer_timeout_ms: 2_000,

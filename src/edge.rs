@@ -17,14 +17,13 @@ use actix_ws::{AggregatedMessage, CloseReason, ProtocolError, Session as WsSessi
 use berth_actors::app::Application;
 use berth_actors::conn::{conn_channel, ConnMsg};
 use berth_actors::ids::SessionId;
-use berth_actors::protocol::Welcome;
 use berth_actors::protocol::{ClientMsg, CloseCode, ErrorBody, ErrorCode, OpReply, ServerMsg};
-use berth_actors::session::{AttachError, NotHere};
+use berth_actors::session::{AttachError, Claim, NotHere};
 use futures_util::future::{FutureExt, LocalBoxFuture};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use crate::node::Node;
-use crate::router::{AttachFail, Route};
+use crate::router::{AttachFail, Attached, Route};
 
 /// Capacity of the actor -> connection channel (events and closes).
 const CONN_CHANNEL: usize = 2048;
@@ -166,6 +165,10 @@ struct Bound {
     delivered: u64,
     /// Highest seq the client acknowledged (what a re-attach trims up to).
     acked: u64,
+    /// The rank of this connection's hello: a re-route carries it, so the
+    /// actor never lets it take the session from a connection whose hello
+    /// came later.
+    claim: Claim,
 }
 
 struct Conn {
@@ -180,7 +183,7 @@ struct Conn {
     replies: FuturesOrdered<LocalBoxFuture<'static, Result<OpReply, NotHere>>>,
     /// While routing again: when held ops give up.
     reroute_deadline: Option<tokio::time::Instant>,
-    reroute: Option<LocalBoxFuture<'static, Result<(Welcome, Route), AttachFail>>>,
+    reroute: Option<LocalBoxFuture<'static, Attached>>,
     /// Answers ready to be written (rate-limited ops, held ops that gave up).
     ready: VecDeque<OpReply>,
     bucket: Bucket,
@@ -279,11 +282,14 @@ impl Conn {
                 r = async { self.reroute.as_mut().expect("reroute").await }, if self.reroute.is_some() => {
                     self.reroute = None;
                     match r {
-                        Ok((_, route)) => {
+                        Ok((_, route, claim)) => {
                             tracing::debug!("connection routed again");
                             self.reroute_deadline = None;
                             retry_at = None;
-                            if let Some(b) = self.bound.as_mut() { b.route = Some(route); }
+                            if let Some(b) = self.bound.as_mut() {
+                                b.route = Some(route);
+                                b.claim = claim;
+                            }
                             self.dispatch_pending();
                         }
                         Err(AttachFail::Refused(e)) => {
@@ -292,7 +298,8 @@ impl Conn {
                                 _ => break Exit::Gone,
                             }
                         }
-                        Err(AttachFail::Retry(why)) => {
+                        Err(fail @ (AttachFail::Retry(_) | AttachFail::Moving)) => {
+                            let why = fail_text(&fail);
                             let now = tokio::time::Instant::now();
                             if self.reroute_deadline.is_some_and(|d| now >= d) {
                                 tracing::debug!(%why, held = self.pending.len(), "session unreachable for the hold time; answering held ops `unavailable`");
@@ -392,8 +399,11 @@ impl Conn {
         }
         let router = self.node.router.clone();
         let (conn, id, token, ack) = (self.conn.clone(), b.id.clone(), b.token.clone(), b.acked);
+        let claim = b.claim;
         self.reroute = Some(Box::pin(async move {
-            router.attach(&conn, &id, &token, ack, false).await
+            router
+                .attach(&conn, &id, &token, ack, false, Some(claim))
+                .await
         }));
     }
 
@@ -613,10 +623,10 @@ impl Conn {
             match self
                 .node
                 .router
-                .attach(&self.conn, &id, &token, ack, create)
+                .attach(&self.conn, &id, &token, ack, create, None)
                 .await
             {
-                Ok((welcome, route)) => {
+                Ok((welcome, route, claim)) => {
                     let delivered = ack;
                     self.bound = Some(Bound {
                         id,
@@ -624,18 +634,20 @@ impl Conn {
                         route: Some(route),
                         delivered,
                         acked: ack,
+                        claim,
                     });
                     send(&mut self.ws, &ServerMsg::Welcome(welcome)).await?;
                     return Ok(None);
                 }
                 Err(AttachFail::Refused(e)) => return self.refuse(e).await,
-                Err(AttachFail::Retry(why)) => {
+                Err(fail) => {
+                    let why = fail_text(&fail);
                     tracing::debug!(%why, session = %id, "attach will be retried");
                     if Instant::now() >= deadline {
                         return self.refuse(AttachError::Unavailable(why)).await;
                     }
-                    // A create that reached an owner may have happened: resume it after.
-                    create = create && !why.contains("moving");
+                    // A create that reached an owner has happened: resume it after.
+                    create = create && !matches!(fail, AttachFail::Moving);
                     tokio::time::sleep(REROUTE_RETRY).await;
                 }
             }
@@ -645,6 +657,11 @@ impl Conn {
     /// Answers a failed `hello` and closes as protocol.md says.
     async fn refuse(&mut self, e: AttachError) -> Result<Option<Exit>, actix_ws::Closed> {
         let (code, close) = match &e {
+            // As when the actor hands the session to a newer connection: the
+            // close says it all.
+            AttachError::Superseded => {
+                return Ok(Some(Exit::Close(CloseCode::TakenOver, e.to_string())))
+            }
             AttachError::BadToken => (ErrorCode::BadToken, CloseCode::Policy),
             AttachError::NotFound => (ErrorCode::SessionNotFound, CloseCode::SessionNotFound),
             AttachError::Unavailable(_) => (ErrorCode::Unavailable, CloseCode::TryAgainLater),
@@ -655,6 +672,15 @@ impl Conn {
         let msg = e.to_string();
         self.error(code, msg.clone()).await?;
         Ok(Some(Exit::Close(close, msg)))
+    }
+}
+
+/// What a transient attach failure says, for the log and a final `unavailable`.
+fn fail_text(fail: &AttachFail) -> String {
+    match fail {
+        AttachFail::Retry(why) => why.clone(),
+        AttachFail::Moving => "the session is moving".into(),
+        AttachFail::Refused(e) => e.to_string(),
     }
 }
 

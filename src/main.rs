@@ -192,11 +192,14 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
         public: Some(public_addr.to_string()),
         version: Some(env!("CARGO_PKG_VERSION").to_owned()),
     };
+    // Set by the health loop once the store answers: the node joins the
+    // ring only when it can activate sessions.
+    let (serving, serving_rx) = tokio::sync::watch::channel(false);
     let membership = Arc::new(match &cfg.cluster.consul_addr {
         Some(addr) => {
             let mut c = ConsulConfig::new(addr.clone(), cfg.cluster.service.clone());
             c.ttl = Duration::from_millis(cfg.cluster.ttl_ms);
-            spawn_consul(c, self_member.clone()).context("cluster.consul_addr")?
+            spawn_consul(c, self_member.clone(), serving_rx).context("cluster.consul_addr")?
         }
         None if cfg.cluster.members.is_empty() => static_membership(vec![self_member.clone()]),
         None => static_membership(
@@ -230,6 +233,11 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
             vnodes: cfg.cluster.vnodes,
             auth: auth.clone(),
             peer_timeout: Duration::from_millis(cfg.cluster.peer_timeout_ms),
+            // The owner may wait on the store twice (activation, then the
+            // lease check), each up to store.op_timeout_ms.
+            attach_timeout: Duration::from_millis(
+                cfg.cluster.peer_timeout_ms + 2 * cfg.store.op_timeout_ms,
+            ),
             new_sessions_local: cfg.cluster.new_sessions_local,
         },
         host.clone(),
@@ -272,6 +280,7 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
         host.clone(),
         router.clone(),
         membership.clone(),
+        serving,
     ));
     let deadline = Duration::from_millis(cfg.shutdown.deadline_ms);
     let n = node.clone();
@@ -398,14 +407,27 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks the store now and then; readiness follows it.
+/// Checks the store now and then; readiness follows it, and so does
+/// `node.serving` (ring membership): true from the first answer, false once
+/// the store has failed for `cluster.unready_leave_ms`.
 async fn health_loop(node: Arc<Node>) {
     let every = Duration::from_millis(node.cfg.store.health_interval_ms);
+    let leave_after = Duration::from_millis(node.cfg.cluster.unready_leave_ms);
     let store = node.host.store().clone();
     let mut was_ok: Option<bool> = None;
+    let mut failing_since: Option<Instant> = None;
     loop {
         let r = store.ping().await;
         let ok = r.is_ok();
+        let serving = if ok {
+            failing_since = None;
+            true
+        } else {
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            *node.serving.borrow() && since.elapsed() < leave_after
+        };
+        node.serving
+            .send_if_modified(|s| std::mem::replace(s, serving) != serving);
         {
             let mut rd = node.readiness.lock().unwrap_or_else(|p| p.into_inner());
             rd.store_seen = true;

@@ -51,6 +51,10 @@ pub struct Node {
     pub drain_requested: watch::Sender<bool>,
     /// Store reachability.
     pub readiness: Mutex<Readiness>,
+    /// Whether this node can serve sessions (its store answered, and has not
+    /// been failing for `cluster.unready_leave_ms`): membership passes the
+    /// Consul check only while it is true.
+    pub serving: watch::Sender<bool>,
     /// ETag of the demo page.
     pub demo_etag: String,
     /// When the node started.
@@ -65,6 +69,7 @@ impl Node {
         host: Host<KvApp>,
         router: Arc<Router>,
         membership: Arc<MembershipHandle>,
+        serving: watch::Sender<bool>,
     ) -> Self {
         Node {
             node_id,
@@ -78,6 +83,7 @@ impl Node {
             stopping: watch::Sender::new(false),
             drain_requested: watch::Sender::new(false),
             readiness: Mutex::new(Readiness::default()),
+            serving,
             demo_etag: crate::edge::demo_etag(),
             started: Instant::now(),
         }

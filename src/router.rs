@@ -23,12 +23,14 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use actix::Addr;
-use berth_actors::conn::{conn_channel, ConnHandle, ConnMsg};
+use berth_actors::conn::{conn_channel, ConnHandle, ConnMsg, ConnReceiver};
 use berth_actors::host::Host;
 use berth_actors::ids::SessionId;
 use berth_actors::kv::KvApp;
 use berth_actors::protocol::{CloseCode, Event, OpReply, Welcome};
-use berth_actors::session::{Ack, Attach, AttachError, Bye, Detach, NotHere, Op, SessionActor};
+use berth_actors::session::{
+    Ack, Attach, AttachError, Bye, Claim, Detach, NotHere, Op, Origin, QueuedOp, SessionActor,
+};
 use berth_cluster::membership::View;
 use berth_cluster::peer::{Link, PeerError, PeerHandler};
 use berth_cluster::ring::{MemberId, Ring};
@@ -64,14 +66,20 @@ struct AttachReq {
     session: String,
     token: String,
     ack: u64,
-    edge_conn: u64,
+    /// The client connection (`origin.conn` is the edge's connection id).
+    origin: Origin,
+    /// This attempt: pushes for it carry it, and a later attempt of the same
+    /// connection wins over an earlier one that completes late.
+    attempt: u64,
     create: bool,
+    /// `None` for a hello; the connection's claim when it routes again.
+    reattach: Option<Claim>,
 }
 
 /// Answers of an owner.
 #[derive(Debug, Encode, Decode)]
 enum PeerResp {
-    Welcome(String),
+    Welcome { json: String, claim: Claim },
     AttachErr { kind: u8, message: String },
     NotOwner,
     Reply(String),
@@ -87,25 +95,31 @@ enum PeerPush {
         edge_conn: u64,
         seq: u64,
     },
+    /// The edge connection ended or gave up on `attempt` (and every earlier one).
     Detach {
         edge_conn: u64,
+        attempt: u64,
     },
     Bye {
         edge_conn: u64,
     },
-    // owner -> edge
+    // owner -> edge: each names the attach attempt whose proxy sends it, so
+    // a proxy of an abandoned attempt cannot reach a connection routed anew.
     Event {
         edge_conn: u64,
+        attempt: u64,
         seq: u64,
         body: String,
     },
     Close {
         edge_conn: u64,
+        attempt: u64,
         code: u16,
         reason: String,
     },
     Moved {
         edge_conn: u64,
+        attempt: u64,
     },
 }
 
@@ -127,6 +141,7 @@ fn attach_err_kind(e: &AttachError) -> (u8, String) {
         AttachError::Moved => 4,
         AttachError::ShuttingDown => 5,
         AttachError::Corrupt(_) => 6,
+        AttachError::Superseded => 7,
     };
     (k, e.to_string())
 }
@@ -138,6 +153,7 @@ fn attach_err_of(kind: u8, message: String) -> AttachError {
         4 => AttachError::Moved,
         5 => AttachError::ShuttingDown,
         6 => AttachError::Corrupt(message),
+        7 => AttachError::Superseded,
         _ => AttachError::Unavailable(message),
     }
 }
@@ -161,9 +177,18 @@ fn close_code_of(code: u16) -> CloseCode {
 pub enum Route {
     /// On this node.
     Local(Addr<SessionActor<KvApp>>),
-    /// On another node, over this link.
-    Remote(Link),
+    /// On another node, over this link, attached by this attempt.
+    Remote {
+        /// The link to the owner.
+        link: Link,
+        /// The attach attempt the owner's proxy belongs to.
+        attempt: u64,
+    },
 }
+
+/// What [`Router::attach`] answers: the welcome, the route and the
+/// connection's claim, or why not.
+pub type Attached = Result<(Welcome, Route, Claim), AttachFail>;
 
 /// Why an attach did not succeed.
 #[derive(Debug)]
@@ -172,13 +197,31 @@ pub enum AttachFail {
     Refused(AttachError),
     /// Transient (owner unreachable, views not converged yet): try again shortly.
     Retry(String),
+    /// The session is moving between activations; a `create` that got this
+    /// far reached an owner, so the retry must resume, not create.
+    Moving,
 }
 
 /// A session hosted here for a connection on another node's edge.
 struct Proxy {
     addr: Addr<SessionActor<KvApp>>,
     conn_id: u64,
+    attempt: u64,
+    /// The link the attach came on (its pushes go back on it).
+    link: Link,
 }
+
+/// An edge connection of this node routed to another node.
+struct EdgeConn {
+    member: MemberId,
+    attempt: u64,
+    link: Link,
+    handle: ConnHandle,
+}
+
+/// How long an owner remembers that an edge gave up on an attach attempt,
+/// so the attempt, if it completes after that, detaches at once.
+const ABANDONED_KEEP: Duration = Duration::from_secs(60);
 
 /// Routing settings.
 #[derive(Debug, Clone)]
@@ -194,6 +237,10 @@ pub struct RouterConfig {
     pub auth: berth_cluster::peer::PeerAuth,
     /// Deadline of one peer request.
     pub peer_timeout: Duration,
+    /// Deadline of a remote attach: above the owner's worst case (an
+    /// activation or lease check waiting on the store), so a slow owner is
+    /// not taken for a dead one. A membership change ends the wait sooner.
+    pub attach_timeout: Duration,
     /// New sessions get ids this node owns (see [`Router::new_session_id`]).
     pub new_sessions_local: bool,
 }
@@ -213,9 +260,17 @@ pub struct Router {
     /// dead member is not dialled by every waiting attach every 50 ms.
     dials: Mutex<HashMap<MemberId, DialGate>>,
     /// Edge connections of this node routed to another node: pushes reach them here.
-    edge_conns: Mutex<HashMap<u64, (MemberId, ConnHandle)>>,
+    edge_conns: Mutex<HashMap<u64, EdgeConn>>,
     /// Sessions hosted here for other nodes' edge connections.
     proxies: Mutex<HashMap<(MemberId, u64), Proxy>>,
+    /// Attach attempts their edge gave up on (by `Detach`), with when: one
+    /// that completes later detaches at once instead of staying attached.
+    abandoned: Mutex<HashMap<(MemberId, u64), (u64, std::time::Instant)>>,
+    /// This process's nonce in [`Origin`]s: a node restarted under the same
+    /// id is another edge, whose connection ids start again from 1.
+    incarnation: u64,
+    /// The next attach attempt (grows; orders attempts of one connection).
+    next_attempt: std::sync::atomic::AtomicU64,
     me_weak: Weak<Router>,
     /// Arbiters that host sessions attached from other nodes (peer links run
     /// on plain tokio tasks, and session actors need an actix arbiter).
@@ -247,6 +302,9 @@ impl Router {
             dials: Mutex::default(),
             edge_conns: Mutex::default(),
             proxies: Mutex::default(),
+            abandoned: Mutex::default(),
+            incarnation: rand::random(),
+            next_attempt: std::sync::atomic::AtomicU64::new(1),
             me_weak: me_weak.clone(),
             arbiters,
             next_arbiter: Default::default(),
@@ -441,7 +499,13 @@ impl Router {
         Ok(open().unwrap_or(link))
     }
 
-    /// Attaches `conn` to session `id` wherever it lives.
+    /// Attaches `conn` to session `id` wherever it lives. `reattach` is
+    /// `None` for a client's `hello` and the connection's claim when it routes
+    /// again (see [`Attach`]). Answers the welcome, the route and the claim.
+    ///
+    /// If this future is dropped or fails after the attach may have reached
+    /// an owner, the owner is told to detach that attempt (see
+    /// [`Abandon`]): an attach nobody waits for never stays attached.
     pub async fn attach(
         &self,
         conn: &ConnHandle,
@@ -449,84 +513,122 @@ impl Router {
         token: &str,
         ack: u64,
         create: bool,
-    ) -> Result<(Welcome, Route), AttachFail> {
+        reattach: Option<Claim>,
+    ) -> Attached {
         lock(&self.edge_conns).remove(&conn.id());
-        match self.owner(id) {
-            None => self
-                .attach_local(conn.clone(), id, token, ack, create)
-                .await
-                .map(|(w, a)| (w, Route::Local(a))),
-            Some(member) => {
-                // Connecting to a member that just died can take seconds (a
-                // vanished address answers nothing); the next view usually
-                // names another owner, so a view change ends the wait.
-                let mut views = self.view.subscribe();
-                let link = tokio::select! {
-                    link = self.link(&member) => link.map_err(|e| AttachFail::Retry(e.to_string()))?,
-                    _ = views.changed() => {
-                        return Err(AttachFail::Retry(format!(
-                            "membership changed while connecting to {member}"
-                        )))
-                    }
-                };
-                lock(&self.edge_conns).insert(conn.id(), (member.clone(), conn.clone()));
-                let req = PeerReq::Attach(AttachReq {
-                    session: id.to_string(),
-                    token: token.to_owned(),
+        let origin = Origin {
+            edge: self.incarnation,
+            conn: conn.id(),
+        };
+        let attempt = self.next_attempt.fetch_add(1, Ordering::Relaxed);
+        let Some(member) = self.owner(id) else {
+            return self
+                .attach_local(
+                    conn.clone(),
+                    origin,
+                    attempt,
+                    id,
+                    token,
                     ack,
-                    edge_conn: conn.id(),
                     create,
-                });
-                let resp = link
-                    .request(enc(&req), self.cfg.peer_timeout)
-                    .await
-                    .map_err(|e| AttachFail::Retry(e.to_string()));
-                let resp = match resp {
-                    Ok(bytes) => dec::<PeerResp>(&bytes),
-                    Err(e) => {
-                        lock(&self.edge_conns).remove(&conn.id());
-                        return Err(e);
-                    }
-                };
-                let out = match resp {
-                    Some(PeerResp::Welcome(json)) => match serde_json::from_str::<Welcome>(&json) {
-                        Ok(w) => {
-                            metrics::counter!("berth_forwarded_attaches_total").increment(1);
-                            return Ok((w, Route::Remote(link)));
-                        }
-                        Err(e) => AttachFail::Retry(format!("bad welcome from {member}: {e}")),
-                    },
-                    Some(PeerResp::AttachErr { kind, message }) => {
-                        match attach_err_of(kind, message) {
-                            AttachError::Unavailable(m) => AttachFail::Retry(m),
-                            AttachError::Moved => AttachFail::Retry("session moving".into()),
-                            other => AttachFail::Refused(other),
-                        }
-                    }
-                    Some(PeerResp::NotOwner) => {
-                        AttachFail::Retry(format!("{member} does not own the session yet"))
-                    }
-                    _ => AttachFail::Retry(format!("unexpected answer from {member}")),
-                };
+                    reattach,
+                )
+                .await
+                .map(|(w, claim, a)| (w, Route::Local(a), claim));
+        };
+        // Connecting to a member that just died can take seconds (a vanished
+        // address answers nothing); the next view usually names another owner,
+        // so a view change ends the wait.
+        let mut views = self.view.subscribe();
+        let changed = |member: &MemberId| {
+            AttachFail::Retry(format!("membership changed while attaching at {member}"))
+        };
+        let link = tokio::select! {
+            link = self.link(&member) => link.map_err(|e| AttachFail::Retry(e.to_string()))?,
+            _ = views.changed() => return Err(changed(&member)),
+        };
+        lock(&self.edge_conns).insert(
+            conn.id(),
+            EdgeConn {
+                member: member.clone(),
+                attempt,
+                link: link.clone(),
+                handle: conn.clone(),
+            },
+        );
+        let req = PeerReq::Attach(AttachReq {
+            session: id.to_string(),
+            token: token.to_owned(),
+            ack,
+            origin,
+            attempt,
+            create,
+            reattach,
+        });
+        let mut abandon = Abandon(Some(Undo::Remote {
+            router: self,
+            link: link.clone(),
+            edge_conn: conn.id(),
+            attempt,
+        }));
+        let resp = tokio::select! {
+            r = link.request(enc(&req), self.cfg.attach_timeout) => r,
+            _ = views.changed() => return Err(changed(&member)),
+        };
+        let resp = match resp {
+            Ok(bytes) => dec::<PeerResp>(&bytes),
+            Err(e) => return Err(AttachFail::Retry(e.to_string())),
+        };
+        match resp {
+            Some(PeerResp::Welcome { json, claim }) => match serde_json::from_str::<Welcome>(&json)
+            {
+                Ok(w) => {
+                    abandon.disarm();
+                    metrics::counter!("berth_forwarded_attaches_total").increment(1);
+                    Ok((w, Route::Remote { link, attempt }, claim))
+                }
+                Err(e) => Err(AttachFail::Retry(format!("bad welcome from {member}: {e}"))),
+            },
+            Some(PeerResp::AttachErr { kind, message }) => {
+                // Refused: nothing stays attached at the owner.
+                abandon.disarm();
                 lock(&self.edge_conns).remove(&conn.id());
-                Err(out)
+                Err(match attach_err_of(kind, message) {
+                    AttachError::Unavailable(m) => AttachFail::Retry(m),
+                    AttachError::Moved => AttachFail::Moving,
+                    other => AttachFail::Refused(other),
+                })
             }
+            Some(PeerResp::NotOwner) => {
+                abandon.disarm();
+                lock(&self.edge_conns).remove(&conn.id());
+                Err(AttachFail::Retry(format!(
+                    "{member} does not own the session yet"
+                )))
+            }
+            _ => Err(AttachFail::Retry(format!(
+                "unexpected answer from {member}"
+            ))),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn attach_local(
         &self,
         conn: ConnHandle,
+        origin: Origin,
+        attempt: u64,
         id: &SessionId,
         token: &str,
         ack: u64,
         create: bool,
-    ) -> Result<(Welcome, Addr<SessionActor<KvApp>>), AttachFail> {
+        reattach: Option<Claim>,
+    ) -> Result<(Welcome, Claim, Addr<SessionActor<KvApp>>), AttachFail> {
         if self.leaving.load(Ordering::Relaxed) {
             return Err(AttachFail::Retry("this node is leaving".into()));
         }
-        for attempt in 0..ATTACH_ATTEMPTS {
-            let addr = if create && attempt == 0 {
+        for n in 0..ATTACH_ATTEMPTS {
+            let addr = if create && n == 0 {
                 self.host.create_session_with(id.clone(), token)
             } else {
                 self.host.session(id)
@@ -535,22 +637,39 @@ impl Router {
                 conn: conn.clone(),
                 token: token.to_owned(),
                 ack,
+                origin,
+                attempt,
+                reattach,
             };
+            let mut abandon = Abandon(Some(Undo::Local {
+                addr: addr.clone(),
+                conn_id: conn.id(),
+            }));
             match addr.send(msg).await {
-                Ok(Ok(w)) => return Ok((w, addr)),
-                Ok(Err(AttachError::Unavailable(m))) => return Err(AttachFail::Retry(m)),
-                Ok(Err(AttachError::Moved)) => {
-                    return Err(AttachFail::Retry("session moving".into()))
+                Ok(Ok((w, claim))) => {
+                    abandon.disarm();
+                    return Ok((w, claim, addr));
                 }
-                Ok(Err(e)) => return Err(AttachFail::Refused(e)),
-                Err(_) => continue, // the actor stopped between lookup and attach
+                Ok(Err(e)) => {
+                    abandon.disarm();
+                    return Err(match e {
+                        AttachError::Unavailable(m) => AttachFail::Retry(m),
+                        AttachError::Moved => AttachFail::Moving,
+                        e => AttachFail::Refused(e),
+                    });
+                }
+                Err(_) => {
+                    abandon.disarm();
+                    continue; // the actor stopped between lookup and attach
+                }
             }
         }
         Err(AttachFail::Retry("session is restarting".into()))
     }
 
     /// Sends an op along `route`. The op is queued before this returns (ops
-    /// sent one after another are applied in that order); the future answers.
+    /// sent one after another are applied in that order, whatever the
+    /// actor's mailbox holds: see [`QueuedOp`]); the future answers.
     pub fn op(
         &self,
         route: &Route,
@@ -561,15 +680,18 @@ impl Router {
     ) -> LocalBoxFuture<'static, Result<OpReply, NotHere>> {
         match route {
             Route::Local(addr) => {
-                let req = addr.send(Op {
-                    conn_id,
-                    id,
-                    op,
-                    args,
-                });
-                async move { req.await.unwrap_or(Err(NotHere)) }.boxed_local()
+                let reply = queue_op(
+                    addr,
+                    Op {
+                        conn_id,
+                        id,
+                        op,
+                        args,
+                    },
+                );
+                async move { reply.await.unwrap_or(Err(NotHere)) }.boxed_local()
             }
-            Route::Remote(link) => {
+            Route::Remote { link, .. } => {
                 metrics::counter!("berth_forwarded_ops_total").increment(1);
                 let body = enc(&PeerReq::Op {
                     edge_conn: conn_id,
@@ -620,8 +742,8 @@ impl Router {
     pub fn ack(&self, route: &Route, conn_id: u64, seq: u64) {
         match route {
             Route::Local(a) => a.do_send(Ack { conn_id, seq }),
-            Route::Remote(l) => {
-                let _ = l.try_push(enc(&PeerPush::Ack {
+            Route::Remote { link, .. } => {
+                let _ = link.try_push(enc(&PeerPush::Ack {
                     edge_conn: conn_id,
                     seq,
                 }));
@@ -634,9 +756,7 @@ impl Router {
         lock(&self.edge_conns).remove(&conn_id);
         match route {
             Route::Local(a) => a.do_send(Detach { conn_id }),
-            Route::Remote(l) => {
-                let _ = l.try_push(enc(&PeerPush::Detach { edge_conn: conn_id }));
-            }
+            Route::Remote { link, attempt } => push_detach(link, conn_id, *attempt),
         }
     }
 
@@ -644,7 +764,7 @@ impl Router {
     pub async fn bye(&self, route: &Route, conn_id: u64) -> bool {
         match route {
             Route::Local(a) => a.send(Bye { conn_id }).await.is_ok(),
-            Route::Remote(l) => l
+            Route::Remote { link, .. } => link
                 .push(enc(&PeerPush::Bye { edge_conn: conn_id }))
                 .await
                 .is_ok(),
@@ -663,9 +783,12 @@ impl Router {
             session,
             token,
             ack,
-            edge_conn,
+            origin,
+            attempt,
             create,
+            reattach,
         } = req;
+        let edge_conn = origin.conn;
         let Some(id) = SessionId::parse(&session) else {
             let (kind, message) = attach_err_kind(&AttachError::NotFound);
             return futures_util::future::ready(enc(&PeerResp::AttachErr { kind, message }))
@@ -678,56 +801,45 @@ impl Router {
             return futures_util::future::ready(enc(&PeerResp::NotOwner)).boxed();
         };
         // The actor lives on this node's actix arbiters: run the attach there.
+        // Another attempt of the same edge connection (a retry after a
+        // timeout, a re-route) needs no retiring here: the actor replaces a
+        // handle of the same origin quietly and refuses an older attempt, and
+        // `keep_proxy` keeps the newest attempt's proxy.
         let (tx, rx) = tokio::sync::oneshot::channel();
         let work = async move {
-            // The same client connection attaching again (it re-routed, e.g.
-            // after a link timeout): retire its previous proxy quietly. Left
-            // attached, the actor would close it as "taken over" (4000) and
-            // that close would reach the very connection that is attaching.
-            // Queued before the attach, so the actor sees it first.
-            if let Some(old) = lock(&me.proxies).remove(&(from.clone(), edge_conn)) {
-                old.addr.do_send(Detach {
-                    conn_id: old.conn_id,
-                });
-            }
-            let (handle, mut recv) = conn_channel(2048);
+            let (handle, recv) = conn_channel(2048);
             let conn_id = handle.id();
-            let r = me.attach_local(handle, &id, &token, ack, create).await;
+            let r = me
+                .attach_local(handle, origin, attempt, &id, &token, ack, create, reattach)
+                .await;
             let resp = match r {
-                Ok((welcome, addr)) => {
-                    lock(&me.proxies).insert((from.clone(), edge_conn), Proxy { addr, conn_id });
-                    // Forward what the actor says to the remote edge.
-                    let link2 = link.clone();
-                    actix::spawn(async move {
-                        while let Some(m) = recv.recv().await {
-                            let (push, last) = match m {
-                                ConnMsg::Event(e) => (
-                                    PeerPush::Event {
-                                        edge_conn,
-                                        seq: e.seq,
-                                        body: e.body.to_string(),
-                                    },
-                                    false,
-                                ),
-                                ConnMsg::Close(code, reason) => (
-                                    PeerPush::Close {
-                                        edge_conn,
-                                        code: code.code(),
-                                        reason: reason.into(),
-                                    },
-                                    true,
-                                ),
-                                ConnMsg::Moved => (PeerPush::Moved { edge_conn }, true),
-                            };
-                            if link2.push(enc(&push)).await.is_err() || last {
-                                break;
-                            }
+                Ok((welcome, claim, addr)) => {
+                    let proxy = Proxy {
+                        addr: addr.clone(),
+                        conn_id,
+                        attempt,
+                        link: link.clone(),
+                    };
+                    if me.keep_proxy((from.clone(), edge_conn), proxy) {
+                        actix::spawn(forward_to_edge(recv, link, edge_conn, attempt));
+                        PeerResp::Welcome {
+                            json: serde_json::to_string(&welcome).unwrap_or_default(),
+                            claim,
                         }
-                    });
-                    PeerResp::Welcome(serde_json::to_string(&welcome).unwrap_or_default())
+                    } else {
+                        // The edge gave up on this attempt, or a newer one of
+                        // the same connection is attached already.
+                        addr.do_send(Detach { conn_id });
+                        let (kind, message) = attach_err_kind(&AttachError::Superseded);
+                        PeerResp::AttachErr { kind, message }
+                    }
                 }
                 Err(AttachFail::Refused(e)) => {
                     let (kind, message) = attach_err_kind(&e);
+                    PeerResp::AttachErr { kind, message }
+                }
+                Err(AttachFail::Moving) => {
+                    let (kind, message) = attach_err_kind(&AttachError::Moved);
                     PeerResp::AttachErr { kind, message }
                 }
                 Err(AttachFail::Retry(m)) => PeerResp::AttachErr {
@@ -739,6 +851,49 @@ impl Router {
         };
         self.spawn_on_arbiter(work);
         async move { rx.await.unwrap_or_else(|_| enc(&PeerResp::NotOwner)) }.boxed()
+    }
+
+    /// Records the proxy of a completed remote attach, unless its edge has
+    /// given up on that attempt or a newer attempt's proxy is recorded
+    /// already (attaches of one connection can complete out of order on
+    /// different arbiters). Answers whether it was kept.
+    fn keep_proxy(&self, key: (MemberId, u64), proxy: Proxy) -> bool {
+        let mut proxies = lock(&self.proxies);
+        let abandoned = lock(&self.abandoned)
+            .get(&key)
+            .is_some_and(|(a, _)| *a >= proxy.attempt);
+        if abandoned || proxies.get(&key).is_some_and(|p| p.attempt > proxy.attempt) {
+            return false;
+        }
+        proxies.insert(key, proxy);
+        true
+    }
+
+    /// The edge connection `key` ended or gave up on `attempt`: detaches its
+    /// proxy of that attempt or an earlier one; if none is recorded (the
+    /// attach is still on its way), remembers the attempt so that it detaches
+    /// when it completes.
+    fn edge_detached(&self, key: (MemberId, u64), attempt: u64) {
+        let gone = {
+            let mut proxies = lock(&self.proxies);
+            match proxies.get(&key) {
+                Some(p) if p.attempt == attempt => proxies.remove(&key),
+                Some(p) if p.attempt > attempt => None,
+                _ => {
+                    let mut ab = lock(&self.abandoned);
+                    if ab.len() >= 4096 {
+                        ab.retain(|_, (_, at)| at.elapsed() < ABANDONED_KEEP);
+                    }
+                    let now = std::time::Instant::now();
+                    let e = ab.entry(key.clone()).or_insert((attempt, now));
+                    *e = (e.0.max(attempt), now);
+                    proxies.remove(&key)
+                }
+            }
+        };
+        if let Some(p) = gone {
+            p.addr.do_send(Detach { conn_id: p.conn_id });
+        }
     }
 
     fn serve_op(
@@ -755,16 +910,36 @@ impl Router {
         let Some((addr, conn_id)) = proxy else {
             return futures_util::future::ready(enc(&PeerResp::Moved)).boxed();
         };
-        let args = serde_json::from_str(&args).unwrap_or(Value::Null);
+        let args = match serde_json::from_str(&args) {
+            Ok(a) => a,
+            Err(e) => {
+                // The edge re-encodes JSON it parsed: this is a bug or a
+                // version skew, not the client's fault. Not applied.
+                tracing::error!(error = %e, "undecodable op arguments from a peer");
+                let reply = OpReply::err(
+                    id,
+                    berth_actors::protocol::ErrorCode::Internal,
+                    "the op could not be forwarded to the session's owner",
+                    0,
+                );
+                return futures_util::future::ready(enc(&PeerResp::Reply(
+                    serde_json::to_string(&reply).unwrap_or_default(),
+                )))
+                .boxed();
+            }
+        };
         // Queued now, in the order the link delivered the requests.
-        let req = addr.send(Op {
-            conn_id,
-            id,
-            op,
-            args,
-        });
+        let reply = queue_op(
+            &addr,
+            Op {
+                conn_id,
+                id,
+                op,
+                args,
+            },
+        );
         async move {
-            match req.await {
+            match reply.await {
                 Ok(Ok(reply)) => enc(&PeerResp::Reply(
                     serde_json::to_string(&reply).unwrap_or_default(),
                 )),
@@ -772,6 +947,28 @@ impl Router {
             }
         }
         .boxed()
+    }
+
+    /// The edge connection `edge_conn` if `from`'s proxy of `attempt` is the
+    /// one it is routed through (pushes of any other proxy are stale); with
+    /// `take`, it is no longer routed.
+    fn routed_conn(
+        &self,
+        from: &MemberId,
+        edge_conn: u64,
+        attempt: u64,
+        take: bool,
+    ) -> Option<ConnHandle> {
+        let mut e = lock(&self.edge_conns);
+        let c = e.get(&edge_conn)?;
+        if &c.member != from || c.attempt != attempt {
+            return None;
+        }
+        if take {
+            e.remove(&edge_conn).map(|c| c.handle)
+        } else {
+            Some(c.handle.clone())
+        }
     }
 
     fn serve_push(&self, from: MemberId, msg: PeerPush) {
@@ -784,10 +981,8 @@ impl Router {
                     });
                 }
             }
-            PeerPush::Detach { edge_conn } => {
-                if let Some(p) = lock(&self.proxies).remove(&(from, edge_conn)) {
-                    p.addr.do_send(Detach { conn_id: p.conn_id });
-                }
+            PeerPush::Detach { edge_conn, attempt } => {
+                self.edge_detached((from, edge_conn), attempt)
             }
             PeerPush::Bye { edge_conn } => {
                 if let Some(p) = lock(&self.proxies).get(&(from, edge_conn)) {
@@ -796,37 +991,54 @@ impl Router {
             }
             PeerPush::Event {
                 edge_conn,
+                attempt,
                 seq,
                 body,
             } => {
-                if let Some((_, h)) = lock(&self.edge_conns).get(&edge_conn) {
-                    h.send_event(Event {
-                        seq,
-                        body: serde_json::from_str(&body).unwrap_or(Value::Null),
-                    });
+                let Some(h) = self.routed_conn(&from, edge_conn, attempt, false) else {
+                    return;
+                };
+                match serde_json::from_str(&body) {
+                    Ok(body) => {
+                        h.send_event(Event { seq, body });
+                    }
+                    Err(e) => {
+                        // Never deliver a mangled event: the client resumes and
+                        // the outbox replays it.
+                        tracing::error!(error = %e, seq, "undecodable event from the session's owner");
+                        h.force_close(CloseCode::Internal, "event could not be forwarded: resume");
+                    }
                 }
             }
             PeerPush::Close {
                 edge_conn,
+                attempt,
                 code,
                 reason,
             } => {
-                if let Some((_, h)) = lock(&self.edge_conns).remove(&edge_conn) {
+                if let Some(h) = self.routed_conn(&from, edge_conn, attempt, true) {
                     h.close(close_code_of(code), reason);
                 }
             }
-            PeerPush::Moved { edge_conn } => {
-                if let Some((_, h)) = lock(&self.edge_conns).remove(&edge_conn) {
+            PeerPush::Moved { edge_conn, attempt } => {
+                if let Some(h) = self.routed_conn(&from, edge_conn, attempt, true) {
                     h.moved();
                 }
             }
         }
     }
 
-    fn link_closed(&self, peer: MemberId) {
+    /// `link` closed: the proxies attached over it detach, and the edge
+    /// connections routed over it route again. Another link to the same peer
+    /// (a newer one, after a partition healed) keeps its own.
+    fn link_closed(&self, peer: &MemberId, link: &Link) {
         let gone: Vec<Proxy> = {
             let mut p = lock(&self.proxies);
-            let keys: Vec<_> = p.keys().filter(|(m, _)| m == &peer).cloned().collect();
+            let keys: Vec<_> = p
+                .iter()
+                .filter(|((m, _), x)| m == peer && x.link.same(link))
+                .map(|(k, _)| k.clone())
+                .collect();
             keys.into_iter().filter_map(|k| p.remove(&k)).collect()
         };
         for p in gone {
@@ -836,20 +1048,128 @@ impl Router {
             let mut e = lock(&self.edge_conns);
             let keys: Vec<u64> = e
                 .iter()
-                .filter(|(_, (m, _))| m == &peer)
+                .filter(|(_, c)| c.link.same(link))
                 .map(|(k, _)| *k)
                 .collect();
             keys.into_iter()
                 .filter_map(|k| e.remove(&k))
-                .map(|(_, h)| h)
+                .map(|c| c.handle)
                 .collect()
         };
         for h in moved {
             h.moved();
         }
         let mut links = lock(&self.links);
-        if links.get(&peer).is_some_and(|l| l.is_closed()) {
-            links.remove(&peer);
+        if links.get(peer).is_some_and(|l| l.same(link)) {
+            links.remove(peer);
+        }
+    }
+}
+
+/// Forwards what a proxy's actor says to the remote edge connection, tagged
+/// with the attempt that attached it. Ends with a close or a "moved", when
+/// the link fails, or when the actor drops the handle (another handle of the
+/// same connection replaced it quietly).
+async fn forward_to_edge(mut recv: ConnReceiver, link: Link, edge_conn: u64, attempt: u64) {
+    while let Some(m) = recv.recv().await {
+        let (push, last) = match m {
+            ConnMsg::Event(e) => (
+                PeerPush::Event {
+                    edge_conn,
+                    attempt,
+                    seq: e.seq,
+                    body: e.body.to_string(),
+                },
+                false,
+            ),
+            ConnMsg::Close(code, reason) => (
+                PeerPush::Close {
+                    edge_conn,
+                    attempt,
+                    code: code.code(),
+                    reason: reason.into(),
+                },
+                true,
+            ),
+            ConnMsg::Moved => (PeerPush::Moved { edge_conn, attempt }, true),
+        };
+        if link.push(enc(&push)).await.is_err() || last {
+            break;
+        }
+    }
+}
+
+/// Queues `op` on `addr` now (see [`QueuedOp`]); the receiver answers, or
+/// fails if the actor stopped before running it.
+fn queue_op(
+    addr: &Addr<SessionActor<KvApp>>,
+    op: Op,
+) -> tokio::sync::oneshot::Receiver<Result<OpReply, NotHere>> {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    addr.do_send(QueuedOp { op, reply });
+    rx
+}
+
+/// Tells an owner that this edge connection gave up on `attempt`. Sent
+/// without waiting when the link's queue has room, else by a task that
+/// waits for room (a lost detach would leave the session attached forever).
+fn push_detach(link: &Link, edge_conn: u64, attempt: u64) {
+    let body = enc(&PeerPush::Detach { edge_conn, attempt });
+    if !link.try_push(body.clone()) && !link.is_closed() {
+        let link = link.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(DETACH_PUSH_TIMEOUT, link.push(body)).await;
+        });
+    }
+}
+
+/// Longest wait for room on a link to send a detach.
+const DETACH_PUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An attach attempt in flight that may reach (or have reached) an actor:
+/// dropped before [`Abandon::disarm`] (the attach failed, timed out, or its
+/// connection ended while waiting), it detaches that attempt, so no actor
+/// stays attached to a connection that no longer waits for it.
+struct Abandon<'a>(Option<Undo<'a>>);
+
+enum Undo<'a> {
+    Local {
+        addr: Addr<SessionActor<KvApp>>,
+        conn_id: u64,
+    },
+    Remote {
+        router: &'a Router,
+        link: Link,
+        edge_conn: u64,
+        attempt: u64,
+    },
+}
+
+impl Abandon<'_> {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        match self.0.take() {
+            Some(Undo::Local { addr, conn_id }) => addr.do_send(Detach { conn_id }),
+            Some(Undo::Remote {
+                router,
+                link,
+                edge_conn,
+                attempt,
+            }) => {
+                {
+                    let mut e = lock(&router.edge_conns);
+                    if e.get(&edge_conn).is_some_and(|c| c.attempt == attempt) {
+                        e.remove(&edge_conn);
+                    }
+                }
+                push_detach(&link, edge_conn, attempt);
+            }
+            None => {}
         }
     }
 }
@@ -887,10 +1207,10 @@ impl PeerHandler for Handler {
         }
     }
 
-    fn closed(&self, peer: MemberId) {
+    fn closed(&self, peer: MemberId, link: Link) {
         if let Some(r) = self.0.upgrade() {
             tracing::info!(%peer, "peer link closed");
-            r.link_closed(peer);
+            r.link_closed(&peer, &link);
         }
     }
 }

@@ -76,6 +76,39 @@ pub enum AttachError {
     /// The stored checkpoint could not be read.
     #[error("stored session is unreadable: {0}")]
     Corrupt(String),
+    /// A connection whose `hello` came later holds the session (this attach
+    /// re-routes an older one), or this is a late attempt of an attach the
+    /// same connection already made again.
+    #[error("a newer connection took this session over")]
+    Superseded,
+}
+
+/// Which client connection an attach is for: the edge process it arrived at
+/// (a random nonce drawn at start-up, so a restarted node under the same id is
+/// another origin) and that edge's connection id. A re-route, a retried attach
+/// and a new proxy of one client connection all have the same origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, bincode::Encode, bincode::Decode)]
+pub struct Origin {
+    /// The edge process's nonce.
+    pub edge: u64,
+    /// The connection's id at that edge.
+    pub conn: u64,
+}
+
+/// The order of `hello`s of one session: the activation's epoch, then the
+/// hello's rank within that activation. A connection's claim is drawn when its
+/// `hello` attaches and carried by every re-route of that connection, so
+/// "whose hello came later" is decided by the actor, not by which attach
+/// reaches it last. Epochs grow with every activation, so a hello accepted by
+/// a newer activation outranks every hello of an older one.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, bincode::Encode, bincode::Decode,
+)]
+pub struct Claim {
+    /// Epoch of the activation that accepted the hello.
+    pub epoch: u64,
+    /// Rank of the hello within that activation (from 1).
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,12 +122,27 @@ struct Attached {
     conn: ConnHandle,
     /// Highest event seq written to this connection (or acknowledged by it).
     sent_upto: u64,
+    /// The client connection behind `conn`.
+    origin: Origin,
+    /// Its hello's rank.
+    claim: Claim,
 }
 
-/// Attach a connection (after `hello`). Answers the `welcome` to send; replayed
+/// Attach a connection (after `hello`, or when a connection routes again).
+/// Answers the `welcome` to send and the connection's [`Claim`]; replayed
 /// events are queued on the connection behind it.
+///
+/// The rules, in [`SessionActor`]'s `attach_now`:
+/// - the same origin as the attached connection (a re-route, a retried
+///   attach, another proxy of the same client connection): the handle is
+///   replaced quietly, unless this is an older attempt than the last one
+///   seen from that origin (refused with [`AttachError::Superseded`]);
+/// - a re-route (`reattach: Some(claim)`) whose claim is older than the
+///   newest hello this actor accepted: refused with `Superseded`;
+/// - otherwise the attached connection, if any, is closed with 4000 (taken
+///   over) and this one attaches; a hello draws a new claim.
 #[derive(Message)]
-#[rtype(result = "Result<Welcome, AttachError>")]
+#[rtype(result = "Result<(Welcome, Claim), AttachError>")]
 pub struct Attach {
     /// The connection.
     pub conn: ConnHandle,
@@ -102,6 +150,14 @@ pub struct Attach {
     pub token: String,
     /// Highest event seq the client has received.
     pub ack: u64,
+    /// The client connection this attach is for.
+    pub origin: Origin,
+    /// Grows with every attach an edge sends (per edge process): orders the
+    /// attempts of one origin.
+    pub attempt: u64,
+    /// `None` for a client's `hello`; the connection's claim when its edge
+    /// routes it again.
+    pub reattach: Option<Claim>,
 }
 
 /// The session is not (or no longer) held by this actor: the op was not
@@ -122,6 +178,21 @@ pub struct Op {
     pub op: String,
     /// Op arguments.
     pub args: Value,
+}
+
+/// An [`Op`] whose answer comes back on `reply`. Sent with `do_send`, it is
+/// queued at the moment it is sent, whatever the mailbox holds: ops sent one
+/// after another are applied in that order (a bounded mailbox would park a
+/// sender and let a later op overtake it). The edge bounds ops in flight per
+/// connection (`limits.max_inflight_ops`). If the actor stops before running
+/// it, `reply` is dropped: the op was not applied, route again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct QueuedOp {
+    /// The op.
+    pub op: Op,
+    /// Where its answer goes.
+    pub reply: tokio::sync::oneshot::Sender<Result<OpReply, NotHere>>,
 }
 
 /// The client acknowledged events up to `seq`.
@@ -177,6 +248,13 @@ pub struct SessionActor<A: Application> {
     /// Created by this activation and not yet welcomed.
     fresh: bool,
     conn: Option<Attached>,
+    /// Hellos accepted by this activation (the next claim's `seq`).
+    hellos: u64,
+    /// The newest claim this activation accepted.
+    newest: Option<Claim>,
+    /// The last origin attached and its attempt (late attempts are refused
+    /// even after that connection detached).
+    last_origin: Option<(Origin, u64)>,
     passivate_timer: Option<SpawnHandle>,
     event_timer: Option<SpawnHandle>,
     flush_timer: Option<SpawnHandle>,
@@ -206,6 +284,9 @@ impl<A: Application> SessionActor<A> {
             state: SessionState::new(TokenHash([0; 32])),
             epoch: 0,
             conn: None,
+            hellos: 0,
+            newest: None,
+            last_origin: None,
             passivate_timer: None,
             event_timer: None,
             flush_timer: None,
@@ -433,17 +514,49 @@ impl<A: Application> Actor for SessionActor<A> {
 }
 
 impl<A: Application> SessionActor<A> {
-    /// Attaches `msg.conn` (token already checked): takes over from an older
-    /// connection, answers the welcome, replays events.
-    fn attach_now(&mut self, msg: Attach, ctx: &mut Context<Self>) -> Result<Welcome, AttachError> {
+    /// Attaches `msg.conn` (token already checked) by the rules of
+    /// [`Attach`]: answers the welcome and the connection's claim, replays events.
+    fn attach_now(
+        &mut self,
+        msg: Attach,
+        ctx: &mut Context<Self>,
+    ) -> Result<(Welcome, Claim), AttachError> {
+        if self
+            .last_origin
+            .is_some_and(|(o, attempt)| o == msg.origin && msg.attempt < attempt)
+        {
+            return Err(AttachError::Superseded);
+        }
+        let same_origin = self.conn.as_ref().is_some_and(|a| a.origin == msg.origin);
+        let claim = match msg.reattach {
+            Some(c) if same_origin => c,
+            Some(c) => {
+                let held = self.conn.as_ref().map(|a| a.claim);
+                if held.into_iter().chain(self.newest).any(|n| c < n) {
+                    return Err(AttachError::Superseded);
+                }
+                c
+            }
+            None => {
+                self.hellos += 1;
+                Claim {
+                    epoch: self.epoch,
+                    seq: self.hellos,
+                }
+            }
+        };
         if let Some(old) = self.conn.take() {
-            if old.conn.id() != msg.conn.id() {
+            // Another handle of the same client connection is replaced quietly:
+            // dropping it ends its forwarder, and its client hears nothing.
+            if old.origin != msg.origin && old.conn.id() != msg.conn.id() {
                 old.conn.close(
                     CloseCode::TakenOver,
                     "a newer connection took this session over",
                 );
             }
         }
+        self.newest = self.newest.max(Some(claim));
+        self.last_origin = Some((msg.origin, msg.attempt));
         if let Some(h) = self.passivate_timer.take() {
             ctx.cancel_future(h);
         }
@@ -462,9 +575,11 @@ impl<A: Application> SessionActor<A> {
         self.conn = Some(Attached {
             conn: msg.conn,
             sent_upto: msg.ack.min(self.state.outbox.last_seq()),
+            origin: msg.origin,
+            claim,
         });
         self.deliver(ctx);
-        Ok(welcome)
+        Ok((welcome, claim))
     }
 
     /// Whether the epoch must be checked before serving: the lease ran out.
@@ -474,7 +589,7 @@ impl<A: Application> SessionActor<A> {
 }
 
 impl<A: Application> Handler<Attach> for SessionActor<A> {
-    type Result = AtomicResponse<Self, Result<Welcome, AttachError>>;
+    type Result = AtomicResponse<Self, Result<(Welcome, Claim), AttachError>>;
 
     fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) -> Self::Result {
         let now = |r| AtomicResponse::new(Box::pin(actix::fut::ready(r)));
@@ -494,11 +609,11 @@ impl<A: Application> Handler<Attach> for SessionActor<A> {
         // This actor may have outlived a partition while another node took the
         // session over: make sure no newer activation exists before serving.
         let fut = self.host.store.epoch(&self.id);
-        let attaching = msg.conn.id();
+        let attaching = msg.origin;
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(stored) if stored > act.epoch => {
                 tracing::info!(session = %act.id, ours = act.epoch, stored, "a newer activation exists: re-activating from the store");
-                if act.conn.as_ref().is_some_and(|a| a.conn.id() == attaching) {
+                if act.conn.as_ref().is_some_and(|a| a.origin == attaching) {
                     act.conn = None; // the connection that is attaching again: keep it open
                 } else {
                     act.close_conn(CloseCode::Restart, "session moved: resume");
@@ -519,9 +634,34 @@ impl<A: Application> Handler<Op> for SessionActor<A> {
     type Result = AtomicResponse<Self, Result<OpReply, NotHere>>;
 
     fn handle(&mut self, msg: Op, ctx: &mut Context<Self>) -> Self::Result {
-        let done = |r: OpReply| AtomicResponse::new(Box::pin(actix::fut::ready(Ok(r))));
+        AtomicResponse::new(self.run_op(msg, ctx))
+    }
+}
+
+impl<A: Application> Handler<QueuedOp> for SessionActor<A> {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: QueuedOp, ctx: &mut Context<Self>) -> Self::Result {
+        let QueuedOp { op, reply } = msg;
+        AtomicResponse::new(Box::pin(self.run_op(op, ctx).map(move |r, _, _| {
+            let _ = reply.send(r);
+        })))
+    }
+}
+
+impl<A: Application> SessionActor<A> {
+    /// Applies one op (the body of [`Op`] and [`QueuedOp`]); the future holds
+    /// the mailbox until the op's checkpoint is confirmed.
+    fn run_op(
+        &mut self,
+        msg: Op,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
+        let done = |r: OpReply| -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
+            Box::pin(actix::fut::ready(Ok(r)))
+        };
         if self.phase != Phase::Live {
-            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(NotHere))));
+            return Box::pin(actix::fut::ready(Err(NotHere)));
         }
         if self.conn.as_ref().map(|a| a.conn.id()) != Some(msg.conn_id) {
             return done(self.unavailable(msg.id, "this connection no longer holds the session"));
@@ -547,7 +687,7 @@ impl<A: Application> Handler<Op> for SessionActor<A> {
                 // from memory. If the store cannot say, the read is answered:
                 // reads stay available while Redis is down.
                 let fut = self.host.store.epoch(&self.id);
-                return AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
+                return Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
                     Ok(stored) if stored > act.epoch => {
                         tracing::info!(session = %act.id, ours = act.epoch, stored, "a newer activation exists: not answering from stale memory");
                         act.close_conn(CloseCode::Restart, "session moved: resume");
@@ -559,7 +699,7 @@ impl<A: Application> Handler<Op> for SessionActor<A> {
                         Ok(reply)
                     }
                     Err(_) => Ok(reply),
-                })));
+                }));
             }
             // Reads keep a session alive in the store too: refresh its time to
             // live now and then.
@@ -575,19 +715,17 @@ impl<A: Application> Handler<Op> for SessionActor<A> {
                 .host
                 .store
                 .save(&self.id, self.epoch, self.checkpoint_bytes());
-            return AtomicResponse::new(Box::pin(fut.into_actor(self).map(
-                move |res, act, ctx| {
-                    match res {
-                        Ok(()) => {
-                            act.dirty = false;
-                            act.last_saved = Instant::now();
-                        }
-                        Err(StoreError::Fenced { stored, .. }) => act.superseded(stored, ctx),
-                        Err(_) => {} // a read needs no checkpoint; the next write retries
+            return Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
+                match res {
+                    Ok(()) => {
+                        act.dirty = false;
+                        act.last_saved = Instant::now();
                     }
-                    Ok(reply)
-                },
-            )));
+                    Err(StoreError::Fenced { stored, .. }) => act.superseded(stored, ctx),
+                    Err(_) => {} // a read needs no checkpoint; the next write retries
+                }
+                Ok(reply)
+            }));
         };
         if interval {
             self.dirty = true;
@@ -602,27 +740,25 @@ impl<A: Application> Handler<Op> for SessionActor<A> {
             None => self.checkpoint_bytes(),
         };
         let fut = self.host.store.save(&self.id, self.epoch, bytes);
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
-            move |res, act, ctx| match res {
-                Ok(()) => {
-                    act.dirty = false;
-                    act.last_saved = Instant::now();
-                    act.last_confirmed = act.last_saved;
-                    act.deliver(ctx);
-                    Ok(reply)
-                }
-                Err(StoreError::Fenced { stored, .. }) => {
-                    act.state = *undo;
-                    let r = act.unavailable(reply.id, "session moved: retry");
-                    act.superseded(stored, ctx);
-                    Ok(r)
-                }
-                Err(e) => {
-                    act.state = *undo;
-                    Ok(act.unavailable(reply.id, format!("not applied, retry: {e}")))
-                }
-            },
-        )))
+        Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => {
+                act.dirty = false;
+                act.last_saved = Instant::now();
+                act.last_confirmed = act.last_saved;
+                act.deliver(ctx);
+                Ok(reply)
+            }
+            Err(StoreError::Fenced { stored, .. }) => {
+                act.state = *undo;
+                let r = act.unavailable(reply.id, "session moved: retry");
+                act.superseded(stored, ctx);
+                Ok(r)
+            }
+            Err(e) => {
+                act.state = *undo;
+                Ok(act.unavailable(reply.id, format!("not applied, retry: {e}")))
+            }
+        }))
     }
 }
 

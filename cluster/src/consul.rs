@@ -240,9 +240,24 @@ impl ConsulClient {
 
     /// Marks a TTL check as passing.
     pub async fn pass(&self, check_id: &str, timeout: Duration) -> Result<(), ConsulError> {
+        self.check_update("pass", check_id, timeout).await
+    }
+
+    /// Marks a TTL check as critical now (the instance leaves the passing set
+    /// at once instead of when its TTL runs out).
+    pub async fn fail(&self, check_id: &str, timeout: Duration) -> Result<(), ConsulError> {
+        self.check_update("fail", check_id, timeout).await
+    }
+
+    async fn check_update(
+        &self,
+        verb: &str,
+        check_id: &str,
+        timeout: Duration,
+    ) -> Result<(), ConsulError> {
         let resp = self
             .http()
-            .put(format!("{}/agent/check/pass/{check_id}", self.base))
+            .put(format!("{}/agent/check/{verb}/{check_id}", self.base))
             .timeout(timeout)
             .send()
             .await?;

@@ -8,6 +8,11 @@
 //!   TTL check that it passes several times per TTL, and watches the passing
 //!   instances with blocking queries.
 //!
+//! A node is in the passing set only while it can serve: the registrar passes
+//! its check only while the caller's `serving` signal is true (a node whose
+//! store is not reachable yet registers as critical and joins when it is), and
+//! marks it critical when the signal turns false.
+//!
 //! A Consul error never empties the view: it is logged and the last known view
 //! is kept (garage's `discovery_loop` rule), while [`MembershipHandle::health`]
 //! reports since when Consul has been failing so readiness can say so after a
@@ -255,9 +260,15 @@ fn member_of(i: crate::consul::Instance) -> Member {
     }
 }
 
-/// Registers `me` in Consul, keeps its TTL check passing, and watches the
-/// service's passing instances. Must be called inside a tokio runtime.
-pub fn spawn_consul(cfg: ConsulConfig, me: Member) -> Result<MembershipHandle, ConsulError> {
+/// Registers `me` in Consul, keeps its TTL check passing while `serving` is
+/// true (critical while it is false: the others do not route to a node that
+/// cannot activate sessions), and watches the service's passing instances.
+/// Must be called inside a tokio runtime.
+pub fn spawn_consul(
+    cfg: ConsulConfig,
+    me: Member,
+    serving: watch::Receiver<bool>,
+) -> Result<MembershipHandle, ConsulError> {
     let client = ConsulClient::new(&cfg.addr, cfg.call_timeout)?;
     let (tx, view) = watch::channel(Arc::new(View::new(Vec::new(), Source::Unknown)));
     let (stop, stop_rx) = watch::channel(Stop::Run);
@@ -270,6 +281,7 @@ pub fn spawn_consul(cfg: ConsulConfig, me: Member) -> Result<MembershipHandle, C
         me,
         shared.clone(),
         stop_rx.clone(),
+        serving,
     ));
     let watcher = tokio::spawn(run_watcher(client, cfg, tx, shared.clone(), stop_rx));
     Ok(MembershipHandle {
@@ -290,6 +302,7 @@ async fn run_registrar(
     me: Member,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<Stop>,
+    mut serving: watch::Receiver<bool>,
 ) {
     let (host, port) = match me.peer.rsplit_once(':') {
         Some((h, p)) => (h.to_owned(), p.parse().unwrap_or(0)),
@@ -303,7 +316,7 @@ async fn run_registrar(
     if let Some(v) = &me.version {
         meta.insert(META_VERSION.to_owned(), v.clone());
     }
-    let reg = Registration {
+    let mut reg = Registration {
         id: me.id.to_string(),
         name: cfg.service.clone(),
         address: host,
@@ -318,6 +331,8 @@ async fn run_registrar(
     };
     let every = cfg.ttl / cfg.passes_per_ttl.max(1);
     let mut registered = false;
+    // What the check last said: `Some(true)` passing, `Some(false)` critical.
+    let mut said: Option<bool> = None;
     client.pin().await;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -326,18 +341,32 @@ async fn run_registrar(
         if state != Stop::Run {
             break;
         }
+        let ready = *serving.borrow_and_update();
         let agent = client.pinned();
-        let r = if registered {
-            client.pass(&check_id(&me), cfg.call_timeout).await
-        } else {
+        let r = if !registered {
+            reg.check.status = if ready { "passing" } else { "critical" }.into();
             client.register(&reg, cfg.call_timeout).await
+        } else if ready {
+            client.pass(&check_id(&me), cfg.call_timeout).await
+        } else if said != Some(false) {
+            client.fail(&check_id(&me), cfg.call_timeout).await
+        } else {
+            Ok(()) // critical already: nothing to say until it can serve
         };
         match r {
             Ok(()) => {
                 if !registered {
-                    tracing::info!(member = %me.id, service = %cfg.service, "registered in consul");
+                    tracing::info!(member = %me.id, service = %cfg.service, serving = ready, "registered in consul");
+                }
+                if registered && said != Some(ready) {
+                    if ready {
+                        tracing::info!(member = %me.id, "ready to serve: passing the consul check, joining the ring");
+                    } else {
+                        tracing::warn!(member = %me.id, "cannot serve: consul check marked critical, leaving the ring until ready");
+                    }
                 }
                 registered = true;
+                said = Some(ready);
                 shared.set_registered(true);
                 shared.ok();
             }
@@ -346,6 +375,7 @@ async fn run_registrar(
                 // register again next time.
                 tracing::warn!(member = %me.id, error = %e, "consul registration/TTL pass failed; keeping the last known view");
                 registered = false;
+                said = None;
                 if matches!(e, ConsulError::Unreachable(_)) {
                     // That agent is gone: register with another one.
                     client.repin(agent).await;
@@ -357,6 +387,13 @@ async fn run_registrar(
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => {}
+            // A change of readiness is said at once, not at the next tick.
+            r = serving.changed() => {
+                if r.is_err() {
+                    // The signal's owner is gone: keep the last value.
+                    tick.tick().await;
+                }
+            }
         }
     }
     // Leave or halt: deregister first so the others drop us at once.

@@ -238,8 +238,9 @@ pub trait PeerHandler: Send + Sync + 'static {
     fn request(&self, from: MemberId, link: Link, body: Vec<u8>) -> BoxFuture<'static, Vec<u8>>;
     /// A one-way message from `from`.
     fn push(&self, from: MemberId, link: Link, body: Vec<u8>);
-    /// A link ended (the peer died, left or the network broke).
-    fn closed(&self, _peer: MemberId) {}
+    /// `link` to `peer` ended (the peer died, left or the network broke).
+    /// Another link to the same peer may still be open.
+    fn closed(&self, _peer: MemberId, _link: Link) {}
 }
 
 struct LinkInner {
@@ -266,6 +267,11 @@ impl Link {
     /// The peer's member id (as it proved it).
     pub fn peer(&self) -> &MemberId {
         &self.inner.peer
+    }
+
+    /// Whether `other` is this very link (not merely a link to the same peer).
+    pub fn same(&self, other: &Link) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// Whether the link has closed.
@@ -471,7 +477,7 @@ fn run_link(t: Transport, peer: MemberId, handler: Arc<dyn PeerHandler>) -> Link
         }
         reader_link.inner.closed.send_replace(true);
         reader_link.fail_pending();
-        handler.closed(reader_link.peer().clone());
+        handler.closed(reader_link.peer().clone(), reader_link.clone());
     });
     link
 }

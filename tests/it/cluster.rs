@@ -17,6 +17,31 @@ async fn three_nodes(consul: &Consul, redis: &Redis) -> Vec<Berth> {
     nodes
 }
 
+/// Nodes a and b with a static member list (no Consul), with `extra` settings.
+fn static_pair(redis: &Redis, extra: &[(&str, &str)]) -> (Berth, Berth) {
+    let (pa, pb) = (free_port(), free_port());
+    let members = format!("a=127.0.0.1:{pa},b=127.0.0.1:{pb}");
+    let env = |id: &str, port: u16| {
+        let mut env = base_env();
+        env.extend([
+            ("BERTH__STORE__REDIS_URL".to_string(), redis.url()),
+            ("BERTH__CLUSTER__NODE_ID".into(), id.into()),
+            ("BERTH__CLUSTER__MEMBERS".into(), members.clone()),
+            (
+                "BERTH__CLUSTER__PEER_LISTEN".into(),
+                format!("127.0.0.1:{port}"),
+            ),
+            ("BERTH__CLUSTER__SECRET".into(), SECRET.into()),
+        ]);
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env
+    };
+    (
+        Berth::start_with(&env("a", pa), &[]),
+        Berth::start_with(&env("b", pb), &[]),
+    )
+}
+
 fn ring(ids: &[&str]) -> Ring {
     Ring::new(ids.iter().map(|s| MemberId(s.to_string())), DEFAULT_VNODES)
 }
@@ -349,24 +374,7 @@ async fn losing_the_consul_leader_does_not_stop_sessions_and_membership_resumes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_member_list_forms_a_cluster_and_new_sessions_live_where_created() {
     let redis = Redis::start();
-    let (pa, pb) = (free_port(), free_port());
-    let members = format!("a=127.0.0.1:{pa},b=127.0.0.1:{pb}");
-    let env = |id: &str, port: u16| {
-        let mut env = base_env();
-        env.extend([
-            ("BERTH__STORE__REDIS_URL".to_string(), redis.url()),
-            ("BERTH__CLUSTER__NODE_ID".into(), id.into()),
-            ("BERTH__CLUSTER__MEMBERS".into(), members.clone()),
-            (
-                "BERTH__CLUSTER__PEER_LISTEN".into(),
-                format!("127.0.0.1:{port}"),
-            ),
-            ("BERTH__CLUSTER__SECRET".into(), SECRET.into()),
-        ]);
-        env
-    };
-    let a = Berth::start_with(&env("a", pa), &[]);
-    let b = Berth::start_with(&env("b", pb), &[]);
+    let (a, b) = static_pair(&redis, &[]);
     assert_eq!(a.members(), vec!["a", "b"]);
     let ring = ring(&["a", "b"]);
     // The default (`cluster.new_sessions_local`): a new session gets an id
@@ -460,4 +468,49 @@ async fn consul_outage_keeps_serving_on_the_last_view_and_readiness_says_so() {
         let r = c.op("incr", json!({"key":"n"})).await;
         assert_eq!(r["value"], 1, "still served, forwarding included: {r}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_that_times_out_and_is_sent_again_never_closes_its_client_with_4000() {
+    // Path B of the 4000 defect (hardening issue): a resume through a node
+    // that is not the owner, while the owner is frozen (SIGSTOP) past the
+    // attach deadline, so the edge sends the attach again; when the owner
+    // wakes it runs every attempt it had queued. The client must get its
+    // welcome and keep its session, never 4000.
+    let redis = Redis::start();
+    // attach deadline = peer_timeout + 2 x store.op_timeout (500) = 1.3 s
+    let (a, b) = static_pair(&redis, &[("BERTH__CLUSTER__PEER_TIMEOUT_MS", "300")]);
+    for round in 0..3 {
+        let mut c = Client::new_session(&a.ws_url()).await; // lives on a
+        assert_eq!(c.op("incr", json!({"key":"n"})).await["value"], 1);
+        let (sid, token) = (c.session.clone().unwrap(), c.token.clone().unwrap());
+        drop(c);
+        a.signal("STOP");
+        let resume = tokio::spawn({
+            let url = b.ws_url();
+            async move { Client::resume(&url, &sid, &token, 0).await }
+        });
+        // Past one attach deadline and into the second attempt.
+        tokio::time::sleep(Duration::from_millis(1900 + 200 * round)).await;
+        a.signal("CONT");
+        let (mut r, w) = resume.await.unwrap();
+        assert_eq!(w["type"], "welcome", "round {round}: {w}");
+        assert_eq!(w["node"], "a");
+        r.set_next_id(2);
+        for i in 2..=20 {
+            let got = r.op("incr", json!({"key":"n"})).await;
+            assert_eq!(got["value"], i, "round {round}: {got}");
+        }
+        // Nothing closes it afterwards either (a late attempt's proxy).
+        let quiet = tokio::time::timeout(Duration::from_millis(700), r.recv()).await;
+        assert!(
+            quiet.is_err(),
+            "round {round}: the connection was told {:?}",
+            quiet.ok().map(|g| format!("{g:?}"))
+        );
+    }
+    assert!(
+        b.log().contains("peer did not answer"),
+        "the attach timed out at least once: the test exercised the retry"
+    );
 }

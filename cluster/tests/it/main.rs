@@ -79,6 +79,11 @@ fn member(id: &str) -> Member {
     }
 }
 
+/// A node that can serve from the start.
+fn serving() -> tokio::sync::watch::Receiver<bool> {
+    tokio::sync::watch::channel(true).1
+}
+
 fn cfg(consul: &Consul) -> ConsulConfig {
     ConsulConfig {
         wait: Duration::from_secs(5),
@@ -104,8 +109,8 @@ async fn wait_members(h: &MembershipHandle, want: &[&str], within: Duration) -> 
 #[tokio::test]
 async fn members_register_see_each_other_and_deregister_on_shutdown() {
     let consul = Consul::start();
-    let a = spawn_consul(cfg(&consul), member("a")).unwrap();
-    let b = spawn_consul(cfg(&consul), member("b")).unwrap();
+    let a = spawn_consul(cfg(&consul), member("a"), serving()).unwrap();
+    let b = spawn_consul(cfg(&consul), member("b"), serving()).unwrap();
     wait_members(&a, &["a", "b"], Duration::from_secs(10)).await;
     wait_members(&b, &["a", "b"], Duration::from_secs(10)).await;
     let view = a.view();
@@ -126,10 +131,42 @@ async fn members_register_see_each_other_and_deregister_on_shutdown() {
 }
 
 #[tokio::test]
+async fn a_member_joins_only_once_it_can_serve_and_leaves_while_it_cannot() {
+    let consul = Consul::start();
+    let a = spawn_consul(cfg(&consul), member("a"), serving()).unwrap();
+    let (ready, ready_rx) = tokio::sync::watch::channel(false);
+    let b = spawn_consul(cfg(&consul), member("b"), ready_rx).unwrap();
+    wait_members(&a, &["a"], Duration::from_secs(10)).await;
+    // b is registered (critical) but never in the passing set while unready.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.health().registered {
+        assert!(Instant::now() < deadline, "b never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await; // over two TTLs
+    let ids: Vec<String> = a.view().ids().map(|m| m.to_string()).collect();
+    assert_eq!(
+        ids,
+        vec!["a".to_string()],
+        "an unready node is not a member"
+    );
+
+    ready.send_replace(true);
+    let took = wait_members(&a, &["a", "b"], Duration::from_secs(5)).await;
+    eprintln!("b joined {took:?} after it became ready");
+
+    ready.send_replace(false);
+    let took = wait_members(&a, &["a"], Duration::from_secs(5)).await;
+    eprintln!("b left {took:?} after it stopped being ready (its check marked critical)");
+    ready.send_replace(true);
+    wait_members(&a, &["a", "b"], Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
 async fn a_member_that_stops_passing_leaves_after_its_ttl() {
     let consul = Consul::start();
-    let a = spawn_consul(cfg(&consul), member("a")).unwrap();
-    let b = spawn_consul(cfg(&consul), member("b")).unwrap();
+    let a = spawn_consul(cfg(&consul), member("a"), serving()).unwrap();
+    let b = spawn_consul(cfg(&consul), member("b"), serving()).unwrap();
     wait_members(&a, &["a", "b"], Duration::from_secs(10)).await;
     // Dropping the handle aborts its loops without deregistering: like SIGKILL.
     drop(b);
@@ -141,7 +178,7 @@ async fn a_member_that_stops_passing_leaves_after_its_ttl() {
 #[tokio::test]
 async fn consul_outage_keeps_the_last_view_and_reports_it() {
     let mut consul = Consul::start();
-    let a = spawn_consul(cfg(&consul), member("a")).unwrap();
+    let a = spawn_consul(cfg(&consul), member("a"), serving()).unwrap();
     wait_members(&a, &["a"], Duration::from_secs(10)).await;
     let _ = consul.child.kill();
     let _ = consul.child.wait();
