@@ -414,7 +414,14 @@ struct Layers {
 
 impl Layers {
     fn source_of(&self, key: &str) -> Source {
-        if let Some((var, _, _)) = self.env.iter().rev().find(|(_, k, _)| k == key) {
+        // A key, or a table that an env var sets a key inside of.
+        let inside = format!("{key}.");
+        if let Some((var, _, _)) = self
+            .env
+            .iter()
+            .rev()
+            .find(|(_, k, _)| k == key || k.starts_with(&inside))
+        {
             return Source::Env(var.clone());
         }
         if self
@@ -545,18 +552,26 @@ pub fn load(
         (config::ConfigError::NotFound(_), Some(f)) => unreadable(f)(e),
         (config::ConfigError::FileParse { uri: Some(_), .. }, Some(f)) => unreadable(f)(e),
         (config::ConfigError::FileParse { .. }, _) => unreadable(Source::Base64)(e),
-        (_, Some(f)) if e.to_string().contains("configuration file") => unreadable(f)(e),
+        // The file source reports a missing or unsupported file as an I/O error.
+        (config::ConfigError::Foreign(inner), Some(f))
+            if inner.downcast_ref::<std::io::Error>().is_some() =>
+        {
+            unreadable(f)(e)
+        }
         _ => unreadable(Source::Default)(e),
     })?;
     let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner().to_string();
         // An unknown key is reported by its parent; name the key itself.
+        // (From the environment the path already ends with the field.)
         let key = match inner.strip_prefix("unknown field `") {
             Some(rest) => {
                 let field = rest.split('`').next().unwrap_or_default();
-                if key == "." || key.is_empty() {
+                if key == "." || key.is_empty() || key == field {
                     field.to_owned()
+                } else if key.ends_with(&format!(".{field}")) {
+                    key
                 } else {
                     format!("{key}.{field}")
                 }
@@ -837,10 +852,21 @@ mod tests {
             "{msg}"
         );
 
+        // An unknown key from the environment names the key once and the
+        // variable it came from (it said "server.listn.listn (from the
+        // compiled defaults)").
         let e = env(&[("BERTH__SERVER__LISTN", "x")]);
         let msg = load(None, &e).unwrap_err().to_string();
         assert!(
-            msg.contains("server.listn") && msg.contains("unknown field"),
+            msg.contains("`server.listn`")
+                && msg.contains("unknown field")
+                && msg.contains("BERTH__SERVER__LISTN"),
+            "{msg}"
+        );
+        let e = env(&[("BERTH__BOGUS__X", "1")]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(
+            msg.contains("`bogus`") && !msg.contains("compiled defaults"),
             "{msg}"
         );
 

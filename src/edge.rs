@@ -687,7 +687,10 @@ fn fail_text(fail: &AttachFail) -> String {
 fn protocol_exit(e: &ProtocolError) -> Exit {
     match e {
         ProtocolError::Overflow => Exit::Close(CloseCode::TooBig, "frame too large".into()),
-        ProtocolError::Io(io) if io.to_string().contains("continuation size") => {
+        // actix-ws 0.3's aggregator reports a message over
+        // `max_continuation_size` as the only `Other`-kind I/O error it makes
+        // (transport errors carry their own kinds).
+        ProtocolError::Io(io) if io.kind() == std::io::ErrorKind::Other => {
             Exit::Close(CloseCode::TooBig, "message too large".into())
         }
         other => {

@@ -186,6 +186,28 @@ async fn redis_refuses_writes_with_an_older_epoch() {
 }
 
 #[tokio::test]
+async fn a_save_after_redis_forgot_its_scripts_reloads_them_and_succeeds() {
+    // Redis forgets scripts on restart (and on SCRIPT FLUSH): the batch's
+    // NOSCRIPT answer (by its error kind, not its text) makes the store load
+    // the script and send the batch again, once.
+    let redis = Redis::start();
+    let s = store(&redis);
+    let id = SessionId::random();
+    let e = s.create(&id).await.unwrap();
+    s.save(&id, e, b"v1".to_vec()).await.unwrap();
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
+    s.save(&id, e, b"v2".to_vec())
+        .await
+        .expect("the first save after SCRIPT FLUSH succeeds");
+    let v: Vec<u8> = redis::cmd("GET")
+        .arg(format!("berth:{{{id}}}:ck"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(v, b"v2");
+}
+
+#[tokio::test]
 async fn concurrent_saves_are_group_committed() {
     let redis = Redis::start();
     let s = RedisStore::new(RedisStoreConfig {

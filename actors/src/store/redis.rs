@@ -287,7 +287,20 @@ impl RedisStore {
         what: &'static str,
         fut: impl std::future::Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(op_timeout, fut).await {
+        Self::settle(
+            op_timeout,
+            what,
+            tokio::time::timeout(op_timeout, fut).await,
+        )
+    }
+
+    /// The store's answer for a Redis call bounded by `op_timeout`.
+    fn settle<T>(
+        op_timeout: Duration,
+        what: &'static str,
+        r: Result<Result<T, RedisError>, tokio::time::error::Elapsed>,
+    ) -> Result<T, StoreError> {
+        match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 count_error(what);
@@ -555,32 +568,24 @@ async fn flush(
         let wait_ms = (cfg.op_timeout.as_millis() as u64 / 2).max(1);
         pipe.cmd("WAIT").arg(cfg.wait_replicas).arg(wait_ms);
     }
-    let mut result = RedisStore::timed(
-        cfg.op_timeout,
-        "save",
-        pipe.query_async::<Vec<u64>>(&mut conn),
-    )
-    .await;
-    if let Err(StoreError::Unavailable(msg)) = &result {
+    let mut result =
+        tokio::time::timeout(cfg.op_timeout, pipe.query_async::<Vec<u64>>(&mut conn)).await;
+    let no_script = |r: &Result<Result<Vec<u64>, RedisError>, _>| matches!(r, Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript));
+    if no_script(&result) {
         // Redis forgets scripts on restart: load it and send the batch again.
         // NOSCRIPT means no command of the pipeline ran, so the retry is safe.
-        if msg.contains("NOSCRIPT") || msg.contains("NoScript") {
-            let loaded = RedisStore::timed(
-                cfg.op_timeout,
-                "save",
-                scripts.save.prepare_invoke().load_async(&mut conn),
-            )
-            .await;
-            if loaded.is_ok() {
-                result = RedisStore::timed(
-                    cfg.op_timeout,
-                    "save",
-                    pipe.query_async::<Vec<u64>>(&mut conn),
-                )
-                .await;
-            }
+        let loaded = RedisStore::timed(
+            cfg.op_timeout,
+            "save",
+            scripts.save.prepare_invoke().load_async(&mut conn),
+        )
+        .await;
+        if loaded.is_ok() {
+            result =
+                tokio::time::timeout(cfg.op_timeout, pipe.query_async::<Vec<u64>>(&mut conn)).await;
         }
     }
+    let result = RedisStore::settle(cfg.op_timeout, "save", result);
     metrics::histogram!("berth_checkpoint_batch_size").record(batch.len() as f64);
     metrics::histogram!("berth_checkpoint_batch_seconds").record(started.elapsed().as_secs_f64());
     if result.is_err() {
