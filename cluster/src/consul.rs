@@ -14,13 +14,24 @@
 //! reference deployment): [`ConsulClient::pin`] picks one of its addresses,
 //! and [`ConsulClient::repin`] moves to another when that one stops answering
 //! (the caller then registers again there).
+//!
+//! With ACLs on, every call carries the configured token (`X-Consul-Token`);
+//! Consul's 403 (an unknown token: `ACL not found`; a token whose policy does
+//! not allow the call, or no token under `default_policy = "deny"`:
+//! `Permission denied: ...`) is [`ConsulError::Forbidden`]. The token is a
+//! secret: it is kept as a sensitive header value and never printed.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use reqwest::header::HeaderValue;
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
+
+/// The header that carries the ACL token.
+pub const TOKEN_HEADER: &str = "X-Consul-Token";
 
 /// Why a Consul call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -36,6 +47,19 @@ pub enum ConsulError {
         /// Response body (Consul's error text).
         body: String,
     },
+    /// The agent refused the token (HTTP 403): an unknown token (`ACL not
+    /// found`), or one whose policy does not allow the call (`Permission
+    /// denied: ...`; also what a call without a token gets under a
+    /// default-deny policy). Retrying with the same token does not help.
+    #[error("consul refused the token: {body}")]
+    Forbidden {
+        /// Consul's error text.
+        body: String,
+    },
+    /// The configured token cannot be sent (it must be visible ASCII, as
+    /// Consul's UUID tokens are). The token itself is not repeated here.
+    #[error("the consul token is not a valid header value (visible ASCII characters only)")]
+    InvalidToken,
 }
 
 impl From<reqwest::Error> for ConsulError {
@@ -114,6 +138,9 @@ pub struct ConsulClient {
     /// Host name and port of `base` when it names a host rather than an IP.
     name: Option<(String, u16)>,
     timeout: Duration,
+    /// `X-Consul-Token` of every call, marked sensitive (its `Debug` prints
+    /// `Sensitive`, never the token).
+    token: Option<HeaderValue>,
 }
 
 #[derive(Debug)]
@@ -144,7 +171,40 @@ impl ConsulClient {
             base,
             name,
             timeout,
+            token: None,
         })
+    }
+
+    /// The same client sending `token` as `X-Consul-Token` on every call
+    /// (`None`: no token, Consul's anonymous token applies). Surrounding
+    /// whitespace is ignored; an empty token counts as none.
+    pub fn with_token(mut self, token: Option<&str>) -> Result<Self, ConsulError> {
+        self.token = match token.map(str::trim).filter(|t| !t.is_empty()) {
+            None => None,
+            Some(t) => {
+                if !t.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(ConsulError::InvalidToken);
+                }
+                let mut v = HeaderValue::from_str(t).map_err(|_| ConsulError::InvalidToken)?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
+        Ok(self)
+    }
+
+    /// Whether calls carry a token.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// A request to `path` (below `/v1`) with the token, if any.
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http().request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => req.header(TOKEN_HEADER, t.clone()),
+            None => req,
+        }
     }
 
     fn http_client(
@@ -218,6 +278,10 @@ impl ConsulClient {
         let status = resp.status();
         if status.is_success() {
             Ok(resp)
+        } else if status == reqwest::StatusCode::FORBIDDEN {
+            Err(ConsulError::Forbidden {
+                body: resp.text().await.unwrap_or_default().trim().to_owned(),
+            })
         } else {
             Err(ConsulError::Status {
                 status: status.as_u16(),
@@ -229,8 +293,7 @@ impl ConsulClient {
     /// Registers (or re-registers) a service instance with its TTL check.
     pub async fn register(&self, reg: &Registration, timeout: Duration) -> Result<(), ConsulError> {
         let resp = self
-            .http()
-            .put(format!("{}/agent/service/register", self.base))
+            .request(Method::PUT, "/agent/service/register")
             .json(reg)
             .timeout(timeout)
             .send()
@@ -256,8 +319,7 @@ impl ConsulClient {
         timeout: Duration,
     ) -> Result<(), ConsulError> {
         let resp = self
-            .http()
-            .put(format!("{}/agent/check/{verb}/{check_id}", self.base))
+            .request(Method::PUT, &format!("/agent/check/{verb}/{check_id}"))
             .timeout(timeout)
             .send()
             .await?;
@@ -267,11 +329,10 @@ impl ConsulClient {
     /// Removes a service instance from the agent.
     pub async fn deregister(&self, service_id: &str, timeout: Duration) -> Result<(), ConsulError> {
         let resp = self
-            .http()
-            .put(format!(
-                "{}/agent/service/deregister/{service_id}",
-                self.base
-            ))
+            .request(
+                Method::PUT,
+                &format!("/agent/service/deregister/{service_id}"),
+            )
             .timeout(timeout)
             .send()
             .await?;
@@ -288,11 +349,11 @@ impl ConsulClient {
         wait: Duration,
         timeout: Duration,
     ) -> Result<(u64, Vec<Instance>), ConsulError> {
-        let mut url = format!("{}/health/service/{service}?passing=true", self.base);
+        let mut path = format!("/health/service/{service}?passing=true");
         if index > 0 {
-            url.push_str(&format!("&index={index}&wait={}", duration_text(wait)));
+            path.push_str(&format!("&index={index}&wait={}", duration_text(wait)));
         }
-        let req = self.http().get(url);
+        let req = self.request(Method::GET, &path);
         // The client-side bound sits above Consul's wait (which it may exceed by
         // up to wait/16 of jitter).
         let resp = req.timeout(wait + wait / 8 + timeout).send().await?;
@@ -336,6 +397,25 @@ mod tests {
         if single {
             assert_eq!(named.repin(Some(to)).await, Some(to));
         }
+    }
+
+    #[test]
+    fn the_token_is_never_printed_and_must_be_visible_ascii() {
+        let t = Duration::from_secs(1);
+        let secret = "0b5e7f0c-1c2d-4e3f-9a8b-7c6d5e4f3a2b";
+        let c = ConsulClient::new("http://127.0.0.1:8500", t)
+            .unwrap()
+            .with_token(Some(secret))
+            .unwrap();
+        assert!(c.has_token());
+        let debug = format!("{c:?}");
+        assert!(!debug.contains(secret), "{debug}");
+        let none = ConsulClient::new("http://127.0.0.1:8500", t).unwrap();
+        assert!(!none.clone().with_token(Some("  ")).unwrap().has_token());
+        assert!(!none.clone().with_token(None).unwrap().has_token());
+        let e = none.with_token(Some("two words")).unwrap_err();
+        assert!(matches!(e, ConsulError::InvalidToken));
+        assert!(!e.to_string().contains("two words"), "{e}");
     }
 
     #[test]

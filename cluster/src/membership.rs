@@ -16,7 +16,11 @@
 //! A Consul error never empties the view: it is logged and the last known view
 //! is kept (garage's `discovery_loop` rule), while [`MembershipHandle::health`]
 //! reports since when Consul has been failing so readiness can say so after a
-//! grace period. Every loop stops on [`MembershipHandle::shutdown`], which
+//! grace period. The registrar and the watcher fail separately (under a
+//! default-deny ACL policy a node without a usable token cannot register, yet
+//! its health queries succeed with an empty, filtered answer), so health is
+//! failing while either is. A refused token ([`ConsulError::Forbidden`]) is
+//! logged as such and flagged in [`Health::forbidden`]. Every loop stops on [`MembershipHandle::shutdown`], which
 //! deregisters first, within a deadline.
 
 use std::collections::BTreeMap;
@@ -99,10 +103,14 @@ pub struct Health {
     pub failing_since: Option<Instant>,
     /// Whether this node is currently registered (Consul).
     pub registered: bool,
+    /// Whether Consul refused the token (HTTP 403: unknown token, or a policy
+    /// that does not allow registration or the health query) on the last
+    /// failed call of the registrar or the watcher.
+    pub forbidden: bool,
 }
 
 /// Settings of Consul membership.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConsulConfig {
     /// Agent HTTP address, e.g. `http://127.0.0.1:8500`.
     pub addr: String,
@@ -119,6 +127,24 @@ pub struct ConsulConfig {
     pub wait: Duration,
     /// Bound on every non-blocking call.
     pub call_timeout: Duration,
+    /// ACL token sent with every call (`X-Consul-Token`); `None`: none (the
+    /// agent's anonymous token applies). A secret: `Debug` masks it.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ConsulConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulConfig")
+            .field("addr", &self.addr)
+            .field("service", &self.service)
+            .field("ttl", &self.ttl)
+            .field("passes_per_ttl", &self.passes_per_ttl)
+            .field("deregister_after", &self.deregister_after)
+            .field("wait", &self.wait)
+            .field("call_timeout", &self.call_timeout)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl ConsulConfig {
@@ -133,32 +159,123 @@ impl ConsulConfig {
             deregister_after: Duration::from_secs(60),
             wait: Duration::from_secs(10),
             call_timeout: Duration::from_secs(1),
+            token: None,
+        }
+    }
+}
+
+/// Which loop a failure belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Registrar,
+    Watcher,
+}
+
+/// One loop's failure, while it lasts.
+#[derive(Debug, Default)]
+struct Failure {
+    error: Option<ConsulError>,
+    since: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    registrar: Failure,
+    watcher: Failure,
+    registered: bool,
+}
+
+impl State {
+    fn part(&mut self, part: Part) -> &mut Failure {
+        match part {
+            Part::Registrar => &mut self.registrar,
+            Part::Watcher => &mut self.watcher,
+        }
+    }
+
+    fn health(&self) -> Health {
+        let errors = [&self.registrar.error, &self.watcher.error];
+        Health {
+            // The registrar's error first: it is the one that keeps this
+            // node out of the passing set.
+            last_error: errors
+                .iter()
+                .find_map(|e| e.as_ref().map(|e| e.to_string())),
+            failing_since: [self.registrar.since, self.watcher.since]
+                .into_iter()
+                .flatten()
+                .min(),
+            registered: self.registered,
+            forbidden: errors
+                .iter()
+                .any(|e| matches!(e, Some(ConsulError::Forbidden { .. }))),
         }
     }
 }
 
 struct Shared {
-    health: Mutex<Health>,
+    state: Mutex<State>,
 }
 
 impl Shared {
-    fn ok(&self) {
-        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        h.last_error = None;
-        h.failing_since = None;
+    fn new(registered: bool) -> Self {
+        Shared {
+            state: Mutex::new(State {
+                registered,
+                ..State::default()
+            }),
+        }
     }
 
-    fn failed(&self, e: &ConsulError) {
-        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        h.last_error = Some(e.to_string());
-        h.failing_since.get_or_insert_with(Instant::now);
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ok(&self, part: Part) {
+        *self.lock().part(part) = Failure::default();
+    }
+
+    fn failed(&self, part: Part, e: &ConsulError) {
+        let mut s = self.lock();
+        let f = s.part(part);
+        f.error = Some(e.clone());
+        f.since.get_or_insert_with(Instant::now);
     }
 
     fn set_registered(&self, r: bool) {
-        self.health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .registered = r;
+        self.lock().registered = r;
+    }
+}
+
+/// Says that Consul refused the token at once, then at most every 30 s while
+/// it goes on (the registrar retries four times per TTL).
+#[derive(Debug, Default)]
+struct RefusedLog {
+    last: Option<Instant>,
+}
+
+impl RefusedLog {
+    const EVERY: Duration = Duration::from_secs(30);
+
+    fn due(&mut self) -> bool {
+        let due = self.last.is_none_or(|t| t.elapsed() >= Self::EVERY);
+        if due {
+            self.last = Some(Instant::now());
+        }
+        due
+    }
+
+    fn reset(&mut self) {
+        self.last = None;
+    }
+}
+
+/// What a refused token needs, for the log.
+fn refused_hint(client: &ConsulClient) -> &'static str {
+    if client.has_token() {
+        "check cluster.consul_token: it must exist and its policy must allow service:write on the service and node:read"
+    } else {
+        "no token is configured and the anonymous token may not do this: set cluster.consul_token or cluster.consul_token_file"
     }
 }
 
@@ -192,11 +309,7 @@ impl MembershipHandle {
 
     /// How membership is doing.
     pub fn health(&self) -> Health {
-        self.shared
-            .health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.shared.lock().health()
     }
 
     /// Leaves the cluster (deregisters) but keeps watching the others: the first
@@ -236,12 +349,7 @@ pub fn static_membership(members: Vec<Member>) -> MembershipHandle {
     let (stop, _) = watch::channel(Stop::Run);
     MembershipHandle {
         view,
-        shared: Arc::new(Shared {
-            health: Mutex::new(Health {
-                registered: true,
-                ..Health::default()
-            }),
-        }),
+        shared: Arc::new(Shared::new(true)),
         stop,
         tasks: Mutex::new(Vec::new()),
     }
@@ -269,12 +377,11 @@ pub fn spawn_consul(
     me: Member,
     serving: watch::Receiver<bool>,
 ) -> Result<MembershipHandle, ConsulError> {
-    let client = ConsulClient::new(&cfg.addr, cfg.call_timeout)?;
+    let client =
+        ConsulClient::new(&cfg.addr, cfg.call_timeout)?.with_token(cfg.token.as_deref())?;
     let (tx, view) = watch::channel(Arc::new(View::new(Vec::new(), Source::Unknown)));
     let (stop, stop_rx) = watch::channel(Stop::Run);
-    let shared = Arc::new(Shared {
-        health: Mutex::new(Health::default()),
-    });
+    let shared = Arc::new(Shared::new(false));
     let registrar = tokio::spawn(run_registrar(
         client.clone(),
         cfg.clone(),
@@ -333,6 +440,7 @@ async fn run_registrar(
     let mut registered = false;
     // What the check last said: `Some(true)` passing, `Some(false)` critical.
     let mut said: Option<bool> = None;
+    let mut refused = RefusedLog::default();
     client.pin().await;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -367,13 +475,24 @@ async fn run_registrar(
                 }
                 registered = true;
                 said = Some(ready);
+                refused.reset();
                 shared.set_registered(true);
-                shared.ok();
+                shared.ok(Part::Registrar);
             }
             Err(e) => {
                 // A failed pass may mean the agent lost the registration (restart):
                 // register again next time.
-                tracing::warn!(member = %me.id, error = %e, "consul registration/TTL pass failed; keeping the last known view");
+                match &e {
+                    ConsulError::Forbidden { .. } if refused.due() => {
+                        tracing::error!(member = %me.id, service = %cfg.service, "{e} (registration/TTL pass; this node stays out of the passing set): {}", refused_hint(&client));
+                    }
+                    ConsulError::Forbidden { .. } => {
+                        tracing::debug!(member = %me.id, error = %e, "consul registration/TTL pass refused again");
+                    }
+                    _ => {
+                        tracing::warn!(member = %me.id, error = %e, "consul registration/TTL pass failed; keeping the last known view");
+                    }
+                }
                 registered = false;
                 said = None;
                 if matches!(e, ConsulError::Unreachable(_)) {
@@ -381,7 +500,7 @@ async fn run_registrar(
                     client.repin(agent).await;
                 }
                 shared.set_registered(false);
-                shared.failed(&e);
+                shared.failed(Part::Registrar, &e);
             }
         }
         tokio::select! {
@@ -402,10 +521,15 @@ async fn run_registrar(
         .await
     {
         Ok(()) => tracing::info!(member = %me.id, "deregistered from consul"),
+        Err(e @ ConsulError::Forbidden { .. }) => {
+            tracing::warn!(member = %me.id, "{e} (deregistration; the TTL check will lapse): {}", refused_hint(&client))
+        }
         Err(e) => {
             tracing::warn!(member = %me.id, error = %e, "consul deregistration failed; the TTL check will lapse")
         }
     }
+    // Not registering any more: the registrar has nothing left to fail.
+    shared.ok(Part::Registrar);
     shared.set_registered(false);
 }
 
@@ -418,6 +542,7 @@ async fn run_watcher(
 ) {
     let mut index = 0u64;
     let mut backoff = Duration::from_millis(100);
+    let mut refused = RefusedLog::default();
     loop {
         if *stop.borrow() == Stop::Halt {
             return;
@@ -431,7 +556,8 @@ async fn run_watcher(
         match r {
             Ok((new_index, instances)) => {
                 backoff = Duration::from_millis(100);
-                shared.ok();
+                refused.reset();
+                shared.ok(Part::Watcher);
                 // Consul's rule: an index that goes backwards resets the watch.
                 index = if new_index < index { 0 } else { new_index };
                 let view = View::new(
@@ -444,8 +570,18 @@ async fn run_watcher(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "consul watch failed; keeping the last known view");
-                shared.failed(&e);
+                match &e {
+                    ConsulError::Forbidden { .. } if refused.due() => {
+                        tracing::error!(service = %cfg.service, "{e} (health query; keeping the last known view): {}", refused_hint(&client));
+                    }
+                    ConsulError::Forbidden { .. } => {
+                        tracing::debug!(error = %e, "consul watch refused again");
+                    }
+                    _ => {
+                        tracing::warn!(error = %e, "consul watch failed; keeping the last known view");
+                    }
+                }
+                shared.failed(Part::Watcher, &e);
                 if matches!(e, ConsulError::Unreachable(_)) {
                     client.repin(agent).await;
                 }
@@ -457,5 +593,46 @@ async fn run_watcher(
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_consul_token_is_not_in_the_debug_output() {
+        let secret = "0b5e7f0c-1c2d-4e3f-9a8b-7c6d5e4f3a2b";
+        let cfg = ConsulConfig {
+            token: Some(secret.into()),
+            ..ConsulConfig::new("http://127.0.0.1:8500", "berth")
+        };
+        let debug = format!("{cfg:?}");
+        assert!(!debug.contains(secret), "{debug}");
+        assert!(debug.contains("token: Some(\"***\")"), "{debug}");
+    }
+
+    #[test]
+    fn health_fails_while_either_loop_fails_and_flags_a_refused_token() {
+        let shared = Shared::new(false);
+        let refused = ConsulError::Forbidden {
+            body: "Permission denied".into(),
+        };
+        shared.failed(Part::Registrar, &refused);
+        // The watcher's (filtered, empty) answers succeed meanwhile: still failing.
+        shared.ok(Part::Watcher);
+        let h = shared.lock().health();
+        assert!(h.failing_since.is_some() && h.forbidden && !h.registered);
+        assert_eq!(
+            h.last_error.as_deref(),
+            Some("consul refused the token: Permission denied")
+        );
+
+        shared.failed(Part::Watcher, &ConsulError::Unreachable("down".into()));
+        shared.ok(Part::Registrar);
+        let h = shared.lock().health();
+        assert!(h.failing_since.is_some() && !h.forbidden);
+        shared.ok(Part::Watcher);
+        assert_eq!(shared.lock().health(), Health::default());
     }
 }
