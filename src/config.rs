@@ -65,6 +65,10 @@ pub struct ServerConfig {
     pub origins: Vec<String>,
     /// Most client connections at once; above it new ones are closed with 1013.
     pub max_connections: usize,
+    /// Proxies (addresses or CIDR prefixes) whose `X-Forwarded-For` names a
+    /// connection's source for `limits.connections_per_sec_per_source`; empty:
+    /// the TCP peer is the source.
+    pub trusted_proxies: Vec<String>,
 }
 
 fn default_listen() -> String {
@@ -89,6 +93,7 @@ impl Default for ServerConfig {
             ping_interval_ms: default_ping_interval_ms(),
             origins: Vec::new(),
             max_connections: default_max_connections(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -189,12 +194,16 @@ pub struct SessionConfig {
     /// How long a session without a connection stays in memory, in seconds,
     /// before it is checkpointed and passivated.
     pub detach_timeout_s: u64,
+    /// The same for a session that never ran a state-changing op (it is not
+    /// in the store yet, so it is simply forgotten), in seconds.
+    pub unwritten_detach_timeout_s: u64,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             detach_timeout_s: 120,
+            unwritten_detach_timeout_s: 10,
         }
     }
 }
@@ -217,6 +226,18 @@ pub struct LimitsConfig {
     pub outbox_max: usize,
     /// Longest `emit` delay, in ms.
     pub max_emit_delay_ms: u64,
+    /// Largest checkpoint of a session (state, unacknowledged events, stored
+    /// reply), in bytes; writes past it answer `too_large`.
+    pub max_checkpoint_bytes: usize,
+    /// Most live sessions on this node; past it new sessions are refused
+    /// (`unavailable`, close 1013).
+    pub max_live_sessions: usize,
+    /// New connections per second from one source address, sustained; past
+    /// it (and its burst) they are refused with HTTP 429. 0: no limit. Many
+    /// phones can share one address (carrier NAT): keep it generous.
+    pub connections_per_sec_per_source: u32,
+    /// Burst of that limit.
+    pub connections_burst_per_source: u32,
 }
 
 impl Default for LimitsConfig {
@@ -228,6 +249,10 @@ impl Default for LimitsConfig {
             max_state_bytes: 64 * 1024,
             outbox_max: 1000,
             max_emit_delay_ms: 24 * 3600 * 1000,
+            max_checkpoint_bytes: 1024 * 1024,
+            max_live_sessions: 100_000,
+            connections_per_sec_per_source: 1000,
+            connections_burst_per_source: 2000,
         }
     }
 }
@@ -240,6 +265,14 @@ pub struct ClusterConfig {
     pub node_id: Option<String>,
     /// Consul HTTP address (`http://127.0.0.1:8500`); unset: no Consul.
     pub consul_addr: Option<String>,
+    /// Consul ACL token sent with every Consul call (`X-Consul-Token`); a
+    /// secret, masked in `--print-config`. Unset: no token (the agent's
+    /// anonymous token applies). Set this or `consul_token_file`, not both.
+    pub consul_token: Option<String>,
+    /// A file whose content (surrounding whitespace trimmed) is the Consul ACL
+    /// token, read at start-up; a missing, unreadable or empty file stops
+    /// start-up. Set this or `consul_token`, not both.
+    pub consul_token_file: Option<PathBuf>,
     /// Consul service name.
     pub service: String,
     /// Node-to-node listener.
@@ -285,6 +318,8 @@ impl Default for ClusterConfig {
         ClusterConfig {
             node_id: None,
             consul_addr: None,
+            consul_token: None,
+            consul_token_file: None,
             service: "berth".into(),
             peer_listen: "0.0.0.0:7070".into(),
             advertise: None,
@@ -296,10 +331,51 @@ impl Default for ClusterConfig {
             consul_grace_ms: 10_000,
             unready_leave_ms: 10_000,
             hold_ms: 5_000,
-            hold_max: 256,
+            hold_max: 64,
             peer_timeout_ms: 2_000,
             new_sessions_local: true,
         }
+    }
+}
+
+impl ClusterConfig {
+    /// The Consul ACL token: `consul_token`, or the trimmed content of
+    /// `consul_token_file` (read now); `None` when neither is set. An error
+    /// names the key at fault and never contains the token.
+    pub fn consul_token(&self) -> Result<Option<String>, (&'static str, String)> {
+        let (key, token) = match (&self.consul_token, &self.consul_token_file) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err((
+                    "cluster.consul_token_file",
+                    "set either cluster.consul_token or cluster.consul_token_file, not both"
+                        .to_owned(),
+                ))
+            }
+            (Some(t), None) => ("cluster.consul_token", t.trim().to_owned()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    (
+                        "cluster.consul_token_file",
+                        format!("cannot read the token file {}: {e}", path.display()),
+                    )
+                })?;
+                ("cluster.consul_token_file", text.trim().to_owned())
+            }
+        };
+        if token.is_empty() {
+            return Err((
+                key,
+                "the token is empty; leave the key unset for no token".into(),
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err((
+                key,
+                "the token must be visible ASCII characters (a Consul token is a UUID)".into(),
+            ));
+        }
+        Ok(Some(token))
     }
 }
 
@@ -440,6 +516,13 @@ impl Layers {
     }
 }
 
+/// A trusted proxy: an address (`10.0.0.5`) or a CIDR prefix (`10.0.0.0/8`).
+fn parse_proxy(p: &str) -> Result<ipnet::IpNet, String> {
+    p.parse::<ipnet::IpNet>()
+        .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{p:?} is not an address or a CIDR prefix like 10.0.0.0/8"))
+}
+
 fn lookup<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     key.split('.').try_fold(v, |v, k| v.get(k))
 }
@@ -543,6 +626,7 @@ pub fn load(
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("server.origins")
+            .with_list_parse_key("server.trusted_proxies")
             .with_list_parse_key("cluster.members")
             .with_list_parse_key("cluster.accept_secrets")
             .source(Some(env_map)),
@@ -638,6 +722,27 @@ impl Config {
         )?;
         positive("limits.max_state_bytes", self.limits.max_state_bytes as u64)?;
         positive("limits.outbox_max", self.limits.outbox_max as u64)?;
+        positive(
+            "limits.max_checkpoint_bytes",
+            self.limits.max_checkpoint_bytes as u64,
+        )?;
+        positive(
+            "limits.max_live_sessions",
+            self.limits.max_live_sessions as u64,
+        )?;
+        for p in &self.server.trusted_proxies {
+            parse_proxy(p).map_err(|e| ("server.trusted_proxies", e))?;
+        }
+        if self.cluster.hold_max > self.limits.max_inflight_ops {
+            return Err((
+                "cluster.hold_max",
+                format!(
+                    "{} is above limits.max_inflight_ops ({}): a connection holds at most \
+                     its ops in flight, so the limit could never be reached",
+                    self.cluster.hold_max, self.limits.max_inflight_ops
+                ),
+            ));
+        }
         positive("shutdown.deadline_ms", self.shutdown.deadline_ms)?;
         positive("cluster.vnodes", self.cluster.vnodes as u64)?;
         positive("cluster.ttl_ms", self.cluster.ttl_ms)?;
@@ -688,6 +793,7 @@ impl Config {
                 ));
             }
         }
+        self.cluster.consul_token()?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(("log.filter", e.to_string()));
         }
@@ -705,6 +811,22 @@ impl Config {
             max_state_bytes: self.limits.max_state_bytes,
             outbox_max: self.limits.outbox_max,
             max_emit_delay_ms: self.limits.max_emit_delay_ms,
+            max_checkpoint_bytes: self.limits.max_checkpoint_bytes,
+            max_live_sessions: self.limits.max_live_sessions,
+        }
+    }
+
+    /// The admission settings of the edge (per-source connection rate).
+    pub fn admission(&self) -> crate::admission::AdmissionConfig {
+        crate::admission::AdmissionConfig {
+            per_sec: self.limits.connections_per_sec_per_source as f64,
+            burst: self.limits.connections_burst_per_source as f64,
+            trusted_proxies: self
+                .server
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| parse_proxy(p).ok())
+                .collect(),
         }
     }
 
@@ -728,7 +850,11 @@ impl Config {
             }
         }
         let mut v = serde_json::to_value(self).expect("config serializes");
-        for secret in ["/cluster/secret", "/admin/drain_token"] {
+        for secret in [
+            "/cluster/secret",
+            "/cluster/consul_token",
+            "/admin/drain_token",
+        ] {
             if let Some(s) = v.pointer_mut(secret) {
                 if !s.is_null() {
                     *s = Value::String("***".into());
@@ -878,9 +1004,92 @@ mod tests {
     fn secrets_are_masked_in_flattened_view() {
         let mut c = Config::default();
         c.cluster.secret = Some("s3cret".into());
+        c.cluster.consul_token = Some("c0nsul-t0ken".into());
         c.store.redis_url = Some("redis://u:pw@h:1/0".into());
         let f = c.flatten();
         assert!(!format!("{f:?}").contains("s3cret"));
+        assert!(!format!("{f:?}").contains("c0nsul-t0ken"));
+        assert_eq!(f["cluster.consul_token"], "\"***\"");
         assert!(!format!("{f:?}").contains("pw@"));
+        // Unset stays visibly unset.
+        assert_eq!(Config::default().flatten()["cluster.consul_token"], "null");
+    }
+
+    #[test]
+    fn consul_token_from_env_base64_or_a_file_and_masked() {
+        let token = "6f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b";
+        // Env.
+        let e = env(&[("BERTH__CLUSTER__CONSUL_TOKEN", token)]);
+        let c = load(None, &e).unwrap().config;
+        assert_eq!(c.cluster.consul_token(), Ok(Some(token.to_owned())));
+        assert!(!format!("{:?}", c.flatten()).contains(token));
+        // Base64 config.
+        let e = env(&[(
+            ENV_BASE64,
+            &b64(&format!("[cluster]\nconsul_token = \"{token}\"\n")),
+        )]);
+        let c = load(None, &e).unwrap().config;
+        assert_eq!(c.cluster.consul_token(), Ok(Some(token.to_owned())));
+        // A file (trimmed), named by env.
+        let dir = std::env::temp_dir().join(format!("berth-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("consul-token");
+        std::fs::write(&file, format!("  {token}\n")).unwrap();
+        let e = env(&[("BERTH__CLUSTER__CONSUL_TOKEN_FILE", file.to_str().unwrap())]);
+        let c = load(None, &e).unwrap().config;
+        assert_eq!(c.cluster.consul_token(), Ok(Some(token.to_owned())));
+        let flat = format!("{:?}", c.flatten());
+        assert!(
+            !flat.contains(token) && flat.contains("consul-token"),
+            "{flat}"
+        );
+        // Neither: no token.
+        assert_eq!(Config::default().cluster.consul_token(), Ok(None));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_bad_consul_token_stops_start_up_naming_the_key() {
+        let dir = std::env::temp_dir().join(format!("berth-token-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("no-such-file");
+        let e = env(&[(
+            "BERTH__CLUSTER__CONSUL_TOKEN_FILE",
+            missing.to_str().unwrap(),
+        )]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(
+            msg.contains("cluster.consul_token_file")
+                && msg.contains("BERTH__CLUSTER__CONSUL_TOKEN_FILE")
+                && msg.contains("no-such-file"),
+            "{msg}"
+        );
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let e = env(&[("BERTH__CLUSTER__CONSUL_TOKEN_FILE", empty.to_str().unwrap())]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(
+            msg.contains("cluster.consul_token_file") && msg.contains("empty"),
+            "{msg}"
+        );
+        // Both set: an error, whichever sources set them.
+        let secret = "the-token-itself";
+        let e = env(&[
+            (
+                ENV_BASE64,
+                &b64(&format!("[cluster]\nconsul_token = \"{secret}\"\n")),
+            ),
+            ("BERTH__CLUSTER__CONSUL_TOKEN_FILE", empty.to_str().unwrap()),
+        ]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(msg.contains("not both") && !msg.contains(secret), "{msg}");
+        // A token that cannot be a header value; the message does not repeat it.
+        let e = env(&[("BERTH__CLUSTER__CONSUL_TOKEN", "two words")]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(
+            msg.contains("cluster.consul_token") && !msg.contains("two words"),
+            "{msg}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -43,6 +43,21 @@ pub async fn ws_route(
             allowed.is_empty() || o.to_str().is_ok_and(|o| allowed.iter().any(|a| a == o))
         }
     };
+    if let Some(peer) = req.peer_addr() {
+        let forwarded = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let source = node.admission.source(peer.ip(), forwarded);
+        if !node.admission.admit(source) {
+            metrics::counter!("berth_connections_refused_total", "reason" => "source_rate")
+                .increment(1);
+            // Refused before the upgrade: no task, no buffers, no session.
+            return Ok(HttpResponse::TooManyRequests()
+                .insert_header((header::RETRY_AFTER, "1"))
+                .body("too many new connections from this address: retry later"));
+        }
+    }
     let (resp, ws, stream) = actix_ws::handle(&req, body)?;
     let max = node.cfg.server.max_frame_bytes;
     let stream = stream

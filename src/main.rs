@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admission;
 mod config;
 mod edge;
 mod node;
@@ -146,6 +147,7 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
         HostConfig {
             node_id: node_id.clone(),
             detach_timeout: Duration::from_secs(cfg.session.detach_timeout_s),
+            unwritten_detach_timeout: Duration::from_secs(cfg.session.unwritten_detach_timeout_s),
             durability: match cfg.store.durability {
                 DurabilityMode::Sync => Durability::Sync,
                 DurabilityMode::Interval => Durability::Interval,
@@ -199,6 +201,10 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
         Some(addr) => {
             let mut c = ConsulConfig::new(addr.clone(), cfg.cluster.service.clone());
             c.ttl = Duration::from_millis(cfg.cluster.ttl_ms);
+            c.token = cfg
+                .cluster
+                .consul_token()
+                .map_err(|(key, why)| anyhow::anyhow!("{key}: {why}"))?;
             spawn_consul(c, self_member.clone(), serving_rx).context("cluster.consul_addr")?
         }
         None if cfg.cluster.members.is_empty() => static_membership(vec![self_member.clone()]),
@@ -358,7 +364,13 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
 
     // Shutdown: refuse new work, leave the cluster and hand sessions off,
     // checkpoint and close what is left, stop.
+    // Every step below is bounded by what is left of the deadline, and the
+    // last steps (deregistering, closing peer links) keep a reserve, so the
+    // whole shutdown ends within `shutdown.deadline_ms`.
     let started = Instant::now();
+    let end = started + deadline;
+    let left = || end.saturating_duration_since(Instant::now());
+    let reserve = (deadline / 10).min(Duration::from_secs(1));
     let close_code = if clustered {
         CloseCode::Restart
     } else {
@@ -366,7 +378,12 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
     };
     node.set_shutdown_code(close_code);
     node.stopping.send_replace(true);
-    public_handle.pause().await;
+    if tokio::time::timeout(left(), public_handle.pause())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the public listener did not pause within the shutdown deadline");
+    }
     if clustered {
         membership.leave();
         if tokio::time::timeout(deadline / 2, router.leave())
@@ -376,7 +393,12 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
             tracing::warn!("handing sessions off took longer than half the shutdown deadline");
         }
     }
-    let report = host.shutdown(close_code, deadline.mul_f32(0.4)).await;
+    let report = host
+        .shutdown(
+            close_code,
+            deadline.mul_f32(0.4).min(left().saturating_sub(reserve)),
+        )
+        .await;
     tracing::info!(
         checkpointed = report.checkpointed,
         failed = report.failed,
@@ -384,17 +406,23 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "sessions checkpointed"
     );
-    let left = deadline.saturating_sub(started.elapsed());
     let stop = async {
         public_handle.stop(true).await;
         admin_handle.stop(true).await;
     };
-    if tokio::time::timeout(left, stop).await.is_err() {
+    if tokio::time::timeout(left().saturating_sub(reserve), stop)
+        .await
+        .is_err()
+    {
         tracing::warn!("listeners did not stop within the shutdown deadline");
     }
-    membership.shutdown(Duration::from_secs(1)).await;
+    membership
+        .shutdown(left().min(Duration::from_secs(1)))
+        .await;
     if let Some(p) = peer_handle {
-        p.shutdown().await;
+        if tokio::time::timeout(left(), p.shutdown()).await.is_err() {
+            tracing::warn!("peer links did not close within the shutdown deadline");
+        }
     }
     views.abort();
     health.abort();
@@ -489,6 +517,8 @@ fn reload(args: &Args, node: &Node, log: &telemetry::LogHandle) {
     }
     node.set_limits(new.limits.clone());
     node.host.set_limits(new.session_limits());
+    let adm = new.admission();
+    node.admission.set_rate(adm.per_sec, adm.burst);
     if applied.is_empty() && restart.is_empty() {
         tracing::info!("SIGHUP: configuration reloaded, nothing changed");
     }

@@ -57,6 +57,8 @@ pub struct Node {
     pub serving: watch::Sender<bool>,
     /// ETag of the demo page.
     pub demo_etag: String,
+    /// New connections per source address.
+    pub admission: crate::admission::Admission,
     /// When the node started.
     pub started: Instant,
 }
@@ -71,6 +73,7 @@ impl Node {
         membership: Arc<MembershipHandle>,
         serving: watch::Sender<bool>,
     ) -> Self {
+        let admission = crate::admission::Admission::new(cfg.admission());
         Node {
             node_id,
             router,
@@ -85,6 +88,7 @@ impl Node {
             readiness: Mutex::new(Readiness::default()),
             serving,
             demo_etag: crate::edge::demo_etag(),
+            admission,
             started: Instant::now(),
         }
     }

@@ -627,6 +627,12 @@ impl Router {
         if self.leaving.load(Ordering::Relaxed) {
             return Err(AttachFail::Retry("this node is leaving".into()));
         }
+        if create && self.host.live_sessions() >= self.host.limits().max_live_sessions {
+            metrics::counter!("berth_sessions_refused_total").increment(1);
+            return Err(AttachFail::Refused(AttachError::Unavailable(
+                "this node is at its live-session limit: try again later".into(),
+            )));
+        }
         for n in 0..ATTACH_ATTEMPTS {
             let addr = if create && n == 0 {
                 self.host.create_session_with(id.clone(), token)

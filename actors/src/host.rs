@@ -42,6 +42,10 @@ pub struct HostConfig {
     pub node_id: String,
     /// How long a session without a connection stays live before passivating.
     pub detach_timeout: Duration,
+    /// The same for a session that never ran a state-changing op (it is not
+    /// in the store, so passivating it just forgets it): short, so a flood of
+    /// anonymous hellos does not hold actors for `detach_timeout`.
+    pub unwritten_detach_timeout: Duration,
     /// When a state change is acknowledged.
     pub durability: Durability,
     /// Interval-mode checkpoint period.
@@ -65,6 +69,9 @@ pub(crate) struct HostShared<A: Application> {
     limits: RwLock<Arc<Limits>>,
     sessions: Mutex<Registry<A>>,
     next_gen: AtomicU64,
+    /// Set when [`Host::shutdown`] begins: no actor starts after its snapshot
+    /// of the live ones (it would never get its final checkpoint).
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl<A: Application> HostShared<A> {
@@ -118,6 +125,7 @@ impl<A: Application> Host<A> {
                 limits: RwLock::new(Arc::new(limits)),
                 sessions: Mutex::default(),
                 next_gen: AtomicU64::new(1),
+                closing: Default::default(),
             }),
         }
     }
@@ -183,6 +191,13 @@ impl<A: Application> Host<A> {
             }
         }
         let gen = self.shared.next_gen.fetch_add(1, Ordering::Relaxed);
+        // Checked under the registry lock that `shutdown` takes its snapshot
+        // under: an actor either is in the snapshot or refuses to start.
+        let init = if self.shared.closing.load(Ordering::SeqCst) {
+            Init::Refuse
+        } else {
+            init
+        };
         let addr = SessionActor::new(id.clone(), gen, self.shared.clone(), init).start();
         map.insert(id, (gen, addr.clone()));
         addr
@@ -225,7 +240,11 @@ impl<A: Application> Host<A> {
     /// Checkpoints and stops every live session, closing their clients with
     /// `code`, within `deadline`.
     pub async fn shutdown(&self, code: CloseCode, deadline: Duration) -> ShutdownReport {
-        let addrs: Vec<_> = self.lock().values().map(|(_, a)| a.clone()).collect();
+        let addrs: Vec<_> = {
+            let map = self.lock();
+            self.shared.closing.store(true, Ordering::SeqCst);
+            map.values().map(|(_, a)| a.clone()).collect()
+        };
         let mut report = ShutdownReport::default();
         let all = join_all(addrs.iter().map(|a| a.send(Shutdown { code })));
         match tokio::time::timeout(deadline, all).await {

@@ -53,6 +53,8 @@ pub(crate) enum Init {
     New(TokenHash),
     /// An existing session, read from the store.
     Resume,
+    /// The host is shutting down: answer `ShuttingDown` and stop.
+    Refuse,
 }
 
 /// Why a session cannot be attached to.
@@ -299,6 +301,33 @@ impl<A: Application> SessionActor<A> {
         }
     }
 
+    /// Whether the session is in the store (it is once its first write
+    /// created it; an activation from the store always is).
+    fn stored(&self) -> bool {
+        self.epoch > 0
+    }
+
+    /// Writes `bytes` under this activation's epoch; a session not in the
+    /// store yet is created first, which takes its first epoch. Answers the
+    /// epoch written under.
+    fn write(
+        &self,
+        bytes: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<'static, Result<u64, StoreError>> {
+        use futures_util::FutureExt;
+        let (store, id, epoch) = (self.host.store.clone(), self.id.clone(), self.epoch);
+        async move {
+            let epoch = if epoch > 0 {
+                epoch
+            } else {
+                store.create(&id).await?
+            };
+            store.save(&id, epoch, bytes).await?;
+            Ok(epoch)
+        }
+        .boxed()
+    }
+
     fn checkpoint_bytes(&self) -> Vec<u8> {
         codec::encode(self.state.to_checkpoint(&self.host.app))
     }
@@ -339,7 +368,11 @@ impl<A: Application> SessionActor<A> {
         if let Some(h) = self.passivate_timer.take() {
             ctx.cancel_future(h);
         }
-        let after = self.host.cfg.detach_timeout;
+        let after = if self.stored() {
+            self.host.cfg.detach_timeout
+        } else {
+            self.host.cfg.unwritten_detach_timeout
+        };
         self.passivate_timer = Some(ctx.run_later(after, |act, ctx| {
             act.passivate_timer = None;
             if act.conn.is_none() && act.phase == Phase::Live {
@@ -349,12 +382,15 @@ impl<A: Application> SessionActor<A> {
     }
 
     fn passivate(&mut self, ctx: &mut Context<Self>) {
-        let fut = self
-            .host
-            .store
-            .save(&self.id, self.epoch, self.checkpoint_bytes());
+        if !self.stored() {
+            // Never written: nothing in the store to keep, nothing to lose.
+            tracing::debug!(session = %self.id, "passivated (never written)");
+            self.gone(AttachError::NotFound, ctx);
+            return;
+        }
+        let fut = self.write(self.checkpoint_bytes());
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::debug!(session = %act.id, "passivated");
                 act.gone(AttachError::NotFound, ctx);
             }
@@ -425,12 +461,10 @@ impl<A: Application> SessionActor<A> {
         }
         self.flush_inflight = true;
         self.unsaved_writes = false;
-        let fut = self
-            .host
-            .store
-            .save(&self.id, self.epoch, self.checkpoint_bytes());
+        let fut = self.write(self.checkpoint_bytes());
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| match res {
-            Ok(()) => {
+            Ok(epoch) => {
+                act.epoch = epoch;
                 act.flush_inflight = false;
                 act.flush_failing = false;
                 act.last_saved = Instant::now();
@@ -464,19 +498,23 @@ impl<A: Application> Actor for SessionActor<A> {
         match self.init.take() {
             Some(Init::New(hash)) => {
                 self.state = SessionState::new(hash);
-                let bytes = self.checkpoint_bytes();
-                // The session exists in the store before the client hears of it,
-                // so a crash right after `welcome` still leaves it resumable.
-                let fut = async move {
-                    let epoch = store.create(&id).await?;
-                    store.save(&id, epoch, bytes).await?;
-                    Ok::<_, StoreError>(epoch)
-                };
-                ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
-                    Ok(epoch) => act.go_live(epoch, ctx),
-                    Err(e) => act.gone(AttachError::Unavailable(e.to_string()), ctx),
-                }));
+                // A new session costs nothing in the store until its first
+                // state-changing op (then it is created, takes its first
+                // epoch, and is written before that op is answered): a flood
+                // of anonymous hellos leaves no keys behind. The store must
+                // answer, though: a node that could not write a session does
+                // not start one.
+                ctx.wait(
+                    store
+                        .ping()
+                        .into_actor(self)
+                        .map(|res, act, ctx| match res {
+                            Ok(()) => act.go_live(0, ctx),
+                            Err(e) => act.gone(AttachError::Unavailable(e.to_string()), ctx),
+                        }),
+                );
             }
+            Some(Init::Refuse) => self.gone(AttachError::ShuttingDown, ctx),
             Some(Init::Resume) | None => {
                 let fut = store.activate(&id);
                 ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
@@ -584,7 +622,9 @@ impl<A: Application> SessionActor<A> {
 
     /// Whether the epoch must be checked before serving: the lease ran out.
     fn lease_expired(&self) -> bool {
-        !self.fresh && self.last_confirmed.elapsed() > self.host.cfg.lease
+        // A session never written has no other activation to fear: one
+        // can only be made from the store.
+        !self.fresh && self.stored() && self.last_confirmed.elapsed() > self.host.cfg.lease
     }
 }
 
@@ -703,7 +743,7 @@ impl<A: Application> SessionActor<A> {
             }
             // Reads keep a session alive in the store too: refresh its time to
             // live now and then.
-            if self.last_saved.elapsed() <= self.host.cfg.touch_after {
+            if !self.stored() || self.last_saved.elapsed() <= self.host.cfg.touch_after {
                 return done(reply);
             }
             if interval {
@@ -711,13 +751,10 @@ impl<A: Application> SessionActor<A> {
                 self.schedule_flush(ctx, Duration::ZERO);
                 return done(reply);
             }
-            let fut = self
-                .host
-                .store
-                .save(&self.id, self.epoch, self.checkpoint_bytes());
+            let fut = self.write(self.checkpoint_bytes());
             return Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
                 match res {
-                    Ok(()) => {
+                    Ok(_) => {
                         act.dirty = false;
                         act.last_saved = Instant::now();
                     }
@@ -739,9 +776,10 @@ impl<A: Application> SessionActor<A> {
             Some(app) => codec::encode(self.state.to_checkpoint_with(app)),
             None => self.checkpoint_bytes(),
         };
-        let fut = self.host.store.save(&self.id, self.epoch, bytes);
+        let fut = self.write(bytes);
         Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(()) => {
+            Ok(epoch) => {
+                act.epoch = epoch;
                 act.dirty = false;
                 act.last_saved = Instant::now();
                 act.last_confirmed = act.last_saved;
@@ -793,9 +831,15 @@ impl<A: Application> Handler<Detach> for SessionActor<A> {
 impl<A: Application> Handler<Bye> for SessionActor<A> {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, msg: Bye, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Bye, ctx: &mut Context<Self>) -> Self::Result {
         let attached = self.conn.as_ref().map(|a| a.conn.id()) == Some(msg.conn_id);
         if self.phase != Phase::Live || !attached {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
+        if !self.stored() {
+            // Never written: there is nothing in the store to delete.
+            self.close_conn(CloseCode::Normal, "bye");
+            self.gone(AttachError::NotFound, ctx);
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
         let fut = self.host.store.delete(&self.id, self.epoch);
@@ -831,13 +875,21 @@ impl<A: Application> SessionActor<A> {
         if self.phase != Phase::Live {
             return AtomicResponse::new(Box::pin(actix::fut::ready(true)));
         }
-        let fut = self
-            .host
-            .store
-            .save(&self.id, self.epoch, self.checkpoint_bytes());
+        if !self.stored() && self.conn.is_none() {
+            // Never written and nobody attached: nothing to keep. (A session
+            // with a client is written now, so its client can resume it
+            // wherever it goes next.)
+            return AtomicResponse::new(Box::pin(actix::fut::ready(()).map(
+                move |(), act: &mut Self, ctx| {
+                    then(act, ctx);
+                    true
+                },
+            )));
+        }
+        let fut = self.write(self.checkpoint_bytes());
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
             let ok = match res {
-                Ok(()) | Err(StoreError::Fenced { .. }) => true,
+                Ok(_) | Err(StoreError::Fenced { .. }) => true,
                 Err(e) => {
                     tracing::warn!(session = %act.id, error = %e, unsaved_writes = act.unsaved_writes, "final checkpoint failed ({why})");
                     !act.unsaved_writes

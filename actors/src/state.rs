@@ -10,7 +10,8 @@
 //!   watermark alone so the client can retry with the same id; deterministic
 //!   failures (`bad_args`, `type_mismatch`, ...) consume the id like a success;
 //! - a write that would grow the encoded state past the limit is undone and
-//!   answered `too_large`;
+//!   answered `too_large`, and so is one that would grow the whole checkpoint
+//!   (state, unacknowledged events, the stored reply) past its own limit;
 //! - events get increasing `seq`s, wait in a bounded outbox until acknowledged,
 //!   and are delivered in `seq` order once due.
 
@@ -32,6 +33,14 @@ pub struct Limits {
     pub outbox_max: usize,
     /// Longest `emit` delay, in milliseconds.
     pub max_emit_delay_ms: u64,
+    /// Largest checkpoint, in bytes: the state, every unacknowledged event and
+    /// the stored reply together (`too_large` above it). Without it, 1000
+    /// unacknowledged 64 KiB events would make a 62 MiB checkpoint that every
+    /// later write ships.
+    pub max_checkpoint_bytes: usize,
+    /// Most live sessions on one node: above it new sessions are refused
+    /// (`unavailable`, close 1013); resumes of existing ones are not.
+    pub max_live_sessions: usize,
 }
 
 impl Default for Limits {
@@ -40,8 +49,25 @@ impl Default for Limits {
             max_state_bytes: 64 * 1024,
             outbox_max: 1000,
             max_emit_delay_ms: 24 * 3600 * 1000,
+            max_checkpoint_bytes: 1024 * 1024,
+            max_live_sessions: 100_000,
         }
     }
+}
+
+/// Bytes a checkpoint spends on each event besides its body (seq, due time,
+/// length prefix: an upper bound of their varint encoding).
+const EVENT_OVERHEAD: usize = 24;
+/// Bytes a checkpoint spends besides the state, the events and the reply.
+const CHECKPOINT_OVERHEAD: usize = 96;
+
+fn reply_len(reply: &OpReply) -> usize {
+    serde_json::to_vec(reply).map_or(0, |b| b.len())
+}
+
+fn body_len(body: &Value) -> usize {
+    // A Value always serializes; this is the length the checkpoint stores.
+    serde_json::to_vec(body).map_or(0, |b| b.len())
 }
 
 /// Unacknowledged events, in `seq` order.
@@ -50,6 +76,8 @@ pub struct Outbox {
     events: VecDeque<StoredEvent>,
     /// The `seq` the next event gets (sequences start at 1).
     next_seq: u64,
+    /// Encoded bytes of the held events' bodies.
+    body_bytes: usize,
 }
 
 impl Outbox {
@@ -61,6 +89,11 @@ impl Outbox {
     /// Whether no event is held.
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
+    }
+
+    /// What the held events take in a checkpoint, in bytes.
+    pub fn checkpoint_bytes(&self) -> usize {
+        self.body_bytes + EVENT_OVERHEAD * self.events.len()
     }
 
     /// Highest `seq` handed out so far (0 if none).
@@ -76,6 +109,7 @@ impl Outbox {
             .events
             .back()
             .map_or(due_ms, |prev| due_ms.max(prev.due_ms));
+        self.body_bytes += body_len(&body);
         self.events.push_back(StoredEvent { seq, due_ms, body });
         seq
     }
@@ -89,7 +123,9 @@ impl Outbox {
             .front()
             .is_some_and(|e| e.seq <= seq && e.due_ms <= now_ms)
         {
-            self.events.pop_front();
+            if let Some(e) = self.events.pop_front() {
+                self.body_bytes = self.body_bytes.saturating_sub(body_len(&e.body));
+            }
         }
         before != self.events.len()
     }
@@ -226,12 +262,23 @@ impl<S: Clone + Default> SessionState<S> {
                 let bytes = app.encode_state(&self.app);
                 let size = bytes.len();
                 app_bytes = Some(bytes);
+                let checkpoint = self.checkpoint_estimate(size);
                 if size > limits.max_state_bytes {
                     Err(AppError::new(
                         ErrorCode::TooLarge,
                         format!(
                             "state would be {size} bytes, over the limit of {}",
                             limits.max_state_bytes
+                        ),
+                    ))
+                } else if checkpoint > limits.max_checkpoint_bytes {
+                    Err(AppError::new(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "the session's checkpoint would be about {checkpoint} bytes \
+                             (state and unacknowledged events), over the limit of {}: \
+                             acknowledge events or shrink the state",
+                            limits.max_checkpoint_bytes
                         ),
                     ))
                 } else {
@@ -288,6 +335,15 @@ impl<S: Clone + Default> SessionState<S> {
         }
     }
 
+    /// Rough size of this state's checkpoint, given the encoded application
+    /// state's length (what the checkpoint bound is checked against).
+    pub fn checkpoint_estimate(&self, app_len: usize) -> usize {
+        app_len
+            + self.outbox.checkpoint_bytes()
+            + self.last_reply.as_ref().map_or(0, reply_len)
+            + CHECKPOINT_OVERHEAD
+    }
+
     /// The checkpoint of this state.
     pub fn to_checkpoint<A: Application<State = S>>(&self, app: &A) -> Checkpoint {
         self.to_checkpoint_with(app.encode_state(&self.app))
@@ -324,6 +380,7 @@ impl<S: Clone + Default> SessionState<S> {
             last_op: ck.last_op,
             last_reply,
             outbox: Outbox {
+                body_bytes: ck.events.iter().map(|e| body_len(&e.body)).sum(),
                 events: ck.events.into(),
                 next_seq: ck.next_seq,
             },
@@ -522,6 +579,48 @@ mod tests {
             s.outbox.due_after(1, 1_600).next().unwrap().body,
             json!("now")
         );
+    }
+
+    #[test]
+    fn the_whole_checkpoint_is_bounded_in_bytes_and_acks_free_room() {
+        // 64 KiB event bodies: each emit fits the state limit (the state is
+        // tiny) but the checkpoint, with every unacknowledged event in it, is
+        // bounded by max_checkpoint_bytes.
+        let mut s = fresh();
+        let limits = Limits {
+            max_checkpoint_bytes: 300 * 1024,
+            ..Limits::default()
+        };
+        let big = "x".repeat(64 * 1024);
+        let mut id = 0;
+        let refused = loop {
+            id += 1;
+            let out = s.apply(&KvApp, id, "emit", &json!({ "body": big }), 0, &limits);
+            if !out.reply.ok {
+                break out.reply;
+            }
+            assert!(id < 10, "never refused");
+        };
+        assert_eq!(refused.error.unwrap().code, ErrorCode::TooLarge);
+        assert_eq!(
+            s.outbox.len(),
+            4,
+            "4 x 64 KiB fit in 300 KiB, a fifth does not"
+        );
+        let ck = crate::codec::encode(s.to_checkpoint(&KvApp));
+        assert!(ck.len() <= limits.max_checkpoint_bytes, "{}", ck.len());
+        assert!(
+            s.checkpoint_estimate(KvApp.encode_state(&s.app).len()) >= ck.len(),
+            "the estimate bounds the real checkpoint"
+        );
+        // Acknowledging events makes room again.
+        assert!(s.outbox.ack(2, 0));
+        id += 1;
+        let out = s.apply(&KvApp, id, "emit", &json!({ "body": big }), 0, &limits);
+        assert!(out.reply.ok, "{:?}", out.reply);
+        // The byte count survives a checkpoint round trip.
+        let back = SessionState::from_checkpoint(&KvApp, s.to_checkpoint(&KvApp)).unwrap();
+        assert_eq!(back.outbox.checkpoint_bytes(), s.outbox.checkpoint_bytes());
     }
 
     #[test]

@@ -91,6 +91,7 @@ fn host(name: &str, store: Arc<dyn CheckpointStore>) -> Host<KvApp> {
         HostConfig {
             node_id: name.into(),
             detach_timeout: Duration::from_secs(60),
+            unwritten_detach_timeout: Duration::from_secs(60),
             durability: Durability::Sync,
             checkpoint_interval: Duration::from_secs(1),
             touch_after: Duration::from_secs(3600),
@@ -195,8 +196,12 @@ async fn a_reroute_of_an_older_hello_never_takes_a_newer_activation_from_its_cli
     let (a, b) = (host("a", store.clone()), host("b", store.clone()));
     let (id, token, addr_a) = a.create_session();
     let mut zombie = Client::new(10, 7);
-    let (m, _hz, _rxz) = zombie.attach(&token, None);
+    let (m, hz, _rxz) = zombie.attach(&token, None);
     let (_, zombie_claim) = addr_a.send(m).await.unwrap().expect("hello on a");
+    assert!(
+        incr(&addr_a, &hz, 1).await.ok,
+        "written: in the store from now on"
+    );
 
     let addr_b = b.session(&id); // the failover: a newer epoch
     let mut current = Client::new(20, 3);
@@ -214,7 +219,7 @@ async fn a_reroute_of_an_older_hello_never_takes_a_newer_activation_from_its_cli
         told(&mut rxc).is_none(),
         "the client's connection is never told 4000"
     );
-    assert_eq!(incr(&addr_b, &hc, 1).await.value, Some(json!(1)));
+    assert_eq!(incr(&addr_b, &hc, 2).await.value, Some(json!(2)));
 }
 
 #[actix_rt::test]
@@ -229,8 +234,9 @@ async fn whichever_re_route_lands_first_the_newer_hello_ends_up_holding_the_sess
     );
     let (id, token, addr_a) = a.create_session();
     let mut zombie = Client::new(10, 7);
-    let (m, _hz, _rxz) = zombie.attach(&token, None);
+    let (m, hz, _rxz) = zombie.attach(&token, None);
     let (_, zombie_claim) = addr_a.send(m).await.unwrap().unwrap();
+    assert!(incr(&addr_a, &hz, 1).await.ok);
     let mut current = Client::new(20, 3);
     let (m, _hc, _rxc) = current.attach(&token, None);
     let (_, claim) = b.session(&id).send(m).await.unwrap().unwrap();
@@ -258,7 +264,7 @@ async fn whichever_re_route_lands_first_the_newer_hello_ends_up_holding_the_sess
         AttachError::Superseded
     );
     assert!(told(&mut rxc2).is_none());
-    assert_eq!(incr(&addr_c, &hc2, 1).await.value, Some(json!(1)));
+    assert_eq!(incr(&addr_c, &hc2, 2).await.value, Some(json!(2)));
 }
 
 #[actix_rt::test]
@@ -350,4 +356,45 @@ async fn queued_ops_apply_in_the_order_they_were_sent_past_a_full_mailbox() {
             i + 1
         );
     }
+}
+
+#[actix_rt::test]
+async fn a_session_costs_nothing_in_the_store_until_its_first_write() {
+    let store = SlowStore::new();
+    let h = host("a", store.clone());
+    let (id, token, addr) = h.create_session();
+    let mut c = Client::new(1, 1);
+    let (m, conn, _rx) = c.attach(&token, None);
+    addr.send(m).await.unwrap().expect("hello");
+    assert_eq!(
+        store.epoch(&id).await.unwrap(),
+        0,
+        "nothing stored at hello"
+    );
+    let read = addr
+        .send(Op {
+            conn_id: conn.id(),
+            id: 1,
+            op: "get".into(),
+            args: json!({"key": "n"}),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(read.ok);
+    assert_eq!(store.epoch(&id).await.unwrap(), 0, "a read stores nothing");
+    assert_eq!(incr(&addr, &conn, 2).await.value, Some(json!(1)));
+    let e = store.epoch(&id).await.unwrap();
+    assert!(e > 0, "the first write created it");
+    // And it is there for another node.
+    let b = host("b", store.clone());
+    let mut other = Client::new(2, 1);
+    let (m, _h, _rx2) = other.attach(&token, None);
+    let (w, _) = b
+        .session(&id)
+        .send(m)
+        .await
+        .unwrap()
+        .expect("resumed elsewhere");
+    assert_eq!((w.resumed, w.last_op, w.version), (true, 2, 1));
 }

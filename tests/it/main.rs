@@ -6,7 +6,11 @@
 //! - `protocol`: every message, error and close code of protocol.md.
 //! - `durability`: kill -9, Redis outages, fencing between activations.
 //! - `lifecycle`: configuration sources, SIGHUP, SIGTERM, drain.
+//! - `abuse`: what one anonymous client can cost (session cap, lazy store,
+//!   per-source connection rate, checkpoint bound).
+//! - `cluster`, `loadtest`: several nodes, Consul, berth-loadtest.
 
+mod abuse;
 mod cluster;
 mod common;
 mod durability;
