@@ -9,7 +9,7 @@
 //! resumed, while a slow answer on a live connection is simply waited for.
 //! Usable on its own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -160,7 +160,13 @@ pub struct ClientStats {
     /// Resumes whose `welcome` reported a `last_op` below the last
     /// acknowledged write (checked on every resume).
     pub resume_regressions: u64,
+    /// The first [`REGRESSIONS_KEPT`] of them: when, and what the welcome
+    /// said.
+    pub regressions: Vec<(Instant, String)>,
 }
+
+/// Resume regressions a client describes at most (it counts them all).
+pub const REGRESSIONS_KEPT: usize = 4;
 
 /// A new latency histogram (1 µs .. 10 min, 3 significant digits).
 pub fn histogram() -> Histogram<u64> {
@@ -449,7 +455,14 @@ pub struct MobileClient {
     pub last_end: Option<ConnEnd>,
     /// The session's `version` in the last `welcome` or `result` received.
     pub last_version: u64,
+    /// The latest [`TRAIL`] things that happened to its connections, when
+    /// (welcomes, failed connects, losses and their closes, drops and roams
+    /// on purpose): what a problem report shows.
+    pub trail: VecDeque<(Instant, String)>,
 }
+
+/// Entries a client's [`MobileClient::trail`] keeps.
+pub const TRAIL: usize = 24;
 
 impl MobileClient {
     /// A client; `first_url` picks where it starts.
@@ -470,6 +483,7 @@ impl MobileClient {
             last_acked_write: 0,
             last_end: None,
             last_version: 0,
+            trail: VecDeque::new(),
         }
     }
 
@@ -497,11 +511,27 @@ impl MobileClient {
             last_acked_write: self.last_acked_write,
             last_end: None,
             last_version: self.last_version,
+            trail: VecDeque::new(),
         })
     }
 
     fn url(&self) -> &str {
         &self.cfg.urls[self.url_idx % self.cfg.urls.len()]
+    }
+
+    /// The `host:port` of the current URL.
+    fn authority(&self) -> &str {
+        let url = self.url();
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        rest.split(['/', '?']).next().unwrap_or(rest)
+    }
+
+    /// Adds `what` to the trail, now.
+    fn note(&mut self, what: String) {
+        if self.trail.len() == TRAIL {
+            self.trail.pop_front();
+        }
+        self.trail.push_back((Instant::now(), what));
     }
 
     /// The URL of the next connect: a resume says `?session=ID&node=OWNER`
@@ -518,6 +548,21 @@ impl MobileClient {
             url.push_str(&query_escape(node));
         }
         url
+    }
+
+    /// How many URLs it has.
+    pub fn url_count(&self) -> usize {
+        self.cfg.urls.len()
+    }
+
+    /// Moves to the URL `n` places on: the next connect goes there.
+    pub fn skip_urls(&mut self, n: usize) {
+        self.url_idx += n;
+    }
+
+    /// The `host:port` the next connect goes to.
+    pub fn next_authority(&self) -> &str {
+        self.authority()
     }
 
     /// Whether a connection is up.
@@ -594,8 +639,9 @@ impl MobileClient {
             let t = Instant::now();
             let mut ws = match self.dial().await {
                 Ok(ws) => ws,
-                Err(_) => {
+                Err(e) => {
                     self.count_error("client_connect");
+                    self.note(format!("connect to {} failed: {e}", self.authority()));
                     self.last_end = Some(ConnEnd::Unreachable);
                     self.url_idx += 1;
                     self.pause(&mut attempt).await;
@@ -608,11 +654,31 @@ impl MobileClient {
                     let us = t.elapsed().as_micros().max(1) as u64;
                     self.owner = w["node"].as_str().map(str::to_owned);
                     self.saw_version(&w);
+                    self.note(format!(
+                        "welcome on {} from {} ({}, last_op {})",
+                        self.authority(),
+                        self.owner().unwrap_or("?"),
+                        if resuming { "resumed" } else { "new" },
+                        w["last_op"]
+                    ));
                     if resuming {
                         self.stats.resumes_ok += 1;
                         self.stats.resume_us.push(us);
-                        if w["last_op"].as_u64().unwrap_or(0) < self.last_acked_write {
+                        let last_op = w["last_op"].as_u64().unwrap_or(0);
+                        if last_op < self.last_acked_write {
                             self.stats.resume_regressions += 1;
+                            let what = format!(
+                                "welcome on {} from {} says last_op {last_op}, below the last \
+                                 acknowledged write {} (version {})",
+                                self.authority(),
+                                self.owner().unwrap_or("?"),
+                                self.last_acked_write,
+                                w["version"]
+                            );
+                            if self.stats.regressions.len() < REGRESSIONS_KEPT {
+                                self.stats.regressions.push((Instant::now(), what.clone()));
+                            }
+                            self.note(what);
                         }
                     } else {
                         self.stats.connect_us.push(us);
@@ -624,6 +690,7 @@ impl MobileClient {
                 HelloAnswer::Frame(w) if w["type"] == "error" => {
                     let code = w["code"].as_str().unwrap_or("unknown").to_owned();
                     self.count_error(&code);
+                    self.note(format!("hello on {} refused: {code}", self.authority()));
                     self.stopped = Stop::of_refusal(&code);
                     self.last_end = Some(ConnEnd::Refused { code });
                     if self.stopped.is_some() {
@@ -640,6 +707,7 @@ impl MobileClient {
                         HelloAnswer::Closed(end) => end,
                         _ => ConnEnd::Unreachable,
                     };
+                    self.note(format!("hello on {}: {end}", self.authority()));
                     if self.ended(end) == OnClose::Stop {
                         if resuming {
                             self.stats.resumes_failed += 1;
@@ -699,6 +767,7 @@ impl MobileClient {
     /// phone that changes networks does; the next call resumes the session.
     pub async fn roam(&mut self) {
         if let Some(mut ws) = self.ws.take() {
+            self.note(format!("roamed away from {}", self.authority()));
             let _ = ws.close(None).await;
         }
         self.url_idx += 1;
@@ -725,6 +794,7 @@ impl MobileClient {
     /// code says before the next connect.
     async fn lost(&mut self, end: ConnEnd) {
         self.ws = None;
+        self.note(format!("lost on {}: {end}", self.authority()));
         self.stats.reconnects += 1;
         if self.ended(end) == OnClose::Backoff {
             self.url_idx += 1;
@@ -825,8 +895,60 @@ impl MobileClient {
         args: Value,
         deadline: Instant,
     ) -> Result<Value, ClientError> {
+        let id = self.take_id();
+        self.run_op(id, op, args, None, deadline).await
+    }
+
+    /// Like [`MobileClient::call`], but the connection is lost with the op in
+    /// flight, as when a phone loses its network just after sending: the op
+    /// is sent, then the connection is dropped at once without a close frame
+    /// (`roam`: closed, and the next connect goes to the next URL), so its
+    /// answer cannot arrive; the session is resumed and the op re-sent with
+    /// the same id, which the server applies at most once.
+    pub async fn call_cut(
+        &mut self,
+        op: &str,
+        args: Value,
+        roam: bool,
+        deadline: Instant,
+    ) -> Result<Value, ClientError> {
+        let id = self.take_id();
+        self.run_op(id, op, args, Some(roam), deadline).await
+    }
+
+    /// Sends op `id` again, an id this client has used already (as an app
+    /// does that is not sure the answer arrived), and retries it like
+    /// [`MobileClient::call`]. The server must not apply it again: protocol.md
+    /// answers a retried id with `duplicate: true` (and the stored result if
+    /// it is the latest op).
+    pub async fn resend(
+        &mut self,
+        id: u64,
+        op: &str,
+        args: Value,
+        deadline: Instant,
+    ) -> Result<Value, ClientError> {
+        debug_assert!(id < self.next_id, "op {id} was never sent");
+        self.run_op(id, op, args, None, deadline).await
+    }
+
+    fn take_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
+        id
+    }
+
+    /// Sends op `id` until it is answered (see [`MobileClient::call`]);
+    /// `cut`: drop the connection right after the first send (see
+    /// [`MobileClient::call_cut`]).
+    async fn run_op(
+        &mut self,
+        id: u64,
+        op: &str,
+        args: Value,
+        mut cut: Option<bool>,
+        deadline: Instant,
+    ) -> Result<Value, ClientError> {
         let frame = json!({"type":"op","id":id,"op":op,"args":args}).to_string();
         let started = Instant::now();
         let mut attempt = 0u32;
@@ -843,6 +965,18 @@ impl MobileClient {
                 .await;
             if sent.is_err() {
                 self.lost(ConnEnd::Dropped).await;
+                continue;
+            }
+            if let Some(roam) = cut.take() {
+                self.note(format!(
+                    "op {id} sent on {}, then cut off",
+                    self.authority()
+                ));
+                if roam {
+                    self.roam().await;
+                } else {
+                    self.drop_connection();
+                }
                 continue;
             }
             match self.read_result(id).await {
@@ -903,6 +1037,15 @@ impl MobileClient {
             }
         }
         self.ack().await;
+    }
+
+    /// Drops the connection without a close frame (the socket is closed), as
+    /// a phone that loses its network does; the next call resumes the
+    /// session on the same URL.
+    pub fn drop_connection(&mut self) {
+        if self.ws.take().is_some() {
+            self.note(format!("dropped on {}", self.authority()));
+        }
     }
 
     /// Closes the connection without ending the session.

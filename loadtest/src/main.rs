@@ -4,6 +4,8 @@
 //! ```text
 //! berth-loadtest run --url ws://127.0.0.1:8080/ws --sessions 1000 --duration 30s
 //! berth-loadtest local --nodes 3 --sessions 600 --duration 30s --chaos kill:2@10s
+//! berth-loadtest local --nodes 3 --sessions 300 --scenario kv-churn \
+//!     --chaos 'soak:kills=50,kill-every=10s,restart-after=3s,seed=7'
 //! berth-loadtest ceiling --sessions 1000 --duration 20s --scenario echo
 //! ```
 
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use berth_loadtest::client::TlsTrust;
-use berth_loadtest::local::{parse_chaos, parse_duration, Chaos, LocalCluster};
+use berth_loadtest::local::{parse_duration, ChaosPlan, LocalCluster};
 use berth_loadtest::result::RunResult;
 use berth_loadtest::run::{self, RunConfig, Scenario};
 use berth_loadtest::{ceiling, report, threshold};
@@ -48,8 +50,13 @@ enum Cmd {
         /// berth nodes to start.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
-        /// Chaos events: kill:N@T, start@T, drain:N@T, restart-redis@T (repeat or comma-separate).
-        #[arg(long, value_delimiter = ',')]
+        /// Chaos events: kill:N@T, restart:N@T, start@T, drain:N@T, restart-redis@T
+        /// (repeat or comma-separate), and at most one soak:
+        /// soak:kills=N[,kill-every=10s,restart-after=3s,jitter=2s,first=10s,seed=1]
+        /// (kills a random node, seeded, about every kill-every and restarts it
+        /// restart-after later on its own ports; never the last live node).
+        /// Without --duration the load runs until 5 s after the last event.
+        #[arg(long)]
         chaos: Vec<String>,
         /// The berth binary (default: next to this one, then PATH).
         #[arg(long)]
@@ -78,9 +85,10 @@ struct Load {
     /// Virtual clients (sessions).
     #[arg(long, default_value_t = 100)]
     sessions: usize,
-    /// How long ops are sent (500ms, 30s, 2m).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    duration: Duration,
+    /// How long ops are sent (500ms, 30s, 2m) [default: 10s; `local` with
+    /// chaos: long enough for its last event, and too short a one is refused].
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
     /// Clients start spread over this.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     ramp: Duration,
@@ -118,6 +126,9 @@ struct Load {
     insecure: bool,
 }
 
+/// `--duration` when it is not given.
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+
 impl Load {
     fn config(&self, urls: Vec<String>, admin: Vec<String>) -> anyhow::Result<RunConfig> {
         let n = self
@@ -141,7 +152,7 @@ impl Load {
             urls,
             admin: Arc::new(Mutex::new(admin)),
             sessions: self.sessions,
-            duration: self.duration,
+            duration: self.duration.unwrap_or(DEFAULT_DURATION),
             ramp: self.ramp,
             scenario: self.scenario,
             rate: self.rate,
@@ -204,10 +215,21 @@ async fn main() -> anyhow::Result<()> {
             consul,
             load,
         } => {
-            let events: Vec<Chaos> = chaos
-                .iter()
-                .map(|c| parse_chaos(c).map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<_>>()?;
+            let plan =
+                ChaosPlan::parse(&chaos, nodes).map_err(|e| anyhow::anyhow!("--chaos: {e}"))?;
+            let mut load = load;
+            load.duration = Some(
+                plan.duration(load.duration, DEFAULT_DURATION, load.ramp)
+                    .map_err(anyhow::Error::msg)?,
+            );
+            if let Some(soak) = &plan.soak {
+                let last = plan.events.last().map_or(0.0, |c| c.at.as_secs_f64());
+                eprintln!(
+                    "chaos: {soak}: {} kills, the last restart at {last:.1}s; the load runs {:.1}s",
+                    soak.kills,
+                    (load.ramp + load.duration.unwrap_or(DEFAULT_DURATION)).as_secs_f64()
+                );
+            }
             let mut cluster = LocalCluster::start(nodes, berth.as_deref(), consul.as_deref())?;
             eprintln!(
                 "local cluster: {} nodes, logs in {}",
@@ -215,7 +237,7 @@ async fn main() -> anyhow::Result<()> {
                 cluster.log_dir().display()
             );
             let cfg = load.config(cluster.urls(), cluster.admins())?;
-            let r = berth_loadtest::local::run_with_chaos(&mut cluster, cfg, events).await?;
+            let r = berth_loadtest::local::run_with_chaos(&mut cluster, cfg, plan.events).await?;
             drop(cluster);
             finish(&load, &r)?
         }

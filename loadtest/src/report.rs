@@ -97,6 +97,21 @@ pub fn summary(r: &RunResult, checks: &[Check]) -> String {
         ],
     );
 
+    if r.churn.any() {
+        let c = &r.churn;
+        text_table(
+            &mut out,
+            Align::Right,
+            &[
+                row(["CHURN (on purpose)"]),
+                row(["  drops".to_string(), c.drops.to_string()]),
+                row(["  roams".to_string(), c.roams.to_string()]),
+                row(["  ops cut off, re-sent".to_string(), c.cut_ops.to_string()]),
+                row(["  acked ids re-sent".to_string(), c.resent_ids.to_string()]),
+            ],
+        );
+    }
+
     let v = &r.verify;
     text_table(
         &mut out,
@@ -148,6 +163,27 @@ pub fn summary(r: &RunResult, checks: &[Check]) -> String {
         text_table(&mut out, Align::Right, &rows);
     }
 
+    let kinds = repeated_kinds(r);
+    if !kinds.is_empty() {
+        let mut rows = vec![row([
+            "FAILOVER BY KIND",
+            "events",
+            "sessions p50",
+            "p99 ms p50/p99/max",
+            "max ms p50/p99/max",
+        ])];
+        for k in kinds {
+            rows.push(row([
+                format!("  {}", k.kind),
+                k.events.to_string(),
+                format!("{:.0}", k.sessions_affected.p50),
+                over_events(&k.window_p99_ms),
+                over_events(&k.window_max_ms),
+            ]));
+        }
+        text_table(&mut out, Align::Right, &rows);
+    }
+
     if !r.nodes.is_empty() {
         let mut rows = vec![row(["NODES", "sessions", "peak RSS MiB"])];
         for n in &r.nodes {
@@ -181,6 +217,10 @@ pub fn summary(r: &RunResult, checks: &[Check]) -> String {
 /// Problem lines the text summary shows at most; the JSON has them all.
 pub const SUMMARY_PROBLEMS: usize = 20;
 
+/// Problems whose client's trail the text summary shows (the JSON has every
+/// trail).
+pub const SUMMARY_TRAILS: usize = 3;
+
 /// Appends the problem sessions under the verdict: one line each, at most
 /// [`SUMMARY_PROBLEMS`], then how many more there are.
 fn problem_summary(out: &mut String, problems: &[Problem]) {
@@ -188,8 +228,16 @@ fn problem_summary(out: &mut String, problems: &[Problem]) {
         return;
     }
     out.push_str(&format!("  problems: {} sessions\n", problems.len()));
-    for p in problems.iter().take(SUMMARY_PROBLEMS) {
+    for (i, p) in problems.iter().take(SUMMARY_PROBLEMS).enumerate() {
         out.push_str(&format!("    {}\n", problem_line(p)));
+        if i < SUMMARY_TRAILS {
+            for n in &p.notes {
+                out.push_str(&format!("      found: {n}\n"));
+            }
+            for t in &p.trail {
+                out.push_str(&format!("      {t}\n"));
+            }
+        }
     }
     if problems.len() > SUMMARY_PROBLEMS {
         out.push_str(&format!(
@@ -347,6 +395,26 @@ pub fn html(r: &RunResult, checks: &[Check]) -> String {
             ),
         ],
     );
+    if r.churn.any() {
+        let c = &r.churn;
+        html_table(
+            &mut out,
+            "Churn (on purpose)",
+            &[],
+            &[
+                ("", vec!["drops".into(), c.drops.to_string()]),
+                ("", vec!["roams".into(), c.roams.to_string()]),
+                (
+                    "",
+                    vec!["ops cut off, re-sent".into(), c.cut_ops.to_string()],
+                ),
+                (
+                    "",
+                    vec!["acked ids re-sent".into(), c.resent_ids.to_string()],
+                ),
+            ],
+        );
+    }
     let mut errors: Vec<Row> = r
         .errors
         .iter()
@@ -439,6 +507,36 @@ pub fn html(r: &RunResult, checks: &[Check]) -> String {
             &mut out,
             "Failover windows (ms)",
             &["event", "at", "sessions affected", "p50", "p99", "max"],
+            &rows,
+        );
+    }
+    let kinds = repeated_kinds(r);
+    if !kinds.is_empty() {
+        let rows: Vec<Row> = kinds
+            .iter()
+            .map(|k| {
+                (
+                    "",
+                    vec![
+                        k.kind.clone(),
+                        k.events.to_string(),
+                        format!("{:.0}", k.sessions_affected.p50),
+                        over_events(&k.window_p99_ms),
+                        over_events(&k.window_max_ms),
+                    ],
+                )
+            })
+            .collect();
+        html_table(
+            &mut out,
+            "Failover windows by kind of event (ms, over the events)",
+            &[
+                "kind",
+                "events",
+                "sessions affected p50",
+                "p99 window: p50/p99/max",
+                "max window: p50/p99/max",
+            ],
             &rows,
         );
     }
@@ -586,6 +684,20 @@ impl Verdict {
             Verdict::NotVerified => "unknown",
         }
     }
+}
+
+/// The kinds of chaos event that occur 3 times or more (a soak's kills and
+/// restarts): for one or two events, the failover table says it all.
+fn repeated_kinds(r: &RunResult) -> Vec<&FailoverKind> {
+    r.failover_by_kind
+        .iter()
+        .filter(|k| k.events >= 3)
+        .collect()
+}
+
+/// `p50/p99/max` over events, in ms.
+fn over_events(o: &OverEvents) -> String {
+    format!("{}/{}/{}", ms(o.p50), ms(o.p99), ms(o.max))
 }
 
 fn ms(v: f64) -> String {
@@ -1169,6 +1281,11 @@ mod tests {
             node: Some("n2:8080".into()),
             last_version: 41,
             fresh_resume: Some(FreshResume::StateRead),
+            notes: vec![format!("acknowledged append {client} is not in the log")],
+            trail: vec![
+                "1.000s welcome on 127.0.0.1:1 from n2:8080 (new, last_op 0)".to_string(),
+                format!("2.500s lost on 127.0.0.1:1: close 4000 \"taken over\" ({client})"),
+            ],
         }
     }
 
@@ -1231,6 +1348,18 @@ mod tests {
         assert!(s.contains("    session s19 (client 19)"), "{s}");
         assert!(!s.contains("session s20 "), "{s}");
         assert!(s.contains("    ... and 3 more\n"), "{s}");
+        // The first problems' trails, under their lines.
+        let trails = s
+            .lines()
+            .filter(|l| l.starts_with("      2.500s lost"))
+            .count();
+        assert_eq!(trails, SUMMARY_TRAILS, "{s}");
+        assert!(s.contains("    session s0 (client 0)"), "{s}");
+        assert!(s.contains("      1.000s welcome on 127.0.0.1:1"), "{s}");
+        assert!(
+            s.contains("      found: acknowledged append 0 is not in the log\n"),
+            "{s}"
+        );
         // The JSON has every one.
         let back: RunResult = serde_json::from_str(&json(&r)).unwrap();
         assert_eq!(back.problems.len(), 23);

@@ -43,7 +43,9 @@ pub struct Verify {
     pub event_gaps: u64,
     /// Events received twice.
     pub event_duplicates: u64,
-    /// Sessions whose state differs from the expected one in another way.
+    /// Sessions whose state differs from the expected one in another way
+    /// (and, in `kv-churn`, re-sent ids answered as if they were new: without
+    /// `duplicate: true`).
     pub state_mismatches: u64,
 }
 
@@ -140,6 +142,15 @@ pub struct Problem {
     /// What a fresh connection resuming the session found (`None`: not
     /// needed, the client read the state itself).
     pub fresh_resume: Option<FreshResume>,
+    /// The last things that happened to the client's connections, each
+    /// with its time in seconds from the start of the run
+    /// (`"12.345s lost on 127.0.0.1:4321: close 4000 …"`).
+    #[serde(default)]
+    pub trail: Vec<String>,
+    /// What the verifier found wrong, in words (`"append 17 is in the log 2
+    /// times"`; at most 8).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// Windows of a failover, in milliseconds.
@@ -164,6 +175,121 @@ pub struct Failover {
     pub sessions_affected: u64,
     /// How long they stalled.
     pub window_ms: Window,
+}
+
+/// A distribution over chaos events: the median, 99th percentile (nearest
+/// rank) and largest of one figure of every event of a kind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OverEvents {
+    /// Median over the events.
+    pub p50: f64,
+    /// 99th percentile over the events.
+    pub p99: f64,
+    /// Largest over the events.
+    pub max: f64,
+}
+
+impl OverEvents {
+    /// The distribution of `values` (all 0 when there are none).
+    pub fn of(mut values: Vec<f64>) -> OverEvents {
+        values.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| {
+            if values.is_empty() {
+                0.0
+            } else {
+                values[((values.len() - 1) as f64 * p).round() as usize]
+            }
+        };
+        OverEvents {
+            p50: q(0.5),
+            p99: q(0.99),
+            max: values.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// The failover windows of every chaos event of one kind (a soak's 50 kills,
+/// say), summed up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FailoverKind {
+    /// What the events did: `kill`, `restart`, `start`, `drain`,
+    /// `restart-redis` (the event's name up to `:`, `@` or a space).
+    pub kind: String,
+    /// Events of this kind.
+    pub events: u64,
+    /// Over the events: sessions affected.
+    pub sessions_affected: OverEvents,
+    /// Over the events: each event's p99 window, ms.
+    pub window_p99_ms: OverEvents,
+    /// Over the events: each event's largest window, ms.
+    pub window_max_ms: OverEvents,
+}
+
+/// The failover windows of `failover` by kind of event, kinds in the order
+/// they first occur.
+pub fn failover_by_kind(failover: &[Failover]) -> Vec<FailoverKind> {
+    let kind = |f: &Failover| {
+        f.event
+            .split([':', '@', ' '])
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut kinds: Vec<String> = Vec::new();
+    for f in failover {
+        let k = kind(f);
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    kinds
+        .into_iter()
+        .map(|k| {
+            let of: Vec<&Failover> = failover.iter().filter(|f| kind(f) == k).collect();
+            let over = |g: fn(&Failover) -> f64| OverEvents::of(of.iter().map(|f| g(f)).collect());
+            FailoverKind {
+                events: of.len() as u64,
+                sessions_affected: over(|f| f.sessions_affected as f64),
+                window_p99_ms: over(|f| f.window_ms.p99),
+                window_max_ms: over(|f| f.window_ms.max),
+                kind: k,
+            }
+        })
+        .collect()
+}
+
+/// What the clients did on purpose to their connections and op ids
+/// (`churn`, `kv-churn`; all 0 in the other scenarios).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Churn {
+    /// Connections let go of between two ops (`churn`: closed; `kv-churn`:
+    /// dropped without a close frame); the next op resumes the session.
+    pub drops: u64,
+    /// Roams: the connection closed and the next op sent through the next
+    /// node's URL.
+    pub roams: u64,
+    /// Ops whose connection was dropped (or roamed away from) right after
+    /// they were sent, and that were re-sent with the same id on the resumed
+    /// connection.
+    pub cut_ops: u64,
+    /// Ids of acknowledged writes sent again, each to be answered as a
+    /// duplicate and not applied (the state check counts one applied twice).
+    pub resent_ids: u64,
+}
+
+impl Churn {
+    /// Adds `other`'s counters to these.
+    pub fn add(&mut self, other: &Churn) {
+        self.drops += other.drops;
+        self.roams += other.roams;
+        self.cut_ops += other.cut_ops;
+        self.resent_ids += other.resent_ids;
+    }
+
+    /// Whether anything was done.
+    pub fn any(&self) -> bool {
+        self.drops + self.roams + self.cut_ops + self.resent_ids > 0
+    }
 }
 
 /// One node as the admin endpoints report it.
@@ -221,7 +347,7 @@ pub const CONTRACT_FIELDS: [&str; 8] = [
 /// A whole run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunResult {
-    /// Scenario name (`kv`, `echo`, `events`, `idle`, `churn`).
+    /// Scenario name (`kv`, `echo`, `events`, `idle`, `churn`, `kv-churn`).
     pub scenario: String,
     /// `closed` or `open`.
     pub model: String,
@@ -253,6 +379,12 @@ pub struct RunResult {
     pub verify: Verify,
     /// Chaos events and their windows.
     pub failover: Vec<Failover>,
+    /// The windows of `failover` by kind of event (over a soak's kills, say).
+    #[serde(default)]
+    pub failover_by_kind: Vec<FailoverKind>,
+    /// What the clients did on purpose to their connections and op ids.
+    #[serde(default)]
+    pub churn: Churn,
     /// Nodes.
     pub nodes: Vec<NodeStat>,
     /// Per-second series for the charts.

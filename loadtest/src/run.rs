@@ -14,13 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use rand::Rng;
 use serde_json::{json, Value};
 
 use crate::client::{
     histogram, ClientConfig, ClientError, ClientStats, MobileClient, Stop, TlsTrust,
 };
 use crate::result::{
-    Failover, FreshResume, Mark, NodeStat, Percentiles, Problem, RunResult, Sample, Verify, Window,
+    failover_by_kind, Churn, Failover, FreshResume, Mark, NodeStat, Percentiles, Problem,
+    RunResult, Sample, Verify, Window,
 };
 
 /// What the virtual clients do.
@@ -36,7 +38,67 @@ pub enum Scenario {
     Idle,
     /// Connect, a few ops, disconnect, resume, again.
     Churn,
+    /// `kv`'s verified ops from clients that churn at random: before an op
+    /// a client may drop its connection without a close frame (and stay
+    /// offline up to 100 ms) or roam to the next node's URL; an op may be cut
+    /// off in flight (sent, then the connection dropped or roamed away from,
+    /// then re-sent with the same id on the resumed connection); and after an
+    /// op a client may re-send the id of an acknowledged `incr` or `append`,
+    /// which must be answered `duplicate` and not applied. See
+    /// [`KV_CHURN_PERCENT`].
+    KvChurn,
 }
+
+/// `kv-churn`: in percent of ops, how often a client drops its connection
+/// before the op, roams before it, has the op cut off in flight, and
+/// re-sends an acknowledged id after it (in that order; at most one per op).
+pub const KV_CHURN_PERCENT: [u32; 4] = [4, 3, 3, 3];
+
+/// What a `kv-churn` client does around one op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChurnStep {
+    None,
+    Drop,
+    Roam,
+    Cut,
+    Resend,
+}
+
+impl ChurnStep {
+    /// The step a roll in `0..100` picks (see [`KV_CHURN_PERCENT`]).
+    fn of_roll(roll: u32) -> ChurnStep {
+        let [d, r, c, s] = KV_CHURN_PERCENT;
+        match roll {
+            x if x < d => ChurnStep::Drop,
+            x if x < d + r => ChurnStep::Roam,
+            x if x < d + r + c => ChurnStep::Cut,
+            x if x < d + r + c + s => ChurnStep::Resend,
+            _ => ChurnStep::None,
+        }
+    }
+}
+
+impl Scenario {
+    /// The name on the command line (`kv-churn`).
+    pub fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map_or_else(|| format!("{self:?}"), |v| v.get_name().to_owned())
+    }
+}
+
+/// The op of `kv`'s mix that op id `id` is (a re-sent id is the same op).
+fn kv_op(id: u64, payload: &str) -> (&'static str, Value) {
+    match id % 4 {
+        0 => ("incr", json!({"key":"n"})),
+        1 => ("append", json!({"key":"log","value":id})),
+        2 => ("set", json!({"key":"p","value": payload})),
+        _ => ("get", json!({"key":"n"})),
+    }
+}
+
+/// Acknowledged `incr`/`append` ids a `kv-churn` client keeps to re-send.
+const RESEND_KEEP: usize = 16;
 
 /// Settings of a run.
 #[derive(Debug, Clone)]
@@ -155,6 +217,21 @@ struct Expected {
     emits: u64,
     /// Echoes that came back different from what was sent.
     echo_mismatches: u64,
+    /// Re-sent ids answered as if new (without `duplicate: true`).
+    resend_not_duplicate: u64,
+    /// What went wrong, in words, for the problem report (at most
+    /// [`NOTES`]).
+    notes: Vec<String>,
+}
+
+/// Notes one session's problem report keeps at most.
+const NOTES: usize = 8;
+
+/// Adds `note` to `notes` unless it holds [`NOTES`] already.
+fn note(notes: &mut Vec<String>, note: impl FnOnce() -> String) {
+    if notes.len() < NOTES {
+        notes.push(note());
+    }
 }
 
 impl Expected {
@@ -176,6 +253,8 @@ const FRESH_RESUME_WINDOW: Duration = Duration::from_secs(10);
 /// What verifying one session found.
 struct SessionCheck {
     verify: Verify,
+    /// Why, in words.
+    notes: Vec<String>,
     /// What a fresh resume found, when one was needed.
     fresh: Option<FreshResume>,
 }
@@ -184,15 +263,24 @@ struct ClientOutcome {
     stats: ClientStats,
     verify: Verify,
     problem: Option<Problem>,
+    churn: Churn,
 }
 
 impl ClientOutcome {
-    /// The outcome of client `index`, done, whose session `check` verified.
-    fn of(index: usize, c: MobileClient, check: SessionCheck) -> ClientOutcome {
+    /// The outcome of client `index`, done, whose session `check` verified,
+    /// in a run that started at `start`.
+    fn of(
+        index: usize,
+        c: MobileClient,
+        check: SessionCheck,
+        churn: Churn,
+        start: Instant,
+    ) -> ClientOutcome {
         ClientOutcome {
-            problem: problem(index, &c, &check),
+            problem: problem(index, &c, &check, start),
             stats: c.stats,
             verify: check.verify,
+            churn,
         }
     }
 }
@@ -244,13 +332,17 @@ async fn one_client(
                 ..Verify::default()
             },
             fresh: None,
+            notes: Vec::new(),
         };
-        return ClientOutcome::of(i, c, check);
+        return ClientOutcome::of(i, c, check, Churn::default(), live.start);
     }
     live.connected.fetch_add(1, Ordering::Relaxed);
     let payload = "x".repeat(cfg.payload);
     let mut k = 0u64;
     let mut churn_step = 0u32;
+    let mut churn = Churn::default();
+    // kv-churn: acknowledged incr/append ids to re-send, the latest last.
+    let mut resendable: std::collections::VecDeque<u64> = Default::default();
     while Instant::now() < end && c.stopped.is_none() {
         let planned = match cfg.rate {
             Some(rate) => {
@@ -266,6 +358,24 @@ async fn one_client(
             None => Instant::now(),
         };
         k += 1;
+        let step = if cfg.scenario == Scenario::KvChurn {
+            ChurnStep::of_roll(rand::rng().random_range(0..100))
+        } else {
+            ChurnStep::None
+        };
+        match step {
+            ChurnStep::Drop => {
+                churn.drops += 1;
+                c.drop_connection();
+                let offline = rand::rng().random_range(0..=100);
+                tokio::time::sleep(Duration::from_millis(offline)).await;
+            }
+            ChurnStep::Roam => {
+                churn.roams += 1;
+                c.roam().await;
+            }
+            _ => {}
+        }
         let id = c.next_id;
         let (op, args) = match cfg.scenario {
             Scenario::Idle => {
@@ -276,14 +386,21 @@ async fn one_client(
             }
             Scenario::Echo => ("echo", json!({"value": payload})),
             Scenario::Events => ("emit", json!({"body": {"i": id}})),
-            Scenario::Kv | Scenario::Churn => match id % 4 {
-                0 => ("incr", json!({"key":"n"})),
-                1 => ("append", json!({"key":"log","value":id})),
-                2 => ("set", json!({"key":"p","value": payload})),
-                _ => ("get", json!({"key":"n"})),
-            },
+            Scenario::Kv | Scenario::Churn | Scenario::KvChurn => kv_op(id, &payload),
         };
-        let r = c.call(op, args, grace).await;
+        let planned = if step == ChurnStep::Drop {
+            // The time offline is the client's own, not the op's latency.
+            planned.max(Instant::now())
+        } else {
+            planned
+        };
+        let r = if step == ChurnStep::Cut {
+            churn.cut_ops += 1;
+            let roam = rand::rng().random_bool(0.5);
+            c.call_cut(op, args, roam, grace).await
+        } else {
+            c.call(op, args, grace).await
+        };
         let took = planned.elapsed();
         match r {
             Ok(v) => {
@@ -300,6 +417,12 @@ async fn one_client(
                     if op != "get" && op != "echo" {
                         c.last_acked_write = id;
                     }
+                    if matches!(op, "incr" | "append") && cfg.scenario == Scenario::KvChurn {
+                        if resendable.len() == RESEND_KEEP {
+                            resendable.pop_front();
+                        }
+                        resendable.push_back(id);
+                    }
                 }
             }
             Err(_) => {
@@ -309,12 +432,32 @@ async fn one_client(
                 break;
             }
         }
+        if step == ChurnStep::Resend && !resendable.is_empty() {
+            let again = resendable[rand::rng().random_range(0..resendable.len())];
+            let (op, args) = kv_op(again, &payload);
+            churn.resent_ids += 1;
+            let t = Instant::now();
+            match c.resend(again, op, args, grace).await {
+                Ok(v) => {
+                    live.record(t.elapsed(), v["ok"] != true);
+                    if v["ok"] == true && v["duplicate"] != true {
+                        exp.resend_not_duplicate += 1;
+                        note(&mut exp.notes, || {
+                            format!("re-sent {op} {again} answered as new: {v}")
+                        });
+                    }
+                }
+                // It was applied (acknowledged) before: nothing is unsure.
+                Err(_) => break,
+            }
+        }
         if cfg.scenario == Scenario::Events && k % 16 == 0 {
             c.drain_events(Duration::ZERO).await;
         }
         if cfg.scenario == Scenario::Churn {
             churn_step += 1;
             if churn_step % 3 == 0 {
+                churn.drops += 1;
                 c.disconnect().await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -324,7 +467,7 @@ async fn one_client(
     let verify_by = grace.max(Instant::now() + FRESH_RESUME_WINDOW);
     let check = verify_session(&mut c, &exp, cfg.scenario, verify_by).await;
     c.disconnect().await;
-    ClientOutcome::of(i, c, check)
+    ClientOutcome::of(i, c, check, churn, live.start)
 }
 
 /// Checks the server's state of this client's session against what the
@@ -343,16 +486,27 @@ async fn verify_session(
         sessions_checked: 1,
         // Checked on every resume: the session's last applied op went backwards;
         // and every echo must come back as sent.
-        state_mismatches: c.stats.resume_regressions + exp.echo_mismatches,
+        state_mismatches: c.stats.resume_regressions
+            + exp.echo_mismatches
+            + exp.resend_not_duplicate,
         ..Verify::default()
     };
     let mut fresh = None;
+    let mut notes = exp.notes.clone();
+    if c.stats.resume_regressions > 0 {
+        note(&mut notes, || {
+            format!(
+                "{} resumes whose welcome's last_op was below the last acknowledged write",
+                c.stats.resume_regressions
+            )
+        });
+    }
     match scenario {
-        Scenario::Kv | Scenario::Churn => {
-            let (state, found) = read_state(c, deadline).await;
+        Scenario::Kv | Scenario::Churn | Scenario::KvChurn => {
+            let (state, found) = read_state(c, deadline, &mut notes).await;
             fresh = found;
             match state {
-                Some(state) => v.add(&compare_state(&state, exp)),
+                Some(state) => v.add(&compare_state_noting(&state, exp, &mut notes)),
                 // Gone (or unreachable to the end): everything acknowledged is lost.
                 None => v.lost_acked_ops += exp.acked_writes(),
             }
@@ -370,7 +524,11 @@ async fn verify_session(
     }
     // After the reads above: a stop while verifying counts too.
     v.sessions_sent_away = sent_away(c.stopped) as u64;
-    SessionCheck { verify: v, fresh }
+    SessionCheck {
+        verify: v,
+        fresh,
+        notes,
+    }
 }
 
 /// Whether a client's end state says the server sent it away: it recorded a
@@ -385,21 +543,43 @@ fn sent_away(stopped: Option<Stop>) -> bool {
 /// connection, else on a fresh one that resumes the session. Answers the
 /// state (`None`: neither could read it) and what the fresh resume found
 /// (`None`: none was needed, or there was no session to resume).
+///
+/// A fresh resume that is refused (or stopped) on one node is tried on the
+/// next, once on each node until one reads the state: a session one node
+/// will not hand over is not lost if another reads it. What every failed
+/// try found goes to `notes`; the answer is the first failure's finding if
+/// no try read the state.
 async fn read_state(
     c: &mut MobileClient,
     deadline: Instant,
+    notes: &mut Vec<String>,
 ) -> (Option<Value>, Option<FreshResume>) {
     if let Some(state) = state_in(&c.call("state", Value::Null, deadline).await) {
         return (Some(state), None);
     }
     // Let go of the old connection, if any, so the resume is no takeover.
     c.disconnect().await;
-    let Some(mut fresh) = c.fresh_resume() else {
-        return (None, None);
-    };
-    let answer = fresh.call("state", Value::Null, deadline).await;
-    fresh.disconnect().await;
-    (state_in(&answer), Some(fresh_resume_found(&answer)))
+    let mut first_failure = None;
+    for k in 0..c.url_count() {
+        let Some(mut fresh) = c.fresh_resume() else {
+            return (None, None);
+        };
+        fresh.skip_urls(k);
+        let at = fresh.next_authority().to_owned();
+        let answer = fresh.call("state", Value::Null, deadline).await;
+        fresh.disconnect().await;
+        let found = fresh_resume_found(&answer);
+        if let Some(state) = state_in(&answer) {
+            return (Some(state), Some(found));
+        }
+        note(notes, || format!("a fresh resume on {at}: {found}"));
+        let out_of_time = found == FreshResume::Unreachable;
+        first_failure.get_or_insert(found);
+        if out_of_time {
+            break;
+        }
+    }
+    (None, first_failure)
 }
 
 /// The state in the answer to a `state` op, if it is a successful one.
@@ -430,13 +610,29 @@ fn fresh_resume_found(answer: &Result<Value, ClientError>) -> FreshResume {
 /// was acknowledged: `n` counts the acknowledged `incr`s, `log` holds every
 /// acknowledged `append` once and in order. Ops whose answer never came may
 /// or may not be there.
+#[cfg(test)]
 fn compare_state(state: &Value, exp: &Expected) -> Verify {
+    compare_state_noting(state, exp, &mut Vec::new())
+}
+
+/// [`compare_state`], saying in `notes` what differs.
+fn compare_state_noting(state: &Value, exp: &Expected, notes: &mut Vec<String>) -> Verify {
     let mut v = Verify::default();
     let n = state["n"].as_u64().unwrap_or(0);
+    let unsure = exp.unsure("incr");
     if n < exp.incr {
         v.lost_acked_ops += exp.incr - n;
-    } else if n > exp.incr + exp.unsure("incr") {
-        v.duplicate_ops += n - exp.incr - exp.unsure("incr");
+        note(notes, || {
+            format!("n is {n}, {} incr acknowledged", exp.incr)
+        });
+    } else if n > exp.incr + unsure {
+        v.duplicate_ops += n - exp.incr - unsure;
+        note(notes, || {
+            format!(
+                "n is {n}, {} incr acknowledged and {unsure} unsure",
+                exp.incr
+            )
+        });
     }
     let log: Vec<u64> = state["log"]
         .as_array()
@@ -448,8 +644,16 @@ fn compare_state(state: &Value, exp: &Expected) -> Verify {
     }
     for id in &exp.log {
         match seen.get(id) {
-            None => v.lost_acked_ops += 1,
-            Some(k) if *k > 1 => v.duplicate_ops += k - 1,
+            None => {
+                v.lost_acked_ops += 1;
+                note(notes, || {
+                    format!("acknowledged append {id} is not in the log")
+                });
+            }
+            Some(k) if *k > 1 => {
+                v.duplicate_ops += k - 1;
+                note(notes, || format!("append {id} is in the log {k} times"));
+            }
             _ => {}
         }
     }
@@ -459,6 +663,9 @@ fn compare_state(state: &Value, exp: &Expected) -> Verify {
     for id in seen.keys() {
         if !acked.contains(id) && !unsure_ids.contains(id) {
             v.state_mismatches += 1;
+            note(notes, || {
+                format!("the log holds {id}, an append neither acknowledged nor unsure")
+            });
         }
     }
     // Order: the acknowledged appends appear in the order they were sent.
@@ -469,8 +676,14 @@ fn compare_state(state: &Value, exp: &Expected) -> Verify {
         .collect();
     let mut dedup = order.clone();
     dedup.dedup();
-    if dedup.windows(2).any(|w| w[0] > w[1]) {
+    if let Some(w) = dedup.windows(2).find(|w| w[0] > w[1]) {
         v.state_mismatches += 1;
+        note(notes, || {
+            format!(
+                "acknowledged appends out of order: {} before {}",
+                w[0], w[1]
+            )
+        });
     }
     v
 }
@@ -478,7 +691,13 @@ fn compare_state(state: &Value, exp: &Expected) -> Verify {
 /// The report of client `index`'s session if it has a problem (anything
 /// counted, or a fresh resume that could not read the state); `None` for a
 /// clean session.
-fn problem(index: usize, c: &MobileClient, check: &SessionCheck) -> Option<Problem> {
+/// `start`: the start of the run, for the times of the client's trail.
+fn problem(
+    index: usize,
+    c: &MobileClient,
+    check: &SessionCheck,
+    start: Instant,
+) -> Option<Problem> {
     let resume_failed = check
         .fresh
         .as_ref()
@@ -497,6 +716,24 @@ fn problem(index: usize, c: &MobileClient, check: &SessionCheck) -> Option<Probl
         node: c.owner().map(str::to_owned),
         last_version: c.last_version,
         fresh_resume: check.fresh.clone(),
+        notes: c
+            .stats
+            .regressions
+            .iter()
+            .map(|(t, what)| {
+                let s = t.saturating_duration_since(start).as_secs_f64();
+                format!("{s:.3}s {what}")
+            })
+            .chain(check.notes.iter().cloned())
+            .collect(),
+        trail: c
+            .trail
+            .iter()
+            .map(|(t, what)| {
+                let s = t.saturating_duration_since(start).as_secs_f64();
+                format!("{s:.3}s {what}")
+            })
+            .collect(),
     })
 }
 
@@ -586,7 +823,7 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
         .map(|i| tokio::spawn(one_client(i, cfg.clone(), live.clone(), begin, end)))
         .collect();
     let mut result = RunResult {
-        scenario: format!("{:?}", cfg.scenario).to_lowercase(),
+        scenario: cfg.scenario.name(),
         model: if cfg.rate.is_some() {
             "open".into()
         } else {
@@ -618,6 +855,7 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
             *result.errors.entry(k).or_default() += n;
         }
         result.verify.add(&o.verify);
+        result.churn.add(&o.churn);
         result.problems.extend(o.problem);
         stalls.push(o.stats.stalls);
     }
@@ -648,7 +886,12 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
     result.nodes = peaks
         .into_iter()
         .map(|(id, (sessions, peak))| NodeStat {
-            peak_rss_bytes: pids.get(&id).and_then(|pid| peak_rss(*pid)).unwrap_or(peak),
+            // A restarted node's process has its own peak; the samples
+            // saw the earlier ones.
+            peak_rss_bytes: pids
+                .get(&id)
+                .and_then(|pid| peak_rss(*pid))
+                .map_or(peak, |p| p.max(peak)),
             id,
             sessions,
         })
@@ -659,6 +902,7 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
         .iter()
         .map(|m| failover_window(&m.label, m.at_s, live.start, &stalls))
         .collect();
+    result.failover_by_kind = failover_by_kind(&result.failover);
     result.timeline = live
         .seconds
         .lock()
@@ -825,6 +1069,17 @@ mod tests {
         assert_eq!(foreign.state_mismatches, 1, "{foreign:?}");
         let reordered = compare_state(&json!({"n": 2, "log": [5, 1]}), &exp);
         assert_eq!(reordered.state_mismatches, 1, "{reordered:?}");
+        let mut notes = Vec::new();
+        compare_state_noting(&json!({"n": 4, "log": [1, 1, 7]}), &exp, &mut notes);
+        assert_eq!(
+            notes,
+            [
+                "n is 4, 2 incr acknowledged and 1 unsure",
+                "append 1 is in the log 2 times",
+                "acknowledged append 5 is not in the log",
+                "the log holds 7, an append neither acknowledged nor unsure",
+            ]
+        );
         let gone = compare_state(&Value::Null, &exp);
         assert_eq!(gone.lost_acked_ops, exp.acked_writes());
     }
@@ -882,12 +1137,12 @@ mod tests {
             let deadline = Instant::now();
             let check = verify_session(&mut c, &Expected::default(), scenario, deadline).await;
             assert_eq!(check.verify.sessions_sent_away, 0, "{scenario:?}");
-            assert!(problem(0, &c, &check).is_none(), "{scenario:?}");
+            assert!(problem(0, &c, &check, deadline).is_none(), "{scenario:?}");
             c.stopped = Some(Stop::Close(4000));
             let check = verify_session(&mut c, &Expected::default(), scenario, deadline).await;
             assert_eq!(check.verify.sessions_sent_away, 1, "{scenario:?}");
             assert_eq!(check.verify.data_problems(), 0, "{scenario:?}");
-            assert!(problem(0, &c, &check).is_some(), "{scenario:?}");
+            assert!(problem(0, &c, &check, deadline).is_some(), "{scenario:?}");
         }
     }
 
@@ -910,7 +1165,7 @@ mod tests {
             (check.verify.lost_acked_ops, check.verify.sessions_sent_away),
             (3, 1)
         );
-        let p = problem(4, &c, &check).unwrap();
+        let p = problem(4, &c, &check, Instant::now()).unwrap();
         assert_eq!(p.client, 4);
         assert_eq!(p.session.as_deref(), Some("s1"));
         assert_eq!(p.last_end, c.last_end);
@@ -925,6 +1180,8 @@ mod tests {
         last_op: u64,
         version: u64,
         hellos: Vec<(String, Value)>,
+        /// A broken server: a retried id is applied again.
+        applies_twice: bool,
     }
 
     impl FakeSession {
@@ -932,10 +1189,10 @@ mod tests {
         /// (a repeated id is not applied again, as on berth).
         fn apply(&mut self, op: &Value) -> Value {
             let id = op["id"].as_u64().unwrap_or(0);
-            if id <= self.last_op {
+            if id <= self.last_op && !self.applies_twice {
                 return json!({"type":"result","id":id,"ok":true,"duplicate":true,"version":self.version});
             }
-            self.last_op = id;
+            self.last_op = self.last_op.max(id);
             let args = &op["args"];
             let key = args["key"].as_str().unwrap_or_default().to_owned();
             let value = match op["op"].as_str().unwrap_or_default() {
@@ -1046,13 +1303,18 @@ mod tests {
 
     /// A short closed-model `kv` run of one session against `url`.
     async fn run_one(url: String) -> RunResult {
+        run_one_of(url, Scenario::Kv, Duration::from_millis(300)).await
+    }
+
+    /// A closed-model run of one session against `url`.
+    async fn run_one_of(url: String, scenario: Scenario, duration: Duration) -> RunResult {
         let cfg = RunConfig {
             urls: vec![url],
             admin: Arc::default(),
             sessions: 1,
-            duration: Duration::from_millis(300),
+            duration,
             ramp: Duration::ZERO,
-            scenario: Scenario::Kv,
+            scenario,
             rate: None,
             payload: 4,
             source_ips: Vec::new(),
@@ -1158,6 +1420,147 @@ mod tests {
             panic!("one problem: {:?}", r.problems)
         };
         assert_eq!(p.fresh_resume, Some(FreshResume::NotFound));
+    }
+
+    /// A server that closes every `hello` with `code`; answers its URL.
+    async fn closing_server(code: u16) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    continue;
+                };
+                let _ = ws.next().await;
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: "a newer connection took this session over".into(),
+                    }))
+                    .await;
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_fresh_resume_refused_on_one_node_is_tried_on_the_next() {
+        let (good, _session) = fake_berth(None, false).await;
+        let bad = closing_server(4000).await;
+        let mut c = MobileClient::new(ClientConfig::new(vec![good, bad]), 0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let r = c.call("incr", json!({"key":"n"}), deadline).await.unwrap();
+        assert_eq!(r["ok"], true, "{r}");
+        // Stopped, and the next connect goes to the node that refuses.
+        c.disconnect().await;
+        c.stopped = Some(Stop::Close(4000));
+        c.skip_urls(1);
+        let exp = Expected {
+            incr: 1,
+            ..Expected::default()
+        };
+        let check = verify_session(&mut c, &exp, Scenario::Kv, deadline).await;
+        assert_eq!(
+            (check.verify.lost_acked_ops, check.verify.sessions_sent_away),
+            (0, 1),
+            "read on the second node: {:?}",
+            check.notes
+        );
+        assert_eq!(check.fresh, Some(FreshResume::StateRead));
+        assert!(
+            check.notes[0].ends_with(": stopped with close 4000"),
+            "{:?}",
+            check.notes
+        );
+    }
+
+    #[test]
+    fn kv_churn_steps_follow_their_percentages() {
+        let steps: Vec<ChurnStep> = (0..100).map(ChurnStep::of_roll).collect();
+        let count = |s: ChurnStep| steps.iter().filter(|x| **x == s).count() as u32;
+        assert_eq!(
+            [
+                count(ChurnStep::Drop),
+                count(ChurnStep::Roam),
+                count(ChurnStep::Cut),
+                count(ChurnStep::Resend)
+            ],
+            KV_CHURN_PERCENT
+        );
+        assert_eq!(
+            count(ChurnStep::None),
+            100 - KV_CHURN_PERCENT.iter().sum::<u32>()
+        );
+        assert_eq!(Scenario::KvChurn.name(), "kv-churn");
+        assert_eq!(Scenario::Kv.name(), "kv");
+        // A re-sent id is the same op with the same arguments.
+        assert_eq!(kv_op(5, "x"), kv_op(5, "x"));
+        assert_eq!(kv_op(5, "x").0, "append");
+    }
+
+    #[tokio::test]
+    async fn kv_churn_drops_roams_cuts_and_resends_and_verifies_clean() {
+        let (url, session) = fake_berth(None, false).await;
+        let r = run_one_of(url, Scenario::KvChurn, Duration::from_millis(1_500)).await;
+        assert_eq!(r.scenario, "kv-churn");
+        assert_eq!(
+            r.verify.problem_count(),
+            0,
+            "{:?} {:?}",
+            r.verify,
+            r.problems
+        );
+        let c = &r.churn;
+        assert!(
+            c.drops > 0 && c.roams > 0 && c.cut_ops > 0 && c.resent_ids > 0,
+            "{} ops: {c:?}",
+            r.ops
+        );
+        assert!(r.resumes_ok >= c.drops + c.roams, "{r:?}");
+        let s = session.lock().unwrap();
+        assert!(s.hellos.len() as u64 > c.drops, "every drop resumed");
+    }
+
+    #[tokio::test]
+    async fn kv_churn_catches_a_server_that_applies_a_retried_id_again() {
+        let (url, session) = fake_berth(None, false).await;
+        session.lock().unwrap().applies_twice = true;
+        let r = run_one_of(url, Scenario::KvChurn, Duration::from_millis(1_500)).await;
+        let v = &r.verify;
+        assert!(r.churn.resent_ids > 0, "{:?}", r.churn);
+        assert!(v.duplicate_ops > 0, "applied twice: {v:?}");
+        assert!(v.state_mismatches > 0, "answered as new: {v:?}");
+    }
+
+    #[test]
+    fn failover_windows_are_summed_up_by_kind() {
+        let f = |event: &str, affected: u64, p99: f64, max: f64| Failover {
+            event: event.into(),
+            at_s: 1.0,
+            sessions_affected: affected,
+            window_ms: Window { p50: 0.0, p99, max },
+        };
+        let all = [
+            f("kill:2 (soak 1/3)", 10, 800.0, 900.0),
+            f("restart:2 (soak 1/3)", 0, 0.0, 0.0),
+            f("kill:1 (soak 2/3)", 30, 1000.0, 1200.0),
+            f("kill:3 (soak 3/3)", 20, 900.0, 950.0),
+            f("start@5s", 1, 5.0, 5.0),
+        ];
+        let kinds = failover_by_kind(&all);
+        let names: Vec<_> = kinds.iter().map(|k| (k.kind.as_str(), k.events)).collect();
+        assert_eq!(names, [("kill", 3), ("restart", 1), ("start", 1)]);
+        let kill = &kinds[0];
+        assert_eq!(kill.sessions_affected.p50, 20.0);
+        assert_eq!(
+            (
+                kill.window_p99_ms.p50,
+                kill.window_p99_ms.p99,
+                kill.window_p99_ms.max
+            ),
+            (900.0, 1000.0, 1000.0)
+        );
+        assert_eq!(kill.window_max_ms.max, 1200.0);
     }
 
     #[test]
