@@ -307,6 +307,16 @@ impl Conn {
                             }
                             self.dispatch_pending();
                         }
+                        // This connection held the session a moment ago: "not
+                        // found" at its new owner means "not written yet" (the
+                        // old owner's final checkpoint of a session that never
+                        // wrote is on its way), so it is retried for the hold
+                        // time before the client is told 4004.
+                        Err(AttachFail::Refused(AttachError::NotFound))
+                            if self.reroute_deadline.is_some_and(|d| tokio::time::Instant::now() < d) =>
+                        {
+                            retry_at = Some(tokio::time::Instant::now() + REROUTE_RETRY);
+                        }
                         Err(AttachFail::Refused(e)) => {
                             match self.refuse(e).boxed_local().await {
                                 Ok(Some(exit)) => break exit,

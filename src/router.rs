@@ -51,8 +51,10 @@ const DIAL_BACKOFF: Duration = Duration::from_millis(250);
 #[derive(Debug, Encode, Decode)]
 enum PeerReq {
     Attach(AttachReq),
+    /// `origin` names the edge connection (with its process: a node
+    /// restarted under the same id counts connections from 1 again).
     Op {
-        edge_conn: u64,
+        origin: Origin,
         id: u64,
         op: String,
         args: String,
@@ -90,18 +92,18 @@ enum PeerResp {
 /// One-way messages, both directions.
 #[derive(Debug, Encode, Decode)]
 enum PeerPush {
-    // edge -> owner
+    // edge -> owner: `origin` names the edge connection, as in `PeerReq::Op`.
     Ack {
-        edge_conn: u64,
+        origin: Origin,
         seq: u64,
     },
     /// The edge connection ended or gave up on `attempt` (and every earlier one).
     Detach {
-        edge_conn: u64,
+        origin: Origin,
         attempt: u64,
     },
     Bye {
-        edge_conn: u64,
+        origin: Origin,
     },
     // owner -> edge: each names the attach attempt whose proxy sends it, so
     // a proxy of an abandoned attempt cannot reach a connection routed anew.
@@ -262,10 +264,10 @@ pub struct Router {
     /// Edge connections of this node routed to another node: pushes reach them here.
     edge_conns: Mutex<HashMap<u64, EdgeConn>>,
     /// Sessions hosted here for other nodes' edge connections.
-    proxies: Mutex<HashMap<(MemberId, u64), Proxy>>,
+    proxies: Mutex<HashMap<(MemberId, Origin), Proxy>>,
     /// Attach attempts their edge gave up on (by `Detach`), with when: one
     /// that completes later detaches at once instead of staying attached.
-    abandoned: Mutex<HashMap<(MemberId, u64), (u64, std::time::Instant)>>,
+    abandoned: Mutex<HashMap<(MemberId, Origin), (u64, std::time::Instant)>>,
     /// This process's nonce in [`Origin`]s: a node restarted under the same
     /// id is another edge, whose connection ids start again from 1.
     incarnation: u64,
@@ -516,10 +518,7 @@ impl Router {
         reattach: Option<Claim>,
     ) -> Attached {
         lock(&self.edge_conns).remove(&conn.id());
-        let origin = Origin {
-            edge: self.incarnation,
-            conn: conn.id(),
-        };
+        let origin = self.origin(conn.id());
         let attempt = self.next_attempt.fetch_add(1, Ordering::Relaxed);
         let Some(member) = self.owner(id) else {
             return self
@@ -700,7 +699,7 @@ impl Router {
             Route::Remote { link, .. } => {
                 metrics::counter!("berth_forwarded_ops_total").increment(1);
                 let body = enc(&PeerReq::Op {
-                    edge_conn: conn_id,
+                    origin: self.origin(conn_id),
                     id,
                     op,
                     args: args.to_string(),
@@ -744,13 +743,21 @@ impl Router {
         self.handoffs_in_flight.load(Ordering::Relaxed)
     }
 
+    /// This edge's connection `conn_id`, as owners know it.
+    fn origin(&self, conn_id: u64) -> Origin {
+        Origin {
+            edge: self.incarnation,
+            conn: conn_id,
+        }
+    }
+
     /// Forwards an ack.
     pub fn ack(&self, route: &Route, conn_id: u64, seq: u64) {
         match route {
             Route::Local(a) => a.do_send(Ack { conn_id, seq }),
             Route::Remote { link, .. } => {
                 let _ = link.try_push(enc(&PeerPush::Ack {
-                    edge_conn: conn_id,
+                    origin: self.origin(conn_id),
                     seq,
                 }));
             }
@@ -762,7 +769,7 @@ impl Router {
         lock(&self.edge_conns).remove(&conn_id);
         match route {
             Route::Local(a) => a.do_send(Detach { conn_id }),
-            Route::Remote { link, attempt } => push_detach(link, conn_id, *attempt),
+            Route::Remote { link, attempt } => push_detach(link, self.origin(conn_id), *attempt),
         }
     }
 
@@ -771,7 +778,9 @@ impl Router {
         match route {
             Route::Local(a) => a.send(Bye { conn_id }).await.is_ok(),
             Route::Remote { link, .. } => link
-                .push(enc(&PeerPush::Bye { edge_conn: conn_id }))
+                .push(enc(&PeerPush::Bye {
+                    origin: self.origin(conn_id),
+                }))
                 .await
                 .is_ok(),
         }
@@ -826,7 +835,7 @@ impl Router {
                         attempt,
                         link: link.clone(),
                     };
-                    if me.keep_proxy((from.clone(), edge_conn), proxy) {
+                    if me.keep_proxy((from.clone(), origin), proxy) {
                         actix::spawn(forward_to_edge(recv, link, edge_conn, attempt));
                         PeerResp::Welcome {
                             json: serde_json::to_string(&welcome).unwrap_or_default(),
@@ -863,7 +872,7 @@ impl Router {
     /// given up on that attempt or a newer attempt's proxy is recorded
     /// already (attaches of one connection can complete out of order on
     /// different arbiters). Answers whether it was kept.
-    fn keep_proxy(&self, key: (MemberId, u64), proxy: Proxy) -> bool {
+    fn keep_proxy(&self, key: (MemberId, Origin), proxy: Proxy) -> bool {
         let mut proxies = lock(&self.proxies);
         let abandoned = lock(&self.abandoned)
             .get(&key)
@@ -879,7 +888,7 @@ impl Router {
     /// proxy of that attempt or an earlier one; if none is recorded (the
     /// attach is still on its way), remembers the attempt so that it detaches
     /// when it completes.
-    fn edge_detached(&self, key: (MemberId, u64), attempt: u64) {
+    fn edge_detached(&self, key: (MemberId, Origin), attempt: u64) {
         let gone = {
             let mut proxies = lock(&self.proxies);
             match proxies.get(&key) {
@@ -905,13 +914,13 @@ impl Router {
     fn serve_op(
         &self,
         from: MemberId,
-        edge_conn: u64,
+        origin: Origin,
         id: u64,
         op: String,
         args: String,
     ) -> BoxFuture<'static, Vec<u8>> {
         let proxy = lock(&self.proxies)
-            .get(&(from, edge_conn))
+            .get(&(from, origin))
             .map(|p| (p.addr.clone(), p.conn_id));
         let Some((addr, conn_id)) = proxy else {
             return futures_util::future::ready(enc(&PeerResp::Moved)).boxed();
@@ -979,19 +988,17 @@ impl Router {
 
     fn serve_push(&self, from: MemberId, msg: PeerPush) {
         match msg {
-            PeerPush::Ack { edge_conn, seq } => {
-                if let Some(p) = lock(&self.proxies).get(&(from, edge_conn)) {
+            PeerPush::Ack { origin, seq } => {
+                if let Some(p) = lock(&self.proxies).get(&(from, origin)) {
                     p.addr.do_send(Ack {
                         conn_id: p.conn_id,
                         seq,
                     });
                 }
             }
-            PeerPush::Detach { edge_conn, attempt } => {
-                self.edge_detached((from, edge_conn), attempt)
-            }
-            PeerPush::Bye { edge_conn } => {
-                if let Some(p) = lock(&self.proxies).get(&(from, edge_conn)) {
+            PeerPush::Detach { origin, attempt } => self.edge_detached((from, origin), attempt),
+            PeerPush::Bye { origin } => {
+                if let Some(p) = lock(&self.proxies).get(&(from, origin)) {
                     p.addr.do_send(Bye { conn_id: p.conn_id });
                 }
             }
@@ -1119,8 +1126,8 @@ fn queue_op(
 /// Tells an owner that this edge connection gave up on `attempt`. Sent
 /// without waiting when the link's queue has room, else by a task that
 /// waits for room (a lost detach would leave the session attached forever).
-fn push_detach(link: &Link, edge_conn: u64, attempt: u64) {
-    let body = enc(&PeerPush::Detach { edge_conn, attempt });
+fn push_detach(link: &Link, origin: Origin, attempt: u64) {
+    let body = enc(&PeerPush::Detach { origin, attempt });
     if !link.try_push(body.clone()) && !link.is_closed() {
         let link = link.clone();
         tokio::spawn(async move {
@@ -1173,7 +1180,7 @@ impl Drop for Abandon<'_> {
                         e.remove(&edge_conn);
                     }
                 }
-                push_detach(&link, edge_conn, attempt);
+                push_detach(&link, router.origin(edge_conn), attempt);
             }
             None => {}
         }
@@ -1191,11 +1198,11 @@ impl PeerHandler for Handler {
         match dec::<PeerReq>(&body) {
             Some(PeerReq::Attach(req)) => r.serve_attach(from, link, req),
             Some(PeerReq::Op {
-                edge_conn,
+                origin,
                 id,
                 op,
                 args,
-            }) => r.serve_op(from, edge_conn, id, op, args),
+            }) => r.serve_op(from, origin, id, op, args),
             Some(PeerReq::Stats) => {
                 let resp = PeerResp::Stats {
                     sessions: r.host.live_sessions() as u64,

@@ -643,11 +643,18 @@ impl<A: Application> Handler<Attach> for SessionActor<A> {
         if !self.state.token_hash.verify(&msg.token) {
             return now(Err(AttachError::BadToken));
         }
-        if !self.lease_expired() {
+        if self.fresh {
+            // The hello that created this session: nothing else can exist.
             return now(self.attach_now(msg, ctx));
         }
-        // This actor may have outlived a partition while another node took the
-        // session over: make sure no newer activation exists before serving.
+        // Every other attach confirms the epoch first (one GET), lease or not:
+        // during a handoff the new owner can activate while the old one's
+        // lease is still fresh (views converge, not atomically), and a resume
+        // that an edge with the older view sends to the old owner would
+        // otherwise be welcomed with stale state. A session not written yet
+        // may have a twin (a create retried at another node) that wrote
+        // first: then this one is stale too. The same check covers an actor
+        // that outlived a partition.
         let fut = self.host.store.epoch(&self.id);
         let attaching = msg.origin;
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
@@ -875,17 +882,10 @@ impl<A: Application> SessionActor<A> {
         if self.phase != Phase::Live {
             return AtomicResponse::new(Box::pin(actix::fut::ready(true)));
         }
-        if !self.stored() && self.conn.is_none() {
-            // Never written and nobody attached: nothing to keep. (A session
-            // with a client is written now, so its client can resume it
-            // wherever it goes next.)
-            return AtomicResponse::new(Box::pin(actix::fut::ready(()).map(
-                move |(), act: &mut Self, ctx| {
-                    then(act, ctx);
-                    true
-                },
-            )));
-        }
+        // A session never written is written now too (created in the store):
+        // its client may come back to another node, or to this one after a
+        // restart, within its detach timeout. Only passivation forgets an
+        // unwritten session.
         let fut = self.write(self.checkpoint_bytes());
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
             let ok = match res {

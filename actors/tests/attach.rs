@@ -398,3 +398,74 @@ async fn a_session_costs_nothing_in_the_store_until_its_first_write() {
         .expect("resumed elsewhere");
     assert_eq!((w.resumed, w.last_op, w.version), (true, 2, 1));
 }
+
+#[actix_rt::test]
+async fn twin_creations_of_one_new_id_never_overwrite_each_other() {
+    // An edge's create that timed out and was sent again to another owner
+    // makes two actors for one new id. The first to write creates the
+    // session; the other is refused (fenced), and a resume never welcomes
+    // with its empty state.
+    let store = SlowStore::new();
+    let (a, b) = (host("a", store.clone()), host("b", store.clone()));
+    let id = SessionId::random();
+    let token = "twin-token-0123456789";
+    let (addr_a, addr_b) = (
+        a.create_session_with(id.clone(), token),
+        b.create_session_with(id.clone(), token),
+    );
+    let mut c1 = Client::new(1, 1);
+    let (m, h1, _rx1) = c1.attach(token, None);
+    addr_a.send(m).await.unwrap().expect("hello at a");
+    let mut c2 = Client::new(2, 1);
+    let (m, h2, mut rx2) = c2.attach(token, None);
+    addr_b
+        .send(m)
+        .await
+        .unwrap()
+        .expect("the twin's hello at b");
+
+    assert_eq!(incr(&addr_a, &h1, 1).await.value, Some(json!(1)));
+    // The twin's first write is refused: not applied, its client told 1012.
+    let r = incr(&addr_b, &h2, 1).await;
+    assert!(!r.ok, "{r:?}");
+    assert!(matches!(
+        told(&mut rx2),
+        Some(ConnMsg::Close(CloseCode::Restart, _))
+    ));
+    // The stored session is a's.
+    let mut c3 = Client::new(3, 1);
+    let (m, _h3, _rx3) = c3.attach(token, None);
+    let (w, _) = host("c", store.clone())
+        .session(&id)
+        .send(m)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((w.last_op, w.version), (1, 1));
+}
+
+#[actix_rt::test]
+async fn a_resume_at_an_unwritten_twin_is_sent_to_the_written_one() {
+    let store = SlowStore::new();
+    let (a, b) = (host("a", store.clone()), host("b", store.clone()));
+    let id = SessionId::random();
+    let token = "twin-token-0123456789";
+    let (addr_a, addr_b) = (
+        a.create_session_with(id.clone(), token),
+        b.create_session_with(id.clone(), token),
+    );
+    let mut c1 = Client::new(1, 1);
+    let (m, h1, _rx1) = c1.attach(token, None);
+    addr_a.send(m).await.unwrap().unwrap();
+    let mut c2 = Client::new(2, 1);
+    let (m, _h2, _rx2) = c2.attach(token, None);
+    addr_b.send(m).await.unwrap().unwrap();
+    assert!(incr(&addr_a, &h1, 1).await.ok);
+    // A later resume reaching the twin at b: not welcomed with version 0.
+    let mut c3 = Client::new(3, 1);
+    let (m, _h3, _rx3) = c3.attach(token, None);
+    assert_eq!(
+        addr_b.send(m).await.unwrap().unwrap_err(),
+        AttachError::Moved
+    );
+}

@@ -76,18 +76,25 @@ impl CheckpointStore for MemoryStore {
 
     fn create(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
         let ttl = self.ttl;
-        let epoch = self.with(|map, now| {
-            let prev = Self::live(map, id, now).map_or(0, |e| e.epoch);
-            let e = Entry {
-                epoch: prev + 1,
-                bytes: None,
-                expires: now + ttl,
-            };
-            let epoch = e.epoch;
-            map.insert(id.clone(), e);
-            epoch
+        let r = self.with(|map, now| {
+            if let Some(e) = Self::live(map, id, now) {
+                // Another activation created it first.
+                return Err(StoreError::Fenced {
+                    stored: e.epoch,
+                    ours: 0,
+                });
+            }
+            map.insert(
+                id.clone(),
+                Entry {
+                    epoch: 1,
+                    bytes: None,
+                    expires: now + ttl,
+                },
+            );
+            Ok(1)
         });
-        future::ready(Ok(epoch)).boxed()
+        future::ready(r).boxed()
     }
 
     fn save(

@@ -57,7 +57,10 @@ pub trait CheckpointStore: Send + Sync + 'static {
         id: &SessionId,
     ) -> BoxFuture<'static, Result<Option<Activation>, StoreError>>;
 
-    /// Takes the first epoch for a brand-new session id.
+    /// Takes the first epoch for a brand-new session id; refused with
+    /// [`StoreError::Fenced`] (`ours: 0`) if the session exists already (two
+    /// activations created the same new id, e.g. a create retried at another
+    /// node: the second must not overwrite the first).
     fn create(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>>;
 
     /// Writes a checkpoint under `epoch` (refused if a newer epoch exists) and

@@ -38,7 +38,11 @@ return {e, ck}
 ";
 
 /// Creation: take the first epoch of a new id.
+/// Takes the first epoch of a session that does not exist yet; an existing
+/// one (another activation created it first) answers minus its epoch.
 const CREATE_LUA: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then return -tonumber(cur) end
 local e = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return e
@@ -366,13 +370,21 @@ impl CheckpointStore for RedisStore {
         );
         async move {
             let mut conn = primary.get().inspect_err(|_| primary.failed())?;
-            Self::timed(
+            let e: i64 = Self::timed(
                 t,
                 "create",
                 scripts.create.key(ep).arg(ttl).invoke_async(&mut conn),
             )
             .await
-            .inspect_err(|_| primary.failed())
+            .inspect_err(|_| primary.failed())?;
+            if e <= 0 {
+                metrics::counter!("berth_fenced_writes_total").increment(1);
+                return Err(StoreError::Fenced {
+                    stored: e.unsigned_abs(),
+                    ours: 0,
+                });
+            }
+            Ok(e as u64)
         }
         .boxed()
     }
