@@ -127,6 +127,10 @@ pub fn summary(r: &RunResult, checks: &[Check]) -> String {
                 "  sessions sent away".to_string(),
                 v.sessions_sent_away.to_string(),
             ]),
+            row([
+                "  (empty sessions ended, 4004)".to_string(),
+                v.empty_sessions_ended.to_string(),
+            ]),
             row(["  duplicate ops".to_string(), v.duplicate_ops.to_string()]),
             row(["  event gaps".to_string(), v.event_gaps.to_string()]),
             row([
@@ -1239,6 +1243,7 @@ mod tests {
             event_gaps: 3,
             event_duplicates: 4,
             state_mismatches: 5,
+            empty_sessions_ended: 7,
         };
         let s = summary(&r, &[]);
         for (label, n) in [
@@ -1249,6 +1254,7 @@ mod tests {
             ("event gaps", 3),
             ("event duplicates", 4),
             ("state mismatches", 5),
+            ("(empty sessions ended, 4004)", 7),
         ] {
             let line = s
                 .lines()

@@ -47,6 +47,13 @@ pub struct Verify {
     /// (and, in `kv-churn`, re-sent ids answered as if they were new: without
     /// `duplicate: true`).
     pub state_mismatches: u64,
+    /// Sessions that had acknowledged no state-changing op and were answered
+    /// 4004 (`session_not_found`): by protocol.md a session is written by its
+    /// first state-changing op, so one lost with its node before that held
+    /// nothing and its client starts anew. Not a failure; reported so a
+    /// change in how often it happens shows.
+    #[serde(default)]
+    pub empty_sessions_ended: u64,
 }
 
 impl Verify {
@@ -75,6 +82,7 @@ impl Verify {
         self.event_gaps += other.event_gaps;
         self.event_duplicates += other.event_duplicates;
         self.state_mismatches += other.state_mismatches;
+        self.empty_sessions_ended += other.empty_sessions_ended;
     }
 }
 

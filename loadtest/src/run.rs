@@ -327,10 +327,7 @@ async fn one_client(
     if c.ensure_connected(grace).await.is_err() {
         // Never welcomed: no session to check, but it may have been sent away.
         let check = SessionCheck {
-            verify: Verify {
-                sessions_sent_away: sent_away(c.stopped) as u64,
-                ..Verify::default()
-            },
+            verify: stop_verdict(c.stopped, 0),
             fresh: None,
             notes: Vec::new(),
         };
@@ -523,7 +520,9 @@ async fn verify_session(
         Scenario::Echo | Scenario::Idle => {}
     }
     // After the reads above: a stop while verifying counts too.
-    v.sessions_sent_away = sent_away(c.stopped) as u64;
+    let stop = stop_verdict(c.stopped, exp.acked_writes());
+    v.sessions_sent_away = stop.sessions_sent_away;
+    v.empty_sessions_ended = stop.empty_sessions_ended;
     SessionCheck {
         verify: v,
         fresh,
@@ -535,8 +534,26 @@ async fn verify_session(
 /// stop (a close code that says not to reconnect, or a refused resume).
 /// Every session of a run has exactly one client, so no takeover, no
 /// "unknown session" and no refused token is ever deserved.
-fn sent_away(stopped: Option<Stop>) -> bool {
-    stopped.is_some()
+///
+/// A session told 4004 that had acknowledged nothing is not sent away: it was
+/// never written (protocol.md), so its client rightly starts a new one. It is
+/// counted in `empty_sessions_ended`.
+fn stop_verdict(stopped: Option<Stop>, acked_writes: u64) -> Verify {
+    let not_found = matches!(
+        stopped,
+        Some(Stop::SessionNotFound) | Some(Stop::Close(4004))
+    );
+    match stopped {
+        None => Verify::default(),
+        Some(_) if not_found && acked_writes == 0 => Verify {
+            empty_sessions_ended: 1,
+            ..Verify::default()
+        },
+        Some(_) => Verify {
+            sessions_sent_away: 1,
+            ..Verify::default()
+        },
+    }
 }
 
 /// Reads the session's state with the `state` op: on the client's own
@@ -1033,6 +1050,25 @@ pub mod reqwest_lite {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_4004_is_a_failure_only_for_a_session_that_had_acknowledged_something() {
+        use crate::client::Stop;
+        let v = stop_verdict(Some(Stop::Close(4004)), 0);
+        assert_eq!((v.sessions_sent_away, v.empty_sessions_ended), (0, 1));
+        let v = stop_verdict(Some(Stop::SessionNotFound), 0);
+        assert_eq!((v.sessions_sent_away, v.empty_sessions_ended), (0, 1));
+        let v = stop_verdict(Some(Stop::Close(4004)), 3);
+        assert_eq!((v.sessions_sent_away, v.empty_sessions_ended), (1, 0));
+        let v = stop_verdict(Some(Stop::Close(4000)), 0);
+        assert_eq!(
+            (v.sessions_sent_away, v.empty_sessions_ended),
+            (1, 0),
+            "4000 always is"
+        );
+        assert_eq!(stop_verdict(None, 5), Verify::default());
+    }
+
     use super::*;
     use crate::client::ConnEnd;
     use futures_util::{SinkExt, StreamExt};

@@ -645,6 +645,7 @@ mod tests {
                 event_gaps: 4,
                 event_duplicates: 5,
                 state_mismatches: 6,
+                empty_sessions_ended: 0,
             },
             failover: vec![
                 Failover {
