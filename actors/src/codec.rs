@@ -12,8 +12,22 @@ use serde_json::Value;
 /// The current checkpoint format.
 pub const FORMAT_V1: u16 = 1;
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The most bytes decoding one checkpoint may claim (bincode's limit, about
+/// the memory the decoded checkpoint takes). Far above any checkpoint berth
+/// writes (`limits.max_checkpoint_bytes`, 1 MiB by default), it stops a
+/// corrupt length prefix from making bincode allocate what it claims:
+/// gigabytes, or an abort of the node, for a few stored bytes.
+pub const MAX_DECODE_BYTES: usize = 256 * 1024 * 1024;
+
+type Config = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_DECODE_BYTES>,
+>;
+
+/// `standard()` (the stored format is unchanged), with [`MAX_DECODE_BYTES`].
+fn config() -> Config {
+    bincode::config::standard().with_limit::<MAX_DECODE_BYTES>()
 }
 
 /// Why stored bytes could not be read.
@@ -184,6 +198,91 @@ mod tests {
             Err(CodecError::Corrupt(_))
         ));
         assert!(matches!(decode(&[]), Err(CodecError::Corrupt(_))));
+    }
+
+    /// A bincode varint length prefix of `n`.
+    fn len_prefix(n: u64) -> Vec<u8> {
+        let mut v = vec![253];
+        v.extend_from_slice(&n.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn the_fuzzers_out_of_memory_input_is_corrupt() {
+        // Found by fuzz/'s `checkpoint` target, minimised: format 1, then an
+        // `app` of 0xE2FF_D2FF bytes (3.8 GiB), which bincode allocated
+        // before finding the bytes missing (a lazily zeroed allocation that a
+        // large machine grants; a larger claim aborts, see the next test).
+        assert!(matches!(
+            decode(&[0x01, 0xfc, 0xff, 0xd2, 0xff, 0xe2]),
+            Err(CodecError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn no_length_prefix_makes_decoding_allocate_what_it_claims() {
+        // Every length field of the format, claiming 2^40 (an allocation that
+        // fails and aborts the process), 2^63 (a capacity overflow panic) and
+        // u64::MAX. Each is `Corrupt`, at once.
+        let fields: [Vec<u8>; 4] = [
+            // format 1, then the `app` bytes
+            vec![1],
+            // no app bytes, version 0, last_op 0, then `Some` reply bytes
+            vec![1, 0, 0, 0, 1],
+            // ..., no reply, a token hash, next_seq 1, then the events
+            [&[1u8, 0, 0, 0, 0][..], &[0; 32], &[1]].concat(),
+            // ..., one event: seq 1, due 0, then its body
+            [&[1u8, 0, 0, 0, 0][..], &[0; 32], &[1, 1, 1, 0]].concat(),
+        ];
+        for prefix in &fields {
+            for n in [1 << 40, 1 << 63, u64::MAX] {
+                let bytes = [prefix.clone(), len_prefix(n)].concat();
+                assert!(
+                    matches!(decode(&bytes), Err(CodecError::Corrupt(_))),
+                    "{bytes:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_decode_limit_leaves_room_for_large_checkpoints() {
+        // A 64 KiB state and 1000 unacknowledged 64 KiB events (64 MiB; what
+        // berth's default state and outbox limits allowed before the
+        // checkpoint limit) still decode.
+        let body = json!("e".repeat(64 * 1024));
+        let ck = Checkpoint {
+            app: vec![b'a'; 64 * 1024],
+            events: (1..=1000)
+                .map(|seq| StoredEvent {
+                    seq,
+                    due_ms: seq,
+                    body: body.clone(),
+                })
+                .collect(),
+            ..sample()
+        };
+        assert_eq!(decode(&encode(ck.clone())).unwrap(), ck);
+    }
+
+    /// Found by fuzz/'s `checkpoint` target: serde_json (without its
+    /// `float_roundtrip` feature) writes this float as
+    /// `7.777777777777777e+54` and reads that back as `7.777777777777776e54`,
+    /// so a float in an event (or in kv state, stored the same way) can move
+    /// by its last bit at each re-activation. Not a crash; the fix is that
+    /// feature on the workspace's serde_json, outside this module.
+    #[test]
+    #[ignore = "serde_json's float_roundtrip feature is not enabled: floats may read back one bit off"]
+    fn event_bodies_with_floats_read_back_exactly() {
+        let ck = Checkpoint {
+            events: vec![StoredEvent {
+                seq: 1,
+                due_ms: 0,
+                body: json!(7.777777777777777e54),
+            }],
+            ..sample()
+        };
+        assert_eq!(decode(&encode(ck.clone())).unwrap(), ck);
     }
 
     proptest! {

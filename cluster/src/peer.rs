@@ -105,8 +105,22 @@ enum Handshake {
     },
 }
 
-fn cfg() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The most bytes decoding one frame may claim (bincode's limit). A frame of
+/// at most [`MAX_FRAME`] bytes decodes into at most a few bytes more (varint
+/// integers widen), so every frame a link can carry decodes; without a limit,
+/// a length prefix inside a frame (a `Hello`'s id, before any proof) made
+/// bincode allocate whatever it claimed: gigabytes, or an abort of the node.
+const DECODE_LIMIT: usize = MAX_FRAME + 64;
+
+type Config = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<DECODE_LIMIT>,
+>;
+
+/// `standard()` (the wire format is unchanged), with [`DECODE_LIMIT`].
+fn cfg() -> Config {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
 
 fn encode<T: Encode>(v: &T) -> Result<bytes::Bytes, PeerError> {
@@ -210,11 +224,16 @@ fn nonce() -> [u8; 32] {
 
 type Transport = Framed<TcpStream, LengthDelimitedCodec>;
 
-fn framed(s: TcpStream) -> Transport {
-    let _ = s.set_nodelay(true);
+/// The link's framing: a 4-byte big-endian length, at most [`MAX_FRAME`].
+fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .max_frame_length(MAX_FRAME)
-        .new_framed(s)
+        .new_codec()
+}
+
+fn framed(s: TcpStream) -> Transport {
+    let _ = s.set_nodelay(true);
+    Framed::new(s, codec())
 }
 
 async fn next_handshake(t: &mut Transport) -> Result<Handshake, PeerError> {
@@ -631,10 +650,194 @@ pub async fn spawn_listener_on(
     })
 }
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    //! Entry points for the fuzz targets in `fuzz/` (cargo feature `fuzzing`,
+    //! never enabled by the `berth` binary).
+    //!
+    //! Each one takes the bytes a peer would write on the TCP connection and
+    //! runs them through what a link does with them, without a socket: the
+    //! link's framing (length prefix, [`MAX_FRAME`]), bincode with the peer
+    //! module's configuration, and the handshake's checks with [`SECRET`].
+    //! The one difference from a real link is that "our" nonce is fixed
+    //! ([`LISTENER_NONCE`], [`DIALER_NONCE`]) instead of random, so that an
+    //! input can carry a valid proof and reach the frames after the
+    //! handshake.
+
+    use super::*;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    /// The cluster secret of the fuzzed node.
+    pub const SECRET: &[u8] = b"berth-fuzzing-secret";
+    /// The fuzzed listener's nonce (a real one is random).
+    pub const LISTENER_NONCE: [u8; 32] = [0x4c; 32];
+    /// The fuzzed dialer's nonce (a real one is random).
+    pub const DIALER_NONCE: [u8; 32] = [0x44; 32];
+
+    /// What a link made of the bytes after the handshake.
+    #[derive(Debug, Default)]
+    pub struct Outcome {
+        /// The frames decoded, in order.
+        pub frames: Vec<Frame>,
+        /// Why reading stopped before the end of the bytes, if it did (a
+        /// real link closes there).
+        pub error: Option<PeerError>,
+    }
+
+    /// The bytes of a connection, split as a link's transport splits them.
+    struct Wire {
+        buf: bytes::BytesMut,
+        codec: LengthDelimitedCodec,
+    }
+
+    impl Wire {
+        fn new(bytes: &[u8]) -> Self {
+            Wire {
+                buf: bytes::BytesMut::from(bytes),
+                codec: codec(),
+            }
+        }
+
+        /// The next frame; `None` at a clean end of the stream (as `Framed`:
+        /// `decode`, then `decode_eof` once the bytes are all there).
+        fn next(&mut self) -> Option<Result<bytes::BytesMut, std::io::Error>> {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(f)) => Some(Ok(f)),
+                Ok(None) => self.codec.decode_eof(&mut self.buf).transpose(),
+                Err(e) => Some(Err(e)),
+            }
+        }
+
+        /// As `next_handshake`.
+        fn handshake(&mut self) -> Result<Handshake, PeerError> {
+            match self.next() {
+                Some(Ok(b)) => decode(&b),
+                Some(Err(e)) => Err(PeerError::Auth(e.to_string())),
+                None => Err(PeerError::Auth("peer closed during the handshake".into())),
+            }
+        }
+
+        /// As the reader task of `run_link`, without handling the frames.
+        fn frames(mut self) -> Outcome {
+            let mut out = Outcome::default();
+            while let Some(next) = self.next() {
+                match next.map_err(|e| PeerError::Codec(e.to_string())) {
+                    Ok(b) => match decode::<Frame>(&b) {
+                        Ok(f) => out.frames.push(f),
+                        Err(e) => {
+                            out.error = Some(e);
+                            break;
+                        }
+                    },
+                    Err(e) => {
+                        out.error = Some(e);
+                        break;
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    /// Bytes a peer sends on an established link.
+    pub fn link(bytes: &[u8]) -> Outcome {
+        Wire::new(bytes).frames()
+    }
+
+    /// An inbound connection: the bytes are what the dialer sends (`Hello`,
+    /// then `Proof`, then frames). As `accept_one`, then `run_link`: the
+    /// dialer's id once it proved it knows [`SECRET`], and what the link read.
+    pub fn accept(bytes: &[u8]) -> Result<(MemberId, Outcome), PeerError> {
+        let auth = PeerAuth::from(SECRET);
+        let mut wire = Wire::new(bytes);
+        let Handshake::Hello { id, nonce: nonce_d } = wire.handshake()? else {
+            return Err(PeerError::Auth("expected hello".into()));
+        };
+        let nonce_l = LISTENER_NONCE;
+        // (Here the listener sends its challenge.)
+        let Handshake::Proof { mac: mac_d } = wire.handshake()? else {
+            return Err(PeerError::Auth("expected proof".into()));
+        };
+        if !auth.verify(b"berth-peer-d", &nonce_l, &nonce_d, &id, &mac_d) {
+            return Err(PeerError::Auth(format!(
+                "peer claiming to be {id:?} does not know the cluster secret"
+            )));
+        }
+        Ok((MemberId(id), wire.frames()))
+    }
+
+    /// An outbound connection after our `Hello` (with [`DIALER_NONCE`]): the
+    /// bytes are what the listener answers (`Challenge`, then frames). As
+    /// `connect`, then `run_link`.
+    pub fn dial(bytes: &[u8]) -> Result<(MemberId, Outcome), PeerError> {
+        let auth = PeerAuth::from(SECRET);
+        let mut wire = Wire::new(bytes);
+        let nonce_d = DIALER_NONCE;
+        let Handshake::Challenge {
+            id,
+            nonce: nonce_l,
+            mac: mac_l,
+        } = wire.handshake()?
+        else {
+            return Err(PeerError::Auth("expected a challenge".into()));
+        };
+        if !auth.verify(b"berth-peer-l", &nonce_d, &nonce_l, &id, &mac_l) {
+            return Err(PeerError::Auth(
+                "the listener does not know the cluster secret".into(),
+            ));
+        }
+        // (Here the dialer sends its proof.)
+        Ok((MemberId(id), wire.frames()))
+    }
+
+    /// `body` as one frame on the wire (length prefix and all).
+    pub fn wire(body: &[u8]) -> Vec<u8> {
+        let mut out = bytes::BytesMut::new();
+        codec()
+            .encode(bytes::Bytes::copy_from_slice(body), &mut out)
+            .expect("a test body fits in a frame");
+        out.to_vec()
+    }
+
+    /// `frame` as a link writes it on the wire.
+    pub fn frame_bytes(frame: &Frame) -> Vec<u8> {
+        wire(&encode(frame).expect("a frame encodes"))
+    }
+
+    /// A dialer `id` that knows [`SECRET`] opening a connection to the fuzzed
+    /// listener: its `Hello` and `Proof` frames (see [`accept`]).
+    pub fn valid_dialer_opening(id: &str) -> Vec<u8> {
+        let nonce_d = [0x64; 32];
+        let hello = Handshake::Hello {
+            id: id.to_string(),
+            nonce: nonce_d,
+        };
+        let proof = Handshake::Proof {
+            mac: mac(SECRET, b"berth-peer-d", &LISTENER_NONCE, &nonce_d, id),
+        };
+        let mut out = wire(&encode(&hello).expect("encodes"));
+        out.extend(wire(&encode(&proof).expect("encodes")));
+        out
+    }
+
+    /// A listener `id` that knows [`SECRET`] answering the fuzzed dialer: its
+    /// `Challenge` frame (see [`dial`]).
+    pub fn valid_listener_opening(id: &str) -> Vec<u8> {
+        let nonce_l = [0x6c; 32];
+        let challenge = Handshake::Challenge {
+            id: id.to_string(),
+            nonce: nonce_l,
+            mac: mac(SECRET, b"berth-peer-l", &DIALER_NONCE, &nonce_l, id),
+        };
+        wire(&encode(&challenge).expect("encodes"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures_util::FutureExt;
+    use tokio_util::codec::Decoder;
 
     /// Echoes requests with a prefix and records pushes.
     struct Echo {
@@ -816,6 +1019,96 @@ mod tests {
         assert!(
             matches!(err, PeerError::Auth(m) if m.contains("does not know the cluster secret"))
         );
+    }
+
+    /// A bincode varint length prefix of `n`.
+    fn len_prefix(n: u64) -> Vec<u8> {
+        let mut v = vec![253];
+        v.extend_from_slice(&n.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn the_fuzzers_crash_input_is_a_codec_error() {
+        // Found by fuzz/'s `peer_frame` target, minimised: one 11-byte frame,
+        // a `Challenge` whose id claims 0xFAFA_2CFD_FDFD_FDFD bytes (a
+        // capacity overflow panic in bincode before the limit).
+        let wire = [
+            0x00, 0x00, 0x00, 0x0b, 0x01, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0x2c, 0xfa, 0xfa,
+            0xff,
+        ];
+        let frame = codec()
+            .decode(&mut bytes::BytesMut::from(&wire[..]))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            decode::<Handshake>(&frame),
+            Err(PeerError::Codec(_))
+        ));
+    }
+
+    #[test]
+    fn no_length_prefix_makes_decoding_allocate_what_it_claims() {
+        // Every length field a peer sends, claiming 2^40 (an allocation that
+        // fails and aborts the process), 2^63 (a capacity overflow panic) and
+        // u64::MAX bytes: a codec error, at once.
+        for n in [1 << 40, 1 << 63, u64::MAX] {
+            // A `Hello`'s id, before the peer proved anything; a `Challenge`'s.
+            for variant in [0u8, 1] {
+                let bytes = [vec![variant], len_prefix(n)].concat();
+                assert!(matches!(
+                    decode::<Handshake>(&bytes),
+                    Err(PeerError::Codec(_))
+                ));
+            }
+            // The body of a request (id 1), a response (id 1) and a push.
+            for prefix in [&[0u8, 1][..], &[1, 1], &[2]] {
+                let bytes = [prefix.to_vec(), len_prefix(n)].concat();
+                assert!(matches!(decode::<Frame>(&bytes), Err(PeerError::Codec(_))));
+            }
+        }
+    }
+
+    #[test]
+    fn the_largest_frame_still_decodes() {
+        // Variant, id 0 and a 5-byte length: exactly MAX_FRAME bytes, which
+        // decode into a little more (the limit's slack).
+        let f = Frame::Request {
+            id: 0,
+            body: vec![7; MAX_FRAME - 7],
+        };
+        let bytes = encode(&f).unwrap();
+        assert_eq!(bytes.len(), MAX_FRAME);
+        assert_eq!(decode::<Frame>(&bytes).unwrap(), f);
+    }
+
+    #[tokio::test]
+    async fn a_hello_claiming_a_huge_id_is_refused_and_the_listener_lives_on() {
+        use tokio::io::AsyncWriteExt;
+        let (l, mut links, _) = listener(b"k").await;
+        // An unauthenticated client sends a Hello whose id claims 2^40 bytes.
+        let mut s = TcpStream::connect(l.local_addr).await.unwrap();
+        let body = [vec![0u8], len_prefix(1 << 40)].concat();
+        s.write_all(&(body.len() as u32).to_be_bytes())
+            .await
+            .unwrap();
+        s.write_all(&body).await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::io::AsyncReadExt::read_to_end(&mut s, &mut rest),
+        )
+        .await
+        .expect("the listener drops the connection");
+        assert!(read.is_err() || rest.is_empty(), "no challenge: {rest:?}");
+        // The node is still there for a real peer.
+        let (h, _) = echo();
+        let link = connect(&l.local_addr.to_string(), &MemberId("c".into()), b"k", h)
+            .await
+            .unwrap();
+        assert_eq!(links.recv().await.unwrap().peer().as_str(), "c");
+        link.close();
+        l.shutdown().await;
     }
 
     #[tokio::test]
