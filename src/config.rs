@@ -726,6 +726,16 @@ impl Config {
             "limits.max_checkpoint_bytes",
             self.limits.max_checkpoint_bytes as u64,
         )?;
+        if self.limits.max_checkpoint_bytes > berth_actors::codec::MAX_DECODE_BYTES / 4 {
+            return Err((
+                "limits.max_checkpoint_bytes",
+                format!(
+                    "{} is above {} (a quarter of what a checkpoint may claim while it is decoded)",
+                    self.limits.max_checkpoint_bytes,
+                    berth_actors::codec::MAX_DECODE_BYTES / 4
+                ),
+            ));
+        }
         positive(
             "limits.max_live_sessions",
             self.limits.max_live_sessions as u64,

@@ -129,10 +129,14 @@ fn enc<T: Encode>(v: &T) -> Vec<u8> {
     bincode::encode_to_vec(v, bincode::config::standard()).unwrap_or_default()
 }
 
+/// The most a peer message body may claim while decoding: a body is at most
+/// one peer frame, so a length prefix past that is a lie that must not make
+/// bincode allocate it (fuzz/ found this in the link's own frames).
+const BODY_DECODE_LIMIT: usize = berth_cluster::peer::MAX_FRAME + 64;
+
 fn dec<T: Decode<()>>(b: &[u8]) -> Option<T> {
-    bincode::decode_from_slice(b, bincode::config::standard())
-        .ok()
-        .map(|(v, _)| v)
+    let cfg = bincode::config::standard().with_limit::<BODY_DECODE_LIMIT>();
+    bincode::decode_from_slice(b, cfg).ok().map(|(v, _)| v)
 }
 
 fn attach_err_kind(e: &AttachError) -> (u8, String) {
@@ -1225,5 +1229,26 @@ impl PeerHandler for Handler {
             tracing::info!(%peer, "peer link closed");
             r.link_closed(&peer, &link);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_body_claiming_huge_lengths_is_refused_without_allocating_them() {
+        // PeerReq::Attach (variant 0), then its `session` string claiming
+        // 2^40 bytes: without the limit bincode tries to allocate that and
+        // the process aborts.
+        let mut body = vec![0u8, 253];
+        body.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(dec::<PeerReq>(&body).is_none());
+        let mut push = vec![3u8, 0, 0, 253]; // PeerPush::Event, conn 0, attempt 0, seq
+        push.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(dec::<PeerPush>(&push).is_none());
+        // A real body still decodes.
+        let ok = enc(&PeerReq::Stats);
+        assert!(matches!(dec::<PeerReq>(&ok), Some(PeerReq::Stats)));
     }
 }

@@ -272,7 +272,6 @@ mod tests {
     /// by its last bit at each re-activation. Not a crash; the fix is that
     /// feature on the workspace's serde_json, outside this module.
     #[test]
-    #[ignore = "serde_json's float_roundtrip feature is not enabled: floats may read back one bit off"]
     fn event_bodies_with_floats_read_back_exactly() {
         let ck = Checkpoint {
             events: vec![StoredEvent {
