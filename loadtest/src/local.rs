@@ -556,7 +556,7 @@ impl LocalCluster {
     }
 
     /// Starts node `n` (1-based) again after a kill, with its id and on its
-    /// ports; tries [`RESTART_TRIES`] times if a port is still taken.
+    /// ports; tries `RESTART_TRIES` times if a port is still taken.
     pub fn restart_node(&mut self, n: usize) -> anyhow::Result<()> {
         let node = self.nodes.get(n - 1).context("no such node")?;
         if node.running() {
