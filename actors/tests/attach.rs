@@ -399,44 +399,59 @@ async fn a_session_costs_nothing_in_the_store_until_its_first_write() {
     assert_eq!((w.resumed, w.last_op, w.version), (true, 2, 1));
 }
 
+const TWIN_TOKEN: &str = "twin-token-0123456789";
+
+/// One new id created on two hosts sharing `store` (an edge's create that
+/// timed out and was sent again to another owner), each welcomed by its own
+/// creating hello.
+struct Twins {
+    id: SessionId,
+    a: Addr<SessionActor<KvApp>>,
+    ha: ConnHandle,
+    _rxa: ConnReceiver,
+    b: Addr<SessionActor<KvApp>>,
+    hb: ConnHandle,
+    rxb: ConnReceiver,
+}
+
+async fn twins(store: &Arc<SlowStore>) -> Twins {
+    let (ha_host, hb_host) = (host("a", store.clone()), host("b", store.clone()));
+    let id = SessionId::random();
+    let a = ha_host.create_session_with(id.clone(), TWIN_TOKEN);
+    let b = hb_host.create_session_with(id.clone(), TWIN_TOKEN);
+    let (m, ha, rxa) = Client::new(1, 1).attach(TWIN_TOKEN, None);
+    a.send(m).await.unwrap().expect("hello at a");
+    let (m, hb, rxb) = Client::new(2, 1).attach(TWIN_TOKEN, None);
+    b.send(m).await.unwrap().expect("the twin's hello at b");
+    Twins {
+        id,
+        a,
+        ha,
+        _rxa: rxa,
+        b,
+        hb,
+        rxb,
+    }
+}
+
 #[actix_rt::test]
 async fn twin_creations_of_one_new_id_never_overwrite_each_other() {
-    // An edge's create that timed out and was sent again to another owner
-    // makes two actors for one new id. The first to write creates the
-    // session; the other is refused (fenced), and a resume never welcomes
-    // with its empty state.
+    // The first to write creates the session; the other is refused (fenced),
+    // and a resume never welcomes with its empty state.
     let store = SlowStore::new();
-    let (a, b) = (host("a", store.clone()), host("b", store.clone()));
-    let id = SessionId::random();
-    let token = "twin-token-0123456789";
-    let (addr_a, addr_b) = (
-        a.create_session_with(id.clone(), token),
-        b.create_session_with(id.clone(), token),
-    );
-    let mut c1 = Client::new(1, 1);
-    let (m, h1, _rx1) = c1.attach(token, None);
-    addr_a.send(m).await.unwrap().expect("hello at a");
-    let mut c2 = Client::new(2, 1);
-    let (m, h2, mut rx2) = c2.attach(token, None);
-    addr_b
-        .send(m)
-        .await
-        .unwrap()
-        .expect("the twin's hello at b");
-
-    assert_eq!(incr(&addr_a, &h1, 1).await.value, Some(json!(1)));
+    let mut t = twins(&store).await;
+    assert_eq!(incr(&t.a, &t.ha, 1).await.value, Some(json!(1)));
     // The twin's first write is refused: not applied, its client told 1012.
-    let r = incr(&addr_b, &h2, 1).await;
+    let r = incr(&t.b, &t.hb, 1).await;
     assert!(!r.ok, "{r:?}");
     assert!(matches!(
-        told(&mut rx2),
+        told(&mut t.rxb),
         Some(ConnMsg::Close(CloseCode::Restart, _))
     ));
     // The stored session is a's.
-    let mut c3 = Client::new(3, 1);
-    let (m, _h3, _rx3) = c3.attach(token, None);
+    let (m, _h3, _rx3) = Client::new(3, 1).attach(TWIN_TOKEN, None);
     let (w, _) = host("c", store.clone())
-        .session(&id)
+        .session(&t.id)
         .send(m)
         .await
         .unwrap()
@@ -447,25 +462,9 @@ async fn twin_creations_of_one_new_id_never_overwrite_each_other() {
 #[actix_rt::test]
 async fn a_resume_at_an_unwritten_twin_is_sent_to_the_written_one() {
     let store = SlowStore::new();
-    let (a, b) = (host("a", store.clone()), host("b", store.clone()));
-    let id = SessionId::random();
-    let token = "twin-token-0123456789";
-    let (addr_a, addr_b) = (
-        a.create_session_with(id.clone(), token),
-        b.create_session_with(id.clone(), token),
-    );
-    let mut c1 = Client::new(1, 1);
-    let (m, h1, _rx1) = c1.attach(token, None);
-    addr_a.send(m).await.unwrap().unwrap();
-    let mut c2 = Client::new(2, 1);
-    let (m, _h2, _rx2) = c2.attach(token, None);
-    addr_b.send(m).await.unwrap().unwrap();
-    assert!(incr(&addr_a, &h1, 1).await.ok);
+    let t = twins(&store).await;
+    assert!(incr(&t.a, &t.ha, 1).await.ok);
     // A later resume reaching the twin at b: not welcomed with version 0.
-    let mut c3 = Client::new(3, 1);
-    let (m, _h3, _rx3) = c3.attach(token, None);
-    assert_eq!(
-        addr_b.send(m).await.unwrap().unwrap_err(),
-        AttachError::Moved
-    );
+    let (m, _h3, _rx3) = Client::new(3, 1).attach(TWIN_TOKEN, None);
+    assert_eq!(t.b.send(m).await.unwrap().unwrap_err(), AttachError::Moved);
 }

@@ -9,13 +9,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::common::*;
 
-fn env_with(redis: &Redis, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut env = base_env();
-    env.push(("BERTH__STORE__REDIS_URL".into(), redis.url()));
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    env
-}
-
 fn redis_keys(redis: &Redis) -> u64 {
     redis::cmd("DBSIZE").query(&mut redis.conn()).unwrap()
 }

@@ -173,6 +173,14 @@ pub fn base_env() -> Vec<(String, String)> {
     ]
 }
 
+/// [`base_env`] with Redis at `redis` and `extra` settings.
+pub fn env_with(redis: &Redis, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = base_env();
+    env.push(("BERTH__STORE__REDIS_URL".into(), redis.url()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
+}
+
 impl Berth {
     /// A node with the in-memory store.
     pub fn start_memory() -> Berth {

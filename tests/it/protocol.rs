@@ -4,13 +4,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-fn env_with(redis: &Redis, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut env = base_env();
-    env.push(("BERTH__STORE__REDIS_URL".into(), redis.url()));
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    env
-}
-
 fn err_code(v: &Value) -> &str {
     v["error"]["code"]
         .as_str()
