@@ -9,6 +9,18 @@ scale=3; [ "${1:-}" = "--scale" ] && scale="${2:?N}"
 if ! docker image inspect "${BERTH_IMAGE:-berth:local}" >/dev/null 2>&1 || ! docker image inspect "${BASE_IMAGE:-berth-base:local}" >/dev/null 2>&1; then
   "$here/build-images.sh"
 fi
+# Peer links over TLS by default: a cluster CA and a node certificate made
+# once into docker/.peer-tls/ (git-ignored), handed to the nodes as base64.
+# Set PEER_TLS_CA_BASE64, PEER_TLS_CERT_BASE64 and PEER_TLS_KEY_BASE64 to use
+# your own; PEER_TLS=off leaves the links plain.
+if [ "${PEER_TLS:-on}" != off ] && [ -z "${PEER_TLS_CA_BASE64:-}" ]; then
+  tls="$here/.peer-tls"
+  [ -s "$tls/node.pem" ] || "$here/peer-tls.sh" "$tls" node
+  PEER_TLS_CA_BASE64="$(base64 -w0 < "$tls/ca.pem")"
+  PEER_TLS_CERT_BASE64="$(base64 -w0 < "$tls/node.pem")"
+  PEER_TLS_KEY_BASE64="$(base64 -w0 < "$tls/node-key.pem")"
+  export PEER_TLS_CA_BASE64 PEER_TLS_CERT_BASE64 PEER_TLS_KEY_BASE64
+fi
 docker-compose -p "$project" -f "$here/compose.yml" up -d --scale berth="$scale"
 https="${NGINX1_HTTPS:-8443}"
 echo "up.sh: waiting for berth behind nginx (https://127.0.0.1:$https/)"

@@ -43,6 +43,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 echo "install-deps: $(redis-server --version | head -n1)"
 
+# --- openssl (docker/peer-tls.sh makes the peer-link certificates) ---------
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "install-deps: installing openssl (Debian package)"
+  apt_update_once
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends openssl
+fi
+
 # --- consul 1.8.7 from Debian 11 -------------------------------------------
 if [ -x "$consul_bin" ] && "$consul_bin" version 2>/dev/null | grep -q "v$consul_version"; then
   echo "install-deps: consul $consul_version already in $consul_bin"

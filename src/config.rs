@@ -284,6 +284,8 @@ pub struct ClusterConfig {
     /// More secrets accepted from peers (never sent): for rotating `secret`
     /// without a cluster-wide stop (docs/operations.md).
     pub accept_secrets: Vec<String>,
+    /// TLS of peer links (`[cluster.tls]`); unset: plain TCP.
+    pub tls: PeerTlsConfig,
     /// Static members, `id=host:peer_port` each, used when `consul_addr` is
     /// unset; empty (and no Consul) means a cluster of one.
     pub members: Vec<String>,
@@ -325,6 +327,7 @@ impl Default for ClusterConfig {
             advertise: None,
             secret: None,
             accept_secrets: Vec::new(),
+            tls: PeerTlsConfig::default(),
             members: Vec::new(),
             vnodes: 4096,
             ttl_ms: 1_000,
@@ -376,6 +379,118 @@ impl ClusterConfig {
             ));
         }
         Ok(Some(token))
+    }
+}
+
+/// `[cluster.tls]`: TLS 1.3 on peer links, both sides verified against the
+/// cluster CA. Each PEM input is given by file path (`*_file`) or as base64 of
+/// the PEM text (`*_base64`, for container environments), not both. Set all
+/// three of CA, certificate and key, or none (plain TCP, which the node
+/// announces with a warning at start-up).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerTlsConfig {
+    /// The cluster CA certificate(s), PEM file.
+    pub ca_file: Option<PathBuf>,
+    /// The cluster CA certificate(s), base64 of the PEM text.
+    pub ca_base64: Option<String>,
+    /// This node's certificate chain (leaf first), PEM file.
+    pub cert_file: Option<PathBuf>,
+    /// This node's certificate chain, base64 of the PEM text.
+    pub cert_base64: Option<String>,
+    /// This node's private key, PEM file.
+    pub key_file: Option<PathBuf>,
+    /// This node's private key, base64 of the PEM text (a secret, masked in
+    /// `--print-config`).
+    pub key_base64: Option<String>,
+    /// The DNS name every node's certificate carries and every dialer checks.
+    pub server_name: String,
+}
+
+impl Default for PeerTlsConfig {
+    fn default() -> Self {
+        PeerTlsConfig {
+            ca_file: None,
+            ca_base64: None,
+            cert_file: None,
+            cert_base64: None,
+            key_file: None,
+            key_base64: None,
+            server_name: berth_cluster::tls::DEFAULT_SERVER_NAME.into(),
+        }
+    }
+}
+
+/// One PEM input of `[cluster.tls]`: the file's bytes or the decoded base64.
+fn pem_input(
+    file_key: &'static str,
+    file: &Option<PathBuf>,
+    b64_key: &'static str,
+    b64: &Option<String>,
+) -> Result<Option<Vec<u8>>, (&'static str, String)> {
+    match (
+        file,
+        b64.as_deref().map(str::trim).filter(|t| !t.is_empty()),
+    ) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err((
+            b64_key,
+            format!("set either {file_key} or {b64_key}, not both"),
+        )),
+        (Some(path), None) => std::fs::read(path)
+            .map(Some)
+            .map_err(|e| (file_key, format!("cannot read {}: {e}", path.display()))),
+        (None, Some(text)) => base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map(Some)
+            .map_err(|e| (b64_key, format!("not base64: {e}"))),
+    }
+}
+
+impl PeerTlsConfig {
+    /// The peer-link TLS configuration (files read now); `None` when nothing
+    /// is set. An error names the key at fault.
+    pub fn load(&self) -> Result<Option<berth_cluster::tls::PeerTls>, (&'static str, String)> {
+        let ca = pem_input(
+            "cluster.tls.ca_file",
+            &self.ca_file,
+            "cluster.tls.ca_base64",
+            &self.ca_base64,
+        )?;
+        let cert = pem_input(
+            "cluster.tls.cert_file",
+            &self.cert_file,
+            "cluster.tls.cert_base64",
+            &self.cert_base64,
+        )?;
+        let key = pem_input(
+            "cluster.tls.key_file",
+            &self.key_file,
+            "cluster.tls.key_base64",
+            &self.key_base64,
+        )?;
+        let (ca, cert, key) = match (ca, cert, key) {
+            (None, None, None) => return Ok(None),
+            (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+            (ca, cert, _) => {
+                let missing = if ca.is_none() {
+                    "cluster.tls.ca_file"
+                } else if cert.is_none() {
+                    "cluster.tls.cert_file"
+                } else {
+                    "cluster.tls.key_file"
+                };
+                return Err((
+                    missing,
+                    "peer TLS needs the cluster CA, this node's certificate and its key \
+                     (each as *_file or *_base64); set all three or none"
+                        .into(),
+                ));
+            }
+        };
+        berth_cluster::tls::PeerTls::from_pem(&ca, &cert, &key, &self.server_name)
+            .map(Some)
+            .map_err(|e| ("cluster.tls", e.to_string()))
     }
 }
 
@@ -804,6 +919,7 @@ impl Config {
             }
         }
         self.cluster.consul_token()?;
+        self.cluster.tls.load()?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(("log.filter", e.to_string()));
         }
@@ -863,6 +979,7 @@ impl Config {
         for secret in [
             "/cluster/secret",
             "/cluster/consul_token",
+            "/cluster/tls/key_base64",
             "/admin/drain_token",
         ] {
             if let Some(s) = v.pointer_mut(secret) {
@@ -924,6 +1041,45 @@ mod tests {
                 "config/berth.toml does not show `{key}`"
             );
         }
+    }
+
+    #[test]
+    fn peer_tls_needs_all_three_inputs_one_way_each_and_masks_the_key() {
+        let ca = berth_cluster::tls::dev::DevCa::new("test CA");
+        let n = ca.issue(&[berth_cluster::tls::DEFAULT_SERVER_NAME]);
+        let dir = std::env::temp_dir().join(format!("berth-cfg-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca.ca_pem()).unwrap();
+        let base = env(&[
+            ("BERTH__CLUSTER__TLS__CA_FILE", ca_file.to_str().unwrap()),
+            ("BERTH__CLUSTER__TLS__CERT_BASE64", &b64(&n.cert_pem)),
+            ("BERTH__CLUSTER__TLS__KEY_BASE64", &b64(&n.key_pem)),
+        ]);
+        // A file and base64 mixed: fine, and the key is masked.
+        let c = load(None, &base).unwrap().config;
+        assert!(c.cluster.tls.load().unwrap().is_some());
+        assert_eq!(c.flatten()["cluster.tls.key_base64"], "\"***\"");
+        assert!(Config::default().cluster.tls.load().unwrap().is_none());
+        // The key missing: start-up stops, naming it.
+        let mut e = base.clone();
+        e.remove("BERTH__CLUSTER__TLS__KEY_BASE64");
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(msg.contains("cluster.tls.key_file"), "{msg}");
+        // The same input twice.
+        let mut e = base.clone();
+        e.insert("BERTH__CLUSTER__TLS__CA_BASE64".into(), b64(&ca.ca_pem()));
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(msg.contains("not both"), "{msg}");
+        // A key that is not this certificate's.
+        let mut e = base.clone();
+        e.insert(
+            "BERTH__CLUSTER__TLS__KEY_BASE64".into(),
+            b64(&ca.issue(&["x"]).key_pem),
+        );
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(msg.contains("cluster.tls"), "{msg}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

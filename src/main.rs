@@ -222,13 +222,33 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
                 .collect(),
         ),
     });
+    let peer_tls = cfg
+        .cluster
+        .tls
+        .load()
+        .map_err(|(key, why)| anyhow::anyhow!("{key}: {why}"))?;
+    if clustered {
+        match &peer_tls {
+            Some(_) => tracing::info!(
+                server_name = %cfg.cluster.tls.server_name,
+                "peer links: TLS 1.3, both sides verified against the cluster CA"
+            ),
+            None => tracing::warn!(
+                "peer links are NOT encrypted (cluster.tls unset): session traffic crosses \
+                 the network in clear text, authenticated only by cluster.secret; fine on \
+                 loopback, set cluster.tls on any real network (docs/operations.md)"
+            ),
+        }
+    }
     let auth = berth_cluster::peer::PeerAuth::new(
         cfg.cluster.secret.clone().unwrap_or_default().into_bytes(),
         cfg.cluster
             .accept_secrets
             .iter()
             .map(|s| s.clone().into_bytes()),
-    );
+    )
+    .with_contract(berth_cluster::ring::RingContract::new(cfg.cluster.vnodes))
+    .with_tls(peer_tls);
     let arbiters: Vec<_> = (0..workers)
         .map(|_| actix::Arbiter::new().handle())
         .collect();

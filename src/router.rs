@@ -496,7 +496,13 @@ impl Router {
             berth_cluster::peer::connect(&addr, &self.cfg.me, self.cfg.auth.clone(), handler)
                 .await
                 .inspect_err(|e| {
-                    tracing::debug!(peer = %member, %addr, error = %e, ms = started.elapsed().as_millis() as u64, "peer link could not be opened");
+                    // A refusal by configuration needs the operator (once per
+                    // DIAL_BACKOFF at most); an unreachable peer is routine.
+                    match e {
+                        PeerError::Contract { .. } => tracing::error!(peer = %member, %addr, error = %e, "peer link refused"),
+                        PeerError::Tls(_) | PeerError::Auth(_) => tracing::warn!(peer = %member, %addr, error = %e, "peer link refused"),
+                        _ => tracing::debug!(peer = %member, %addr, error = %e, ms = started.elapsed().as_millis() as u64, "peer link could not be opened"),
+                    }
                     *last_failure = Some((std::time::Instant::now(), e.clone()));
                 })?;
         *last_failure = None;

@@ -12,8 +12,10 @@
 //!   `berth-loadtest local`).
 //! - [`membership`]: the member view, from Consul or a static list, with the
 //!   last known view kept on errors.
-//! - [`peer`]: authenticated, multiplexed node-to-node links.
+//! - [`peer`]: authenticated, multiplexed node-to-node links, with the ring
+//!   contract checked in their handshake.
 //! - [`ring`]: the consistent-hash ring, a pure function of the member set.
+//! - [`tls`]: TLS for peer links (a cluster CA, mutual verification).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -23,3 +25,4 @@ pub mod dev_agent;
 pub mod membership;
 pub mod peer;
 pub mod ring;
+pub mod tls;

@@ -6,15 +6,28 @@
 //! [`Frame`]. What a request or push *means* is the caller's business: bodies
 //! are opaque bytes here, so this module knows nothing of sessions.
 //!
+//! # Transport
+//! Plain TCP, or TLS 1.3 with mutual certificate verification against the
+//! cluster CA when the node has a [`PeerTls`] ([`crate::tls`]); the handshake
+//! below runs inside the TLS session. Both ends of a link must agree: a TLS
+//! dialer meeting a plain listener (or the reverse) fails the handshake with
+//! [`PeerError::Tls`].
+//!
 //! # Handshake (mutual, HMAC-SHA256 over the cluster secret)
 //! ```text
-//! dialer   -> listener : Hello { id, nonce_d }
-//! listener -> dialer   : Challenge { id, nonce_l, mac_l = HMAC(secret, "berth-peer-l" | nonce_d | nonce_l | id_l) }
-//! dialer   -> listener : Proof { mac_d = HMAC(secret, "berth-peer-d" | nonce_l | nonce_d | id_d) }
+//! dialer   -> listener : Hello { id, nonce_d, contract_d }
+//! listener -> dialer   : Challenge { id, nonce_l, contract_l,
+//!                          mac_l = HMAC(secret, "berth-peer-l" | nonce_d | nonce_l | id_l | contract_l) }
+//! dialer   -> listener : Proof { mac_d = HMAC(secret, "berth-peer-d" | nonce_l | nonce_d | id_d | contract_d) }
 //! ```
 //! Each side checks the other's MAC in constant time before anything else is
 //! read; a peer that cannot prove it knows the secret is dropped (and the
 //! listener logs it). Fresh random nonces on both sides stop replays.
+//!
+//! The `contract` is the [`RingContract`] (placement version and
+//! `cluster.vnodes`): once the MACs check, each side refuses a peer whose
+//! contract differs from its own ([`PeerError::Contract`]), since the two
+//! would place sessions on different members.
 //!
 //! Nothing waits forever: every request has a deadline, and a link that dies
 //! fails all of its pending requests at once with [`PeerError::Closed`].
@@ -35,8 +48,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::either::Either;
 
-use crate::ring::MemberId;
+use crate::ring::{MemberId, RingContract};
+use crate::tls::PeerTls;
 
 /// Largest frame on a peer link.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -63,6 +78,20 @@ pub enum PeerError {
     /// A frame could not be encoded or decoded.
     #[error("bad frame: {0}")]
     Codec(String),
+    /// The TLS handshake failed (a certificate not issued by the cluster CA,
+    /// the wrong server name, or one side without TLS).
+    #[error("peer TLS failed: {0} (every node needs cluster.tls with the same CA)")]
+    Tls(String),
+    /// The peer proved the secret but places sessions differently.
+    #[error("peer {peer} uses {theirs}, this node {ours}: every node must use the same cluster.vnodes and a build with the same placement")]
+    Contract {
+        /// The peer's id.
+        peer: String,
+        /// This node's contract.
+        ours: RingContract,
+        /// The peer's.
+        theirs: RingContract,
+    },
 }
 
 /// What travels on a link after the handshake.
@@ -94,11 +123,13 @@ enum Handshake {
     Hello {
         id: String,
         nonce: [u8; 32],
+        contract: RingContract,
     },
     Challenge {
         id: String,
         nonce: [u8; 32],
         mac: [u8; 32],
+        contract: RingContract,
     },
     Proof {
         mac: [u8; 32],
@@ -135,45 +166,110 @@ fn decode<T: Decode<()>>(b: &[u8]) -> Result<T, PeerError> {
         .map_err(|e| PeerError::Codec(e.to_string()))
 }
 
-fn mac(secret: &[u8], label: &[u8], a: &[u8; 32], b: &[u8; 32], id: &str) -> [u8; 32] {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
-    m.update(label);
-    m.update(a);
-    m.update(b);
-    m.update(id.as_bytes());
-    m.finalize().into_bytes().into()
+/// What one side's MAC covers besides the secret.
+struct Signed<'a> {
+    label: &'a [u8],
+    a: &'a [u8; 32],
+    b: &'a [u8; 32],
+    id: &'a str,
+    contract: RingContract,
 }
 
-/// The secrets of the handshake: one to prove ourselves with, and every
-/// secret whose proof we accept (the signing one included). Extra accepted
-/// secrets make rotation possible without a cluster-wide stop (see
-/// docs/operations.md).
+impl Signed<'_> {
+    fn hmac(&self, secret: &[u8]) -> Hmac<Sha256> {
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+        m.update(self.label);
+        m.update(self.a);
+        m.update(self.b);
+        m.update(self.id.as_bytes());
+        m.update(&self.contract.to_bytes());
+        m
+    }
+
+    fn mac(&self, secret: &[u8]) -> [u8; 32] {
+        self.hmac(secret).finalize().into_bytes().into()
+    }
+
+    fn verify(&self, secret: &[u8], tag: &[u8; 32]) -> bool {
+        self.hmac(secret).verify_slice(tag).is_ok() // constant time
+    }
+}
+
+/// What a node's links prove and check: the secret to prove ourselves with
+/// and every secret whose proof we accept (the signing one included; extra
+/// accepted secrets make rotation possible without a cluster-wide stop, see
+/// docs/operations.md), the [`RingContract`] a peer must share, and the TLS
+/// configuration, if links are encrypted.
 #[derive(Clone)]
 pub struct PeerAuth {
     sign: Vec<u8>,
     accept: Vec<Vec<u8>>,
+    contract: RingContract,
+    tls: Option<PeerTls>,
 }
 
 impl PeerAuth {
-    /// Sign with `secret`; accept it and every one of `also_accept`.
+    /// Sign with `secret`; accept it and every one of `also_accept`. Plain
+    /// TCP and the default contract until set otherwise.
     pub fn new(secret: impl Into<Vec<u8>>, also_accept: impl IntoIterator<Item = Vec<u8>>) -> Self {
         let sign = secret.into();
         let mut accept = vec![sign.clone()];
         accept.extend(also_accept.into_iter().filter(|s| !s.is_empty()));
-        PeerAuth { sign, accept }
+        PeerAuth {
+            sign,
+            accept,
+            contract: RingContract::default(),
+            tls: None,
+        }
     }
 
-    fn verify(&self, label: &[u8], a: &[u8; 32], b: &[u8; 32], id: &str, tag: &[u8; 32]) -> bool {
+    /// Requires peers to place sessions by `contract`.
+    pub fn with_contract(mut self, contract: RingContract) -> Self {
+        self.contract = contract;
+        self
+    }
+
+    /// Runs links over TLS with `tls` (`None`: plain TCP).
+    pub fn with_tls(mut self, tls: Option<PeerTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Whether links are encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    fn verify(&self, signed: &Signed<'_>, tag: &[u8; 32]) -> bool {
         // Every candidate is checked (no early exit), each in constant time.
-        self.accept.iter().fold(false, |ok, secret| {
-            verify(secret, label, a, b, id, tag) | ok
-        })
+        self.accept
+            .iter()
+            .fold(false, |ok, secret| signed.verify(secret, tag) | ok)
+    }
+
+    fn check_contract(&self, peer: &str, theirs: RingContract) -> Result<(), PeerError> {
+        if theirs == self.contract {
+            Ok(())
+        } else {
+            Err(PeerError::Contract {
+                peer: peer.to_owned(),
+                ours: self.contract,
+                theirs,
+            })
+        }
     }
 }
 
 impl std::fmt::Debug for PeerAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PeerAuth({} accepted secrets)", self.accept.len())
+        write!(
+            f,
+            "PeerAuth({} accepted secrets, {}, {})",
+            self.accept.len(),
+            self.contract,
+            if self.tls.is_some() { "TLS" } else { "plain" }
+        )
     }
 }
 
@@ -195,22 +291,6 @@ impl From<Vec<u8>> for PeerAuth {
     }
 }
 
-fn verify(
-    secret: &[u8],
-    label: &[u8],
-    a: &[u8; 32],
-    b: &[u8; 32],
-    id: &str,
-    tag: &[u8; 32],
-) -> bool {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
-    m.update(label);
-    m.update(a);
-    m.update(b);
-    m.update(id.as_bytes());
-    m.verify_slice(tag).is_ok() // constant time
-}
-
 /// Resolves once the flag is set (drops the borrow, so the future stays `Send`).
 async fn until_true(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
@@ -222,7 +302,10 @@ fn nonce() -> [u8; 32] {
     n
 }
 
-type Transport = Framed<TcpStream, LengthDelimitedCodec>;
+/// A link's byte stream: plain TCP or TLS over it.
+type Io = Either<TcpStream, tokio_rustls::TlsStream<TcpStream>>;
+
+type Transport = Framed<Io, LengthDelimitedCodec>;
 
 /// The link's framing: a 4-byte big-endian length, at most [`MAX_FRAME`].
 fn codec() -> LengthDelimitedCodec {
@@ -231,9 +314,39 @@ fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
-fn framed(s: TcpStream) -> Transport {
-    let _ = s.set_nodelay(true);
+fn framed(s: Io) -> Transport {
     Framed::new(s, codec())
+}
+
+/// The dialer's side of the transport: TCP, then TLS if configured.
+async fn dial_io(addr: &str, auth: &PeerAuth) -> Result<Io, PeerError> {
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PeerError::Connect(format!("{addr}: timed out")))?
+        .map_err(|e| PeerError::Connect(format!("{addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = &auth.tls else {
+        return Ok(Either::Left(stream));
+    };
+    let connect = tls.connector().connect(tls.server_name().clone(), stream);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
+        Ok(Ok(s)) => Ok(Either::Right(s.into())),
+        Ok(Err(e)) => Err(PeerError::Tls(format!("{addr}: {e}"))),
+        Err(_) => Err(PeerError::Tls(format!("{addr}: handshake timed out"))),
+    }
+}
+
+/// The listener's side of the transport: TLS if configured.
+async fn accept_io(stream: TcpStream, auth: &PeerAuth) -> Result<Io, PeerError> {
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = &auth.tls else {
+        return Ok(Either::Left(stream));
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await {
+        Ok(Ok(s)) => Ok(Either::Right(s.into())),
+        Ok(Err(e)) => Err(PeerError::Tls(e.to_string())),
+        Err(_) => Err(PeerError::Tls("handshake timed out".into())),
+    }
 }
 
 async fn next_handshake(t: &mut Transport) -> Result<Handshake, PeerError> {
@@ -509,17 +622,14 @@ pub async fn connect(
     handler: Arc<dyn PeerHandler>,
 ) -> Result<Link, PeerError> {
     let auth: PeerAuth = auth.into();
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| PeerError::Connect(format!("{addr}: timed out")))?
-        .map_err(|e| PeerError::Connect(format!("{addr}: {e}")))?;
-    let mut t = framed(stream);
+    let mut t = framed(dial_io(addr, &auth).await?);
     let nonce_d = nonce();
     send_handshake(
         &mut t,
         &Handshake::Hello {
             id: me.to_string(),
             nonce: nonce_d,
+            contract: auth.contract,
         },
     )
     .await?;
@@ -527,17 +637,35 @@ pub async fn connect(
         id,
         nonce: nonce_l,
         mac: mac_l,
+        contract,
     } = next_handshake(&mut t).await?
     else {
         return Err(PeerError::Auth("expected a challenge".into()));
     };
-    if !auth.verify(b"berth-peer-l", &nonce_d, &nonce_l, &id, &mac_l) {
+    let signed = Signed {
+        label: b"berth-peer-l",
+        a: &nonce_d,
+        b: &nonce_l,
+        id: &id,
+        contract,
+    };
+    if !auth.verify(&signed, &mac_l) {
         return Err(PeerError::Auth(format!(
             "{addr} does not know the cluster secret"
         )));
     }
-    let proof = mac(&auth.sign, b"berth-peer-d", &nonce_l, &nonce_d, me.as_str());
+    let proof = Signed {
+        label: b"berth-peer-d",
+        a: &nonce_l,
+        b: &nonce_d,
+        id: me.as_str(),
+        contract: auth.contract,
+    }
+    .mac(&auth.sign);
     send_handshake(&mut t, &Handshake::Proof { mac: proof }).await?;
+    // Checked after the proof is sent, so that the listener learns of a
+    // mismatch too (and says so in its log) rather than of a dialer that hung up.
+    auth.check_contract(&id, contract)?;
     Ok(run_link(t, MemberId(id), handler))
 }
 
@@ -547,29 +675,50 @@ async fn accept_one(
     me: &MemberId,
     auth: &PeerAuth,
 ) -> Result<(Transport, MemberId), PeerError> {
-    let mut t = framed(stream);
-    let Handshake::Hello { id, nonce: nonce_d } = next_handshake(&mut t).await? else {
+    let mut t = framed(accept_io(stream, auth).await?);
+    let Handshake::Hello {
+        id,
+        nonce: nonce_d,
+        contract,
+    } = next_handshake(&mut t).await?
+    else {
         return Err(PeerError::Auth("expected hello".into()));
     };
     let nonce_l = nonce();
-    let mac_l = mac(&auth.sign, b"berth-peer-l", &nonce_d, &nonce_l, me.as_str());
+    let mac_l = Signed {
+        label: b"berth-peer-l",
+        a: &nonce_d,
+        b: &nonce_l,
+        id: me.as_str(),
+        contract: auth.contract,
+    }
+    .mac(&auth.sign);
     send_handshake(
         &mut t,
         &Handshake::Challenge {
             id: me.to_string(),
             nonce: nonce_l,
             mac: mac_l,
+            contract: auth.contract,
         },
     )
     .await?;
     let Handshake::Proof { mac: mac_d } = next_handshake(&mut t).await? else {
         return Err(PeerError::Auth("expected proof".into()));
     };
-    if !auth.verify(b"berth-peer-d", &nonce_l, &nonce_d, &id, &mac_d) {
+    let signed = Signed {
+        label: b"berth-peer-d",
+        a: &nonce_l,
+        b: &nonce_d,
+        id: &id,
+        contract,
+    };
+    if !auth.verify(&signed, &mac_d) {
         return Err(PeerError::Auth(format!(
             "peer claiming to be {id:?} does not know the cluster secret"
         )));
     }
+    auth.check_contract(&id, contract)?;
     Ok((t, MemberId(id)))
 }
 
@@ -636,8 +785,18 @@ pub async fn spawn_listener_on(
                         on_link(run_link(t, peer, handler));
                     }
                     Err(e) => {
-                        metrics::counter!("berth_peer_auth_failures_total").increment(1);
-                        tracing::warn!(%from, error = %e, "peer refused");
+                        let reason = match &e {
+                            PeerError::Tls(_) => "tls",
+                            PeerError::Contract { .. } => "contract",
+                            _ => "handshake",
+                        };
+                        metrics::counter!("berth_peer_auth_failures_total", "reason" => reason)
+                            .increment(1);
+                        if reason == "contract" {
+                            tracing::error!(%from, error = %e, "peer refused");
+                        } else {
+                            tracing::warn!(%from, error = %e, "peer refused");
+                        }
                     }
                 }
             });
@@ -750,7 +909,12 @@ pub mod fuzzing {
     pub fn accept(bytes: &[u8]) -> Result<(MemberId, Outcome), PeerError> {
         let auth = PeerAuth::from(SECRET);
         let mut wire = Wire::new(bytes);
-        let Handshake::Hello { id, nonce: nonce_d } = wire.handshake()? else {
+        let Handshake::Hello {
+            id,
+            nonce: nonce_d,
+            contract,
+        } = wire.handshake()?
+        else {
             return Err(PeerError::Auth("expected hello".into()));
         };
         let nonce_l = LISTENER_NONCE;
@@ -758,11 +922,19 @@ pub mod fuzzing {
         let Handshake::Proof { mac: mac_d } = wire.handshake()? else {
             return Err(PeerError::Auth("expected proof".into()));
         };
-        if !auth.verify(b"berth-peer-d", &nonce_l, &nonce_d, &id, &mac_d) {
+        let signed = Signed {
+            label: b"berth-peer-d",
+            a: &nonce_l,
+            b: &nonce_d,
+            id: &id,
+            contract,
+        };
+        if !auth.verify(&signed, &mac_d) {
             return Err(PeerError::Auth(format!(
                 "peer claiming to be {id:?} does not know the cluster secret"
             )));
         }
+        auth.check_contract(&id, contract)?;
         Ok((MemberId(id), wire.frames()))
     }
 
@@ -777,15 +949,24 @@ pub mod fuzzing {
             id,
             nonce: nonce_l,
             mac: mac_l,
+            contract,
         } = wire.handshake()?
         else {
             return Err(PeerError::Auth("expected a challenge".into()));
         };
-        if !auth.verify(b"berth-peer-l", &nonce_d, &nonce_l, &id, &mac_l) {
+        let signed = Signed {
+            label: b"berth-peer-l",
+            a: &nonce_d,
+            b: &nonce_l,
+            id: &id,
+            contract,
+        };
+        if !auth.verify(&signed, &mac_l) {
             return Err(PeerError::Auth(
                 "the listener does not know the cluster secret".into(),
             ));
         }
+        auth.check_contract(&id, contract)?;
         // (Here the dialer sends its proof.)
         Ok((MemberId(id), wire.frames()))
     }
@@ -808,12 +989,21 @@ pub mod fuzzing {
     /// listener: its `Hello` and `Proof` frames (see [`accept`]).
     pub fn valid_dialer_opening(id: &str) -> Vec<u8> {
         let nonce_d = [0x64; 32];
+        let contract = RingContract::default();
         let hello = Handshake::Hello {
             id: id.to_string(),
             nonce: nonce_d,
+            contract,
         };
         let proof = Handshake::Proof {
-            mac: mac(SECRET, b"berth-peer-d", &LISTENER_NONCE, &nonce_d, id),
+            mac: Signed {
+                label: b"berth-peer-d",
+                a: &LISTENER_NONCE,
+                b: &nonce_d,
+                id,
+                contract,
+            }
+            .mac(SECRET),
         };
         let mut out = wire(&encode(&hello).expect("encodes"));
         out.extend(wire(&encode(&proof).expect("encodes")));
@@ -824,10 +1014,19 @@ pub mod fuzzing {
     /// `Challenge` frame (see [`dial`]).
     pub fn valid_listener_opening(id: &str) -> Vec<u8> {
         let nonce_l = [0x6c; 32];
+        let contract = RingContract::default();
         let challenge = Handshake::Challenge {
             id: id.to_string(),
             nonce: nonce_l,
-            mac: mac(SECRET, b"berth-peer-l", &DIALER_NONCE, &nonce_l, id),
+            mac: Signed {
+                label: b"berth-peer-l",
+                a: &DIALER_NONCE,
+                b: &nonce_l,
+                id,
+                contract,
+            }
+            .mac(SECRET),
+            contract,
         };
         wire(&encode(&challenge).expect("encodes"))
     }
@@ -1019,6 +1218,175 @@ mod tests {
         assert!(
             matches!(err, PeerError::Auth(m) if m.contains("does not know the cluster secret"))
         );
+    }
+
+    /// A listener with `auth` on loopback; its links and their pushes.
+    async fn listener_with(auth: PeerAuth) -> (ListenerHandle, mpsc::UnboundedReceiver<Link>) {
+        let (h, _) = echo();
+        let (ltx, lrx) = mpsc::unbounded_channel();
+        let l = spawn_listener(
+            "127.0.0.1:0",
+            MemberId("server".into()),
+            auth,
+            h,
+            move |link| {
+                let _ = ltx.send(link);
+            },
+        )
+        .await
+        .unwrap();
+        (l, lrx)
+    }
+
+    async fn dial(l: &ListenerHandle, auth: PeerAuth) -> Result<Link, PeerError> {
+        let (h, _) = echo();
+        connect(&l.local_addr.to_string(), &MemberId("c".into()), auth, h).await
+    }
+
+    fn secret() -> PeerAuth {
+        PeerAuth::from(b"the-cluster-secret")
+    }
+
+    #[tokio::test]
+    async fn tls_links_carry_requests_and_refuse_other_cas_and_plain_peers() {
+        let ca = crate::tls::dev::DevCa::new("cluster CA");
+        let (l, mut links) = listener_with(secret().with_tls(Some(ca.peer_tls().unwrap()))).await;
+
+        // Two nodes with certificates of the cluster CA: a working link, both ways.
+        let link = dial(&l, secret().with_tls(Some(ca.peer_tls().unwrap())))
+            .await
+            .unwrap();
+        assert_eq!(
+            link.request(b"x".to_vec(), Duration::from_secs(5))
+                .await
+                .unwrap(),
+            b"c:x"
+        );
+        let back = links.recv().await.unwrap();
+        assert_eq!(
+            back.request(b"y".to_vec(), Duration::from_secs(5))
+                .await
+                .unwrap(),
+            b"server:y"
+        );
+
+        // A dialer whose certificate another CA issued (it trusts the
+        // cluster CA, so only the listener's check of the client stops it).
+        let other = crate::tls::dev::DevCa::new("another CA");
+        let n = other.issue(&[crate::tls::DEFAULT_SERVER_NAME]);
+        let foreign = crate::tls::PeerTls::from_pem(
+            ca.ca_pem().as_bytes(),
+            n.cert_pem.as_bytes(),
+            n.key_pem.as_bytes(),
+            crate::tls::DEFAULT_SERVER_NAME,
+        )
+        .unwrap();
+        assert!(dial(&l, secret().with_tls(Some(foreign))).await.is_err());
+        // A dialer that trusts another CA refuses the listener.
+        let err = dial(&l, secret().with_tls(Some(other.peer_tls().unwrap())))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PeerError::Tls(_)), "{err:?}");
+        // A certificate without the cluster's server name is refused by the dialer.
+        let n = ca.issue(&["somebody-else"]);
+        let (l2, _) = listener_with(
+            secret().with_tls(Some(
+                crate::tls::PeerTls::from_pem(
+                    ca.ca_pem().as_bytes(),
+                    n.cert_pem.as_bytes(),
+                    n.key_pem.as_bytes(),
+                    "somebody-else",
+                )
+                .unwrap(),
+            )),
+        )
+        .await;
+        let err = dial(&l2, secret().with_tls(Some(ca.peer_tls().unwrap())))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PeerError::Tls(_)), "{err:?}");
+        // A plain dialer cannot talk to a TLS listener, nor the reverse.
+        assert!(dial(&l, secret()).await.is_err());
+        let (plain, _) = listener_with(secret()).await;
+        let err = dial(&plain, secret().with_tls(Some(ca.peer_tls().unwrap())))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PeerError::Tls(_)), "{err:?}");
+        // None of the refused attempts became a link.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), links.recv())
+                .await
+                .is_err(),
+            "only the good dialer got a link"
+        );
+        for l in [l, l2, plain] {
+            l.shutdown().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_another_ring_contract_is_refused_on_both_sides() {
+        let ours = RingContract::new(4096);
+        let (l, mut links) = listener_with(secret().with_contract(ours)).await;
+        // Same secret, other vnodes: the dialer refuses the listener...
+        let err = dial(&l, secret().with_contract(RingContract::new(1024)))
+            .await
+            .unwrap_err();
+        match err {
+            PeerError::Contract {
+                ours: o, theirs, ..
+            } => {
+                assert_eq!((o.vnodes, theirs.vnodes), (1024, 4096))
+            }
+            other => panic!("expected a contract error, got {other:?}"),
+        }
+        // ... and another placement version is refused too.
+        let newer = RingContract {
+            placement: crate::ring::PLACEMENT_VERSION + 1,
+            vnodes: 4096,
+        };
+        assert!(matches!(
+            dial(&l, secret().with_contract(newer)).await,
+            Err(PeerError::Contract { .. })
+        ));
+        // The dialer refused after its proof, so no link was made.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), links.recv())
+                .await
+                .is_err()
+        );
+        // The same contract links.
+        assert!(dial(&l, secret().with_contract(ours)).await.is_ok());
+        l.shutdown().await;
+    }
+
+    #[test]
+    fn the_listener_refuses_a_dialer_whose_contract_differs() {
+        // The listener's side (the test above stops at the dialer's check):
+        // a valid proof made over a 1024-vnode contract is still refused.
+        let auth = secret();
+        let nonce_l = [7u8; 32];
+        let nonce_d = [9u8; 32];
+        let theirs = RingContract::new(1024);
+        let signed = Signed {
+            label: b"berth-peer-d",
+            a: &nonce_l,
+            b: &nonce_d,
+            id: "x",
+            contract: theirs,
+        };
+        let tag = signed.mac(b"the-cluster-secret");
+        assert!(auth.verify(&signed, &tag), "the proof itself is good");
+        assert!(matches!(
+            auth.check_contract("x", theirs),
+            Err(PeerError::Contract { .. })
+        ));
+        // And a tag made over one contract does not verify for another.
+        let forged = Signed {
+            contract: RingContract::default(),
+            ..signed
+        };
+        assert!(!auth.verify(&forged, &tag));
     }
 
     /// A bincode varint length prefix of `n`.

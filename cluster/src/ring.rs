@@ -66,6 +66,60 @@ use serde::{Deserialize, Serialize};
 /// search of 16 steps.
 pub const DEFAULT_VNODES: u32 = 4096;
 
+/// Version of the hashing contract above. Bump it with any change to that
+/// contract: nodes exchange it (with their `vnodes`) in the peer handshake and
+/// refuse a peer that places sessions differently.
+pub const PLACEMENT_VERSION: u32 = 1;
+
+/// What two nodes must agree on to place every session on the same member:
+/// the hashing contract's version and the virtual nodes per member. Two
+/// nodes with different contracts build different rings from the same member
+/// set, so each would think it owns sessions the other also owns (fencing
+/// keeps the data safe, but both sides would keep taking the sessions from
+/// each other). Peer links carry it in their handshake and refuse a mismatch
+/// ([`crate::peer::PeerError::Contract`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, bincode::Encode, bincode::Decode)]
+pub struct RingContract {
+    /// [`PLACEMENT_VERSION`] of the build.
+    pub placement: u32,
+    /// `cluster.vnodes`.
+    pub vnodes: u32,
+}
+
+impl RingContract {
+    /// This build's contract with `vnodes` virtual nodes per member.
+    pub fn new(vnodes: u32) -> Self {
+        RingContract {
+            placement: PLACEMENT_VERSION,
+            vnodes,
+        }
+    }
+
+    /// The contract as fixed bytes (for the handshake's MACs).
+    pub fn to_bytes(self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&self.placement.to_be_bytes());
+        b[4..].copy_from_slice(&self.vnodes.to_be_bytes());
+        b
+    }
+}
+
+impl Default for RingContract {
+    fn default() -> Self {
+        RingContract::new(DEFAULT_VNODES)
+    }
+}
+
+impl fmt::Display for RingContract {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "placement v{} with {} virtual nodes per member (cluster.vnodes)",
+            self.placement, self.vnodes
+        )
+    }
+}
+
 /// The id of a cluster member (a node), as registered in membership.
 ///
 /// Its ring positions hash its UTF-8 bytes (see the module's hashing contract);

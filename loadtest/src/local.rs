@@ -471,14 +471,28 @@ pub struct LocalCluster {
     /// The berth nodes, in start order (node N is `nodes[N-1]`).
     pub nodes: Vec<Node>,
     secret: String,
+    /// Peer-link TLS: a throwaway cluster CA whose certificates the nodes use.
+    tls: Option<berth_cluster::tls::dev::DevCa>,
 }
 
 impl LocalCluster {
-    /// Starts Redis, Consul and `n` nodes.
+    /// Starts Redis, Consul and `n` nodes (plain peer links).
     pub fn start(
         n: usize,
         berth: Option<&Path>,
         consul: Option<&Path>,
+    ) -> anyhow::Result<LocalCluster> {
+        Self::start_with_tls(n, berth, consul, false)
+    }
+
+    /// As [`LocalCluster::start`]; with `peer_tls`, the nodes' peer links
+    /// run TLS with certificates of a cluster CA made for this run (files in
+    /// the log directory).
+    pub fn start_with_tls(
+        n: usize,
+        berth: Option<&Path>,
+        consul: Option<&Path>,
+        peer_tls: bool,
     ) -> anyhow::Result<LocalCluster> {
         let berth = find("berth", berth).context(
             "berth binary not found: build it (cargo build --release) or pass --berth PATH",
@@ -499,7 +513,11 @@ impl LocalCluster {
             consul_http: 0,
             nodes: Vec::new(),
             secret: "berth-loadtest-local-secret".into(),
+            tls: peer_tls.then(|| berth_cluster::tls::dev::DevCa::new("berth-loadtest local CA")),
         };
+        if let Some(ca) = &c.tls {
+            std::fs::write(c.dir.join("peer-ca.pem"), ca.ca_pem())?;
+        }
         c.start_redis()?;
         let log = std::fs::File::create(c.dir.join("consul.log"))?;
         let (child, http) =
@@ -595,7 +613,23 @@ impl LocalCluster {
         if restart {
             writeln!(log, "--- berth-loadtest: restarting {id} on {listen:?} ---")?;
         }
-        let mut child = Command::new(&self.berth)
+        let mut cmd = Command::new(&self.berth);
+        if let Some(ca) = &self.tls {
+            // A certificate per node, as an operator would issue them.
+            let (cert, key) = (
+                self.dir.join(format!("{id}-peer.pem")),
+                self.dir.join(format!("{id}-peer-key.pem")),
+            );
+            if !restart {
+                let n = ca.issue(&[berth_cluster::tls::DEFAULT_SERVER_NAME]);
+                std::fs::write(&cert, n.cert_pem)?;
+                std::fs::write(&key, n.key_pem)?;
+            }
+            cmd.env("BERTH__CLUSTER__TLS__CA_FILE", self.dir.join("peer-ca.pem"))
+                .env("BERTH__CLUSTER__TLS__CERT_FILE", cert)
+                .env("BERTH__CLUSTER__TLS__KEY_FILE", key);
+        }
+        let mut child = cmd
             .current_dir(&self.dir)
             .env("BERTH__SERVER__LISTEN", &listen.public)
             .env("BERTH__ADMIN__LISTEN", &listen.admin)

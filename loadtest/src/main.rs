@@ -64,6 +64,10 @@ enum Cmd {
         /// The consul binary (default: .tools/bin/consul, then PATH).
         #[arg(long)]
         consul: Option<PathBuf>,
+        /// Peer links over TLS (cluster.tls), with certificates of a cluster
+        /// CA made for this run.
+        #[arg(long)]
+        peer_tls: bool,
         #[command(flatten)]
         load: Load,
     },
@@ -213,6 +217,7 @@ async fn main() -> anyhow::Result<()> {
             chaos,
             berth,
             consul,
+            peer_tls,
             load,
         } => {
             let plan =
@@ -230,10 +235,12 @@ async fn main() -> anyhow::Result<()> {
                     (load.ramp + load.duration.unwrap_or(DEFAULT_DURATION)).as_secs_f64()
                 );
             }
-            let mut cluster = LocalCluster::start(nodes, berth.as_deref(), consul.as_deref())?;
+            let mut cluster =
+                LocalCluster::start_with_tls(nodes, berth.as_deref(), consul.as_deref(), peer_tls)?;
             eprintln!(
-                "local cluster: {} nodes, logs in {}",
+                "local cluster: {} nodes, peer links {}, logs in {}",
                 cluster.nodes.len(),
+                if peer_tls { "TLS" } else { "plain" },
                 cluster.log_dir().display()
             );
             let cfg = load.config(cluster.urls(), cluster.admins())?;

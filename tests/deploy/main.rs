@@ -167,7 +167,27 @@ impl Deployment {
         let (https, http) = ([free_port(), free_port()], [free_port(), free_port()]);
         // berth's cluster.secret, by environment (a fresh one per run).
         let secret = berth_actors::ids::new_token().0;
+        // Peer links over TLS, as docker/up.sh sets them up: a cluster CA and
+        // a node certificate made by docker/peer-tls.sh, by base64 env.
+        let peer_tls = tls_dir.join("peer-tls");
+        run_ok(
+            Command::new(root.join("docker/peer-tls.sh"))
+                .arg(&peer_tls)
+                .arg("node"),
+        );
         let env = vec![
+            (
+                "PEER_TLS_CA_BASE64".into(),
+                base64(&peer_tls.join("ca.pem")),
+            ),
+            (
+                "PEER_TLS_CERT_BASE64".into(),
+                base64(&peer_tls.join("node.pem")),
+            ),
+            (
+                "PEER_TLS_KEY_BASE64".into(),
+                base64(&peer_tls.join("node-key.pem")),
+            ),
             ("NGINX1_HTTPS".into(), https[0].to_string()),
             ("NGINX2_HTTPS".into(), https[1].to_string()),
             ("NGINX1_HTTP".into(), http[0].to_string()),
@@ -200,7 +220,22 @@ impl Deployment {
             );
             std::thread::sleep(Duration::from_secs(1));
         }
+        let first = d.docker(&["logs", &d.container("berth", 1)]);
+        let first = first + &d.docker_stderr(&["logs", &d.container("berth", 1)]);
+        assert!(
+            first.contains("peer links: TLS 1.3"),
+            "the reference deployment runs its peer links over TLS:\n{first}"
+        );
         d
+    }
+
+    /// What `docker ARGS` wrote to stderr (container logs go there too).
+    fn docker_stderr(&self, args: &[&str]) -> String {
+        Command::new("docker")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .unwrap_or_default()
     }
 
     /// `docker-compose` on this deployment's project, with its variables.

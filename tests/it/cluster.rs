@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use berth_cluster::ring::{MemberId, Ring, DEFAULT_VNODES};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::common::*;
 
@@ -19,9 +19,19 @@ async fn three_nodes(consul: &Consul, redis: &Redis) -> Vec<Berth> {
 
 /// Nodes a and b with a static member list (no Consul), with `extra` settings.
 fn static_pair(redis: &Redis, extra: &[(&str, &str)]) -> (Berth, Berth) {
+    static_pair_with(redis, extra, &[], &[])
+}
+
+/// As [`static_pair`], with settings for `a` alone and for `b` alone too.
+fn static_pair_with(
+    redis: &Redis,
+    extra: &[(&str, &str)],
+    only_a: &[(String, String)],
+    only_b: &[(String, String)],
+) -> (Berth, Berth) {
     let (pa, pb) = (free_port(), free_port());
     let members = format!("a=127.0.0.1:{pa},b=127.0.0.1:{pb}");
-    let env = |id: &str, port: u16| {
+    let env = |id: &str, port: u16, only: &[(String, String)]| {
         let mut env = base_env();
         env.extend([
             ("BERTH__STORE__REDIS_URL".to_string(), redis.url()),
@@ -34,11 +44,12 @@ fn static_pair(redis: &Redis, extra: &[(&str, &str)]) -> (Berth, Berth) {
             ("BERTH__CLUSTER__SECRET".into(), SECRET.into()),
         ]);
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env.extend(only.iter().cloned());
         env
     };
     (
-        Berth::start_with(&env("a", pa), &[]),
-        Berth::start_with(&env("b", pb), &[]),
+        Berth::start_with(&env("a", pa, only_a), &[]),
+        Berth::start_with(&env("b", pb, only_b), &[]),
     )
 }
 
@@ -513,4 +524,162 @@ async fn an_attach_that_times_out_and_is_sent_again_never_closes_its_client_with
         b.log().contains("peer did not answer"),
         "the attach timed out at least once: the test exercised the retry"
     );
+}
+
+/// `cluster.tls` settings for a node with a certificate of `ca`: as files in
+/// `dir` when `files`, else as base64 (both ways an operator can give them).
+fn peer_tls_env(
+    ca: &berth_cluster::tls::dev::DevCa,
+    trust: &berth_cluster::tls::dev::DevCa,
+    dir: &std::path::Path,
+    name: &str,
+    files: bool,
+) -> Vec<(String, String)> {
+    use base64::Engine;
+    let n = ca.issue(&[berth_cluster::tls::DEFAULT_SERVER_NAME]);
+    let inputs = [
+        ("CA", trust.ca_pem()),
+        ("CERT", n.cert_pem),
+        ("KEY", n.key_pem),
+    ];
+    inputs
+        .into_iter()
+        .map(|(what, pem)| {
+            if files {
+                let path = dir.join(format!("{name}-{what}.pem"));
+                std::fs::write(&path, pem).unwrap();
+                (
+                    format!("BERTH__CLUSTER__TLS__{what}_FILE"),
+                    path.display().to_string(),
+                )
+            } else {
+                (
+                    format!("BERTH__CLUSTER__TLS__{what}_BASE64"),
+                    base64::engine::general_purpose::STANDARD.encode(pem),
+                )
+            }
+        })
+        .collect()
+}
+
+/// Sessions created through `owner` and used through `edge` (one peer hop
+/// each): how many of `n` answered, and the answers of those that did not.
+async fn ops_through_the_other_node(owner: &Berth, edge: &Berth, n: usize) -> (usize, Vec<Value>) {
+    let (mut ok, mut refused) = (0, Vec::new());
+    for _ in 0..n {
+        let mut c = Client::new_session(&owner.ws_url()).await;
+        c.op("incr", json!({"key":"n"})).await;
+        let sid = c.session.clone().unwrap();
+        let mut r = Client::connect(&edge.ws_url()).await;
+        let w = r.hello(Some(&sid), c.token.as_deref(), 0).await;
+        if w["type"] != "welcome" {
+            refused.push(w);
+            continue;
+        }
+        r.set_next_id(2);
+        let v = r.op("incr", json!({"key":"n"})).await;
+        if v["value"] == 2 {
+            ok += 1;
+        } else {
+            refused.push(v);
+        }
+    }
+    (ok, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_links_over_tls_carry_sessions_and_refuse_a_certificate_of_another_ca() {
+    let redis = Redis::start();
+    let dir = std::env::temp_dir().join(format!("berth-it-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = berth_cluster::tls::dev::DevCa::new("cluster CA");
+
+    // a with PEM files, b with base64: every op through the other node works.
+    let (a, b) = static_pair_with(
+        &redis,
+        &[],
+        &peer_tls_env(&ca, &ca, &dir, "a", true),
+        &peer_tls_env(&ca, &ca, &dir, "b", false),
+    );
+    a.wait_log("peer links: TLS 1.3");
+    let (ok, refused) = ops_through_the_other_node(&a, &b, 5).await;
+    assert_eq!((ok, refused), (5, vec![]), "every op crossed a TLS link");
+    assert!(a.metric("berth_forwarded_ops_total") + b.metric("berth_forwarded_ops_total") >= 5.0);
+    assert_eq!(a.metric("berth_peer_auth_failures_total"), 0.0);
+    drop((a, b));
+
+    // b's certificate comes from another CA (b trusts the cluster CA, so only
+    // a's check of its client certificate can stop it): a refuses every link
+    // from b, counts it, and b's clients get a retryable `unavailable`.
+    let other = berth_cluster::tls::dev::DevCa::new("another CA");
+    let (a, b) = static_pair_with(
+        &redis,
+        &[("BERTH__CLUSTER__HOLD_MS", "500")],
+        &peer_tls_env(&ca, &ca, &dir, "a2", true),
+        &peer_tls_env(&other, &ca, &dir, "b2", true),
+    );
+    let (ok, refused) = ops_through_the_other_node(&a, &b, 3).await;
+    assert_eq!(ok, 0, "no session crossed to a from a node of another CA");
+    for r in &refused {
+        assert!(
+            r["code"] == "unavailable" || r["error"] == "unavailable",
+            "{r}"
+        );
+    }
+    a.wait_log("peer refused");
+    let (_, metrics) = a.admin_get("/metrics");
+    assert!(
+        metrics_line(&metrics, "berth_peer_auth_failures_total", "reason=\"tls\"") > 0.0,
+        "{metrics}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_vnodes_count_is_refused_at_the_handshake() {
+    // Without the check, a and b would each place sessions on their own ring
+    // and take them from each other in turn; with it, the mismatch is an
+    // error both logs name, and no session crosses.
+    let redis = Redis::start();
+    let (a, b) = static_pair_with(
+        &redis,
+        &[("BERTH__CLUSTER__HOLD_MS", "500")],
+        &[],
+        &[("BERTH__CLUSTER__VNODES".into(), "1024".into())],
+    );
+    // Sessions a created, resumed through b: where b's own ring (1024
+    // virtual nodes) names a, b must reach a, and cannot.
+    let b_ring = Ring::new(["a", "b"].map(MemberId::new), 1024);
+    let mut crossed = 0;
+    while crossed < 3 {
+        let mut c = Client::new_session(&a.ws_url()).await;
+        c.op("incr", json!({"key":"n"})).await;
+        let sid = c.session.clone().unwrap();
+        if b_ring.owner(&sid).unwrap().as_str() != "a" {
+            continue; // b would serve it itself (fenced writes keep it safe)
+        }
+        crossed += 1;
+        let mut r = Client::connect(&b.ws_url()).await;
+        let w = r.hello(Some(&sid), c.token.as_deref(), 0).await;
+        assert_eq!(w["code"], "unavailable", "{w}");
+    }
+    b.wait_log("cluster.vnodes");
+    a.wait_log("cluster.vnodes");
+    let (_, metrics) = a.admin_get("/metrics");
+    assert!(
+        metrics_line(
+            &metrics,
+            "berth_peer_auth_failures_total",
+            "reason=\"contract\""
+        ) > 0.0,
+        "{metrics}"
+    );
+}
+
+/// The value of the sample of `name` whose labels contain `label`; 0 if none.
+fn metrics_line(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
