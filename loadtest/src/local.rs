@@ -382,7 +382,9 @@ use berth_cluster::dev_agent::free_port;
 
 fn find(bin: &str, hint: Option<&Path>) -> Option<PathBuf> {
     if let Some(h) = hint {
-        return h.is_file().then(|| h.to_path_buf());
+        // Absolute: the nodes run in the cluster's own directory, where a
+        // relative `--berth ./berth` would name nothing.
+        return h.is_file().then(|| h.canonicalize().ok()).flatten();
     }
     // Next to this executable (cargo's target dir), the project's .tools/bin, then PATH.
     let exe_dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
