@@ -28,6 +28,7 @@ mod admin;
 mod admission;
 mod config;
 mod edge;
+mod isolation;
 mod node;
 mod router;
 mod telemetry;
@@ -338,6 +339,7 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
     let _ = std::io::stdout().flush();
 
     let health = actix_web::rt::spawn(health_loop(node.clone().into_inner()));
+    let isolation = actix_web::rt::spawn(isolation::run(node.clone().into_inner()));
     let upkeep = {
         let prom = prom.clone();
         actix_web::rt::spawn(async move {
@@ -426,6 +428,7 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
     }
     views.abort();
     health.abort();
+    isolation.abort();
     upkeep.abort();
     servers.abort();
     tracing::info!(
