@@ -10,6 +10,7 @@
 //! - `edge`: client WebSocket connections and the demo page.
 //! - `admin`: health, metrics, cluster view, drain.
 //! - `node`: state shared by the handlers.
+//! - `isolation`: a node cut off from Consul (and its peers) excludes itself.
 //! - `telemetry`: logs and metrics set-up.
 //!
 //! # Lifecycle
