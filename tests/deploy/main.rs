@@ -749,6 +749,8 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
     // which nginx takes for "next upstream"); it rejoins after the cut heals.
     let fenced = d.metric("berth_fenced_writes_total");
     let victim = d.container("berth", 2);
+    let released = || metric_sum(&d.admin(&victim, "/metrics"), "berth_handoffs_total");
+    let released_before = released();
     let mut isolated_after = None;
     let r = under_load(
         &d,
@@ -774,9 +776,12 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
     .await;
     let isolated_after = isolated_after
         .unwrap_or_else(|| panic!("the cut-off node never isolated itself:\n{}", d.logs()));
+    // Sessions the cut-off node released (its handoffs, whether it left
+    // the ring by isolating or the others' sessions came back afterwards).
+    let released = released() - released_before;
     d.converged(Some(4), "after the partial partition").await;
     eprintln!(
-        "partial partition: isolated {:.1} s after the cut; {} sessions affected; {} checkpoint writes fenced off; the node rejoined",
+        "partial partition: isolated {:.1} s after the cut; {} sessions affected; the cut-off node released {released} sessions; {} checkpoint writes fenced off; the node rejoined",
         isolated_after.as_secs_f64(),
         r.failover.first().map_or(0, |f| f.sessions_affected),
         d.metric("berth_fenced_writes_total") - fenced
