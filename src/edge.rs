@@ -58,6 +58,12 @@ pub async fn ws_route(
                 .body("too many new connections from this address: retry later"));
         }
     }
+    if node.is_isolated() {
+        // Before the upgrade: a proxy takes a 503 for "try the next upstream".
+        metrics::counter!("berth_connections_refused_total", "reason" => "isolated").increment(1);
+        return Ok(HttpResponse::ServiceUnavailable()
+            .body("this node is isolated from the cluster: connect to another node"));
+    }
     let (resp, ws, stream) = actix_ws::handle(&req, body)?;
     let max = node.cfg.server.max_frame_bytes;
     let stream = stream
@@ -242,6 +248,7 @@ impl Conn {
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         let mut stopping = self.node.stopping.subscribe();
+        let mut isolated = self.node.isolated.subscribe();
         let mut retry_at: Option<tokio::time::Instant> = None;
         let exit = loop {
             // Write answers that are ready (in op order).
@@ -264,6 +271,12 @@ impl Conn {
                 _ = stopping.wait_for(|s| *s), if !matches!(self.bound.as_ref().and_then(|b| b.route.as_ref()), Some(Route::Local(_))) => {
                     break Exit::Close(self.node.shutdown_code(), "node going away: resume".into());
                 }
+                // Isolated (src/isolation.rs): as in a drain, connections with
+                // a local session close when it is released (`Moved` below),
+                // the others now.
+                _ = isolated.wait_for(|s| *s), if !matches!(self.bound.as_ref().and_then(|b| b.route.as_ref()), Some(Route::Local(_))) => {
+                    break Exit::Close(CloseCode::Restart, "node isolated from the cluster: resume".into());
+                }
                 m = rx.recv() => {
                     // `None` cannot happen: this task holds a handle itself.
                     match m {
@@ -279,6 +292,9 @@ impl Conn {
                         Some(ConnMsg::Moved) => {
                             if self.node.is_stopping() {
                                 break Exit::Close(CloseCode::Restart, "node draining: resume".into());
+                            }
+                            if self.node.is_isolated() {
+                                break Exit::Close(CloseCode::Restart, "node isolated from the cluster: resume".into());
                             }
                             self.lose_route();
                         }

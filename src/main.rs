@@ -10,6 +10,7 @@
 //! - `edge`: client WebSocket connections and the demo page.
 //! - `admin`: health, metrics, cluster view, drain.
 //! - `node`: state shared by the handlers.
+//! - `isolation`: a node cut off from Consul (and its peers) excludes itself.
 //! - `telemetry`: logs and metrics set-up.
 //!
 //! # Lifecycle
@@ -28,6 +29,7 @@ mod admin;
 mod admission;
 mod config;
 mod edge;
+mod isolation;
 mod node;
 mod router;
 mod telemetry;
@@ -358,6 +360,7 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
     let _ = std::io::stdout().flush();
 
     let health = actix_web::rt::spawn(health_loop(node.clone().into_inner()));
+    let isolation = actix_web::rt::spawn(isolation::run(node.clone().into_inner()));
     let upkeep = {
         let prom = prom.clone();
         actix_web::rt::spawn(async move {
@@ -446,6 +449,7 @@ async fn run(args: Args, loaded: config::Loaded) -> anyhow::Result<()> {
     }
     views.abort();
     health.abort();
+    isolation.abort();
     upkeep.abort();
     servers.abort();
     tracing::info!(

@@ -49,6 +49,9 @@ pub struct Node {
     pub stopping: watch::Sender<bool>,
     /// Set by `POST /drain`.
     pub drain_requested: watch::Sender<bool>,
+    /// Set while this node is isolated (src/isolation.rs): out of its own
+    /// ring, its clients closed with 1012, upgrades answered 503.
+    pub isolated: watch::Sender<bool>,
     /// Store reachability.
     pub readiness: Mutex<Readiness>,
     /// Whether this node can serve sessions (its store answered, and has not
@@ -85,6 +88,7 @@ impl Node {
             connections: AtomicUsize::new(0),
             stopping: watch::Sender::new(false),
             drain_requested: watch::Sender::new(false),
+            isolated: watch::Sender::new(false),
             readiness: Mutex::new(Readiness::default()),
             serving,
             demo_etag: crate::edge::demo_etag(),
@@ -125,6 +129,11 @@ impl Node {
         *self.stopping.borrow()
     }
 
+    /// Whether this node is isolated from the cluster (src/isolation.rs).
+    pub fn is_isolated(&self) -> bool {
+        *self.isolated.borrow()
+    }
+
     /// Why the node is not ready (empty when ready).
     pub fn not_ready_reasons(&self) -> Vec<String> {
         let mut why = Vec::new();
@@ -140,6 +149,11 @@ impl Node {
             (Some(e), _) => why.push(format!("store unreachable: {e}")),
             (None, false) => why.push("store not checked yet".to_owned()),
             (None, true) => {}
+        }
+        if self.is_isolated() {
+            why.push(
+                "isolated: the consul check lapsed and the peers do not confirm this node (sessions released, clients sent to the others)".to_owned(),
+            );
         }
         if self.router.clustered() {
             let h = self.membership.health();

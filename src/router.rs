@@ -60,6 +60,11 @@ enum PeerReq {
         args: String,
     },
     Stats,
+    /// Is `member` in your membership view? (The isolation rule's question:
+    /// see `src/isolation.rs`.)
+    Sees {
+        member: String,
+    },
 }
 
 /// Attach an edge connection to a session hosted by the receiver.
@@ -87,6 +92,7 @@ enum PeerResp {
     Reply(String),
     Moved,
     Stats { sessions: u64, proxied: u64 },
+    Sees { present: bool },
 }
 
 /// One-way messages, both directions.
@@ -260,6 +266,9 @@ pub struct Router {
     /// watches it, gives up when it changes and re-resolves the owner.
     view: tokio::sync::watch::Sender<Arc<View>>,
     leaving: AtomicBool,
+    /// This node is isolated (src/isolation.rs): out of its own ring, like
+    /// `leaving`, until it is not.
+    isolated: AtomicBool,
     links: Mutex<HashMap<MemberId, Link>>,
     /// One dial at a time per member (the others wait and share its link),
     /// and the last failed dial, answered again for [`DIAL_BACKOFF`] so a
@@ -304,6 +313,7 @@ impl Router {
             cfg,
             host,
             leaving: AtomicBool::new(false),
+            isolated: AtomicBool::new(false),
             links: Mutex::default(),
             dials: Mutex::default(),
             edge_conns: Mutex::default(),
@@ -389,10 +399,7 @@ impl Router {
     /// resumes by the `node` hint keeps every op off the peer links); any
     /// random id when this node is not on the ring or is leaving.
     pub fn new_session_id(&self) -> SessionId {
-        if self.cfg.clustered
-            && self.cfg.new_sessions_local
-            && !self.leaving.load(Ordering::Relaxed)
-        {
+        if self.cfg.clustered && self.cfg.new_sessions_local && !self.out_of_ring() {
             if let Some(id) = self.ring().draw_owned(&self.cfg.me, SessionId::random) {
                 return id;
             }
@@ -401,14 +408,19 @@ impl Router {
     }
 
     fn owns(&self, id: &SessionId) -> bool {
-        !self.leaving.load(Ordering::Relaxed) && self.owner(id).is_none()
+        !self.out_of_ring() && self.owner(id).is_none()
+    }
+
+    /// Leaving (drain) or isolated: this node's ring leaves it out.
+    fn out_of_ring(&self) -> bool {
+        self.leaving.load(Ordering::Relaxed) || self.isolated.load(Ordering::Relaxed)
     }
 
     /// Installs a new membership view: rebuilds the ring and hands off the
     /// sessions it moves away from this node.
     pub async fn apply_view(&self, view: Arc<View>) {
         let mut ids: Vec<MemberId> = view.ids().cloned().collect();
-        if self.leaving.load(Ordering::Relaxed) {
+        if self.out_of_ring() {
             ids.retain(|m| m != &self.cfg.me);
         }
         let ring = Arc::new(Ring::new(ids, self.cfg.vnodes));
@@ -437,6 +449,37 @@ impl Router {
     pub async fn leave(&self) {
         self.leaving.store(true, Ordering::Relaxed);
         self.apply_view(self.view()).await;
+    }
+
+    /// Isolated (`true`): this node owns nothing, and every live session is
+    /// released as in a drain (the final checkpoint is refused by the epoch
+    /// where another node took the session already). `false`: the view is
+    /// used as it is again. Nothing happens if the state does not change.
+    pub async fn set_isolated(&self, isolated: bool) {
+        if self.isolated.swap(isolated, Ordering::Relaxed) != isolated {
+            self.apply_view(self.view()).await;
+        }
+    }
+
+    /// Whether `member`'s membership view holds `whom` (asked over its peer
+    /// link); `None` if it does not answer within `timeout`.
+    pub async fn member_sees(
+        &self,
+        member: &MemberId,
+        whom: &MemberId,
+        timeout: Duration,
+    ) -> Option<bool> {
+        let ask = async {
+            let link = self.link(member).await.ok()?;
+            let req = PeerReq::Sees {
+                member: whom.to_string(),
+            };
+            match dec::<PeerResp>(&link.request(enc(&req), timeout).await.ok()?) {
+                Some(PeerResp::Sees { present }) => Some(present),
+                _ => None,
+            }
+        };
+        tokio::time::timeout(timeout, ask).await.ok().flatten()
     }
 
     async fn release_moved(&self) {
@@ -633,7 +676,7 @@ impl Router {
         create: bool,
         reattach: Option<Claim>,
     ) -> Result<(Welcome, Claim, Addr<SessionActor<KvApp>>), AttachFail> {
-        if self.leaving.load(Ordering::Relaxed) {
+        if self.out_of_ring() {
             return Err(AttachFail::Retry("this node is leaving".into()));
         }
         if create && self.host.live_sessions() >= self.host.limits().max_live_sessions {
@@ -1217,6 +1260,12 @@ impl PeerHandler for Handler {
                 let resp = PeerResp::Stats {
                     sessions: r.host.live_sessions() as u64,
                     proxied: r.proxied() as u64,
+                };
+                futures_util::future::ready(enc(&resp)).boxed()
+            }
+            Some(PeerReq::Sees { member }) => {
+                let resp = PeerResp::Sees {
+                    present: r.view().get(&MemberId(member)).is_some(),
                 };
                 futures_util::future::ready(enc(&resp)).boxed()
             }

@@ -81,6 +81,10 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "Checkpoint writes refused because a newer epoch exists"
     );
     metrics::describe_gauge!("berth_store_up", "1 when the checkpoint store answers");
+    metrics::describe_gauge!(
+        "berth_isolated",
+        "1 while this node is isolated: its consul check lapsed and its peers do not confirm it"
+    );
     metrics::describe_counter!(
         "berth_activations_total",
         "Sessions re-activated from their checkpoint (resume after passivation, handoff, failover)"

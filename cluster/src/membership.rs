@@ -22,6 +22,15 @@
 //! failing while either is. A refused token ([`ConsulError::Forbidden`]) is
 //! logged as such and flagged in [`Health::forbidden`]. Every loop stops on [`MembershipHandle::shutdown`], which
 //! deregisters first, within a deadline.
+//!
+//! **Lapsed check.** Keeping the last view is right while nobody can change
+//! it, but a node cut off from Consul alone is dropped by the others once its
+//! check has not been passed for a TTL, and they take its sessions. The
+//! registrar keeps the instant its last successful call *started*
+//! (registration, pass or fail: Consul heard this node); once a full TTL has
+//! gone by without one, [`MembershipHandle::check_lapsed`] is true (rule:
+//! [`lapsed`]): the others may have dropped this node by now. Whether they
+//! did is the caller's question to its peers (berth's isolation rule).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -183,6 +192,17 @@ struct State {
     registrar: Failure,
     watcher: Failure,
     registered: bool,
+    /// When the registrar's last successful call started.
+    last_contact: Option<Instant>,
+}
+
+/// Whether this node's check may have lapsed in Consul: a node that has been
+/// in contact (`last_contact`: when its last successful registration, pass or
+/// fail started) and has not been for a full `ttl` since. Timed from the
+/// call's start, so it turns true no later than Consul's own TTL runs out.
+/// A node never in contact has nothing to lapse (it is in nobody's view).
+pub fn lapsed(last_contact: Option<Instant>, now: Instant, ttl: Duration) -> bool {
+    last_contact.is_some_and(|t| now.saturating_duration_since(t) >= ttl)
 }
 
 impl State {
@@ -245,6 +265,13 @@ impl Shared {
     fn set_registered(&self, r: bool) {
         self.lock().registered = r;
     }
+
+    fn contact(&self, started: Instant) {
+        let mut s = self.lock();
+        if s.last_contact.is_none_or(|t| t < started) {
+            s.last_contact = Some(started);
+        }
+    }
 }
 
 /// Says that Consul refused the token at once, then at most every 30 s while
@@ -283,6 +310,8 @@ fn refused_hint(client: &ConsulClient) -> &'static str {
 pub struct MembershipHandle {
     view: watch::Receiver<Arc<View>>,
     shared: Arc<Shared>,
+    /// The check's TTL (Consul); `None`: static membership, which never lapses.
+    ttl: Option<Duration>,
     stop: watch::Sender<Stop>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -310,6 +339,16 @@ impl MembershipHandle {
     /// How membership is doing.
     pub fn health(&self) -> Health {
         self.shared.lock().health()
+    }
+
+    /// Whether this node's Consul check may have lapsed: no registration or
+    /// pass has succeeded for a full TTL (see [`lapsed`]). Never with static
+    /// membership, nor after [`MembershipHandle::leave`].
+    pub fn check_lapsed(&self) -> bool {
+        self.ttl.is_some_and(|ttl| {
+            *self.stop.borrow() == Stop::Run
+                && lapsed(self.shared.lock().last_contact, Instant::now(), ttl)
+        })
     }
 
     /// Leaves the cluster (deregisters) but keeps watching the others: the first
@@ -350,6 +389,7 @@ pub fn static_membership(members: Vec<Member>) -> MembershipHandle {
     MembershipHandle {
         view,
         shared: Arc::new(Shared::new(true)),
+        ttl: None,
         stop,
         tasks: Mutex::new(Vec::new()),
     }
@@ -390,10 +430,12 @@ pub fn spawn_consul(
         stop_rx.clone(),
         serving,
     ));
+    let ttl = cfg.ttl;
     let watcher = tokio::spawn(run_watcher(client, cfg, tx, shared.clone(), stop_rx));
     Ok(MembershipHandle {
         view,
         shared,
+        ttl: Some(ttl),
         stop,
         tasks: Mutex::new(vec![registrar, watcher]),
     })
@@ -451,15 +493,16 @@ async fn run_registrar(
         }
         let ready = *serving.borrow_and_update();
         let agent = client.pinned();
+        let started = Instant::now();
         let r = if !registered {
             reg.check.status = if ready { "passing" } else { "critical" }.into();
             client.register(&reg, cfg.call_timeout).await
         } else if ready {
             client.pass(&check_id(&me), cfg.call_timeout).await
-        } else if said != Some(false) {
-            client.fail(&check_id(&me), cfg.call_timeout).await
         } else {
-            Ok(()) // critical already: nothing to say until it can serve
+            // Said again on every tick (cheap): a success is also what tells
+            // this node that Consul still hears it (see `lapsed`).
+            client.fail(&check_id(&me), cfg.call_timeout).await
         };
         match r {
             Ok(()) => {
@@ -476,6 +519,7 @@ async fn run_registrar(
                 registered = true;
                 said = Some(ready);
                 refused.reset();
+                shared.contact(started);
                 shared.set_registered(true);
                 shared.ok(Part::Registrar);
             }
@@ -634,5 +678,37 @@ mod tests {
         assert!(h.failing_since.is_some() && !h.forbidden);
         shared.ok(Part::Watcher);
         assert_eq!(shared.lock().health(), Health::default());
+    }
+
+    #[test]
+    fn a_check_lapses_a_full_ttl_after_the_last_contact_started() {
+        let ttl = Duration::from_secs(1);
+        let t0 = Instant::now();
+        // Never in contact: in nobody's view, nothing to lapse.
+        assert!(!lapsed(None, t0 + ttl * 10, ttl));
+        assert!(!lapsed(Some(t0), t0, ttl));
+        assert!(!lapsed(Some(t0), t0 + ttl - Duration::from_millis(1), ttl));
+        assert!(lapsed(Some(t0), t0 + ttl, ttl));
+        assert!(lapsed(Some(t0), t0 + ttl * 3, ttl));
+        // A clock read before the contact (another thread) is not lapsed.
+        assert!(!lapsed(Some(t0 + ttl), t0, ttl));
+
+        // The newest contact counts, whatever order the calls end in.
+        let shared = Shared::new(false);
+        shared.contact(t0 + ttl);
+        shared.contact(t0);
+        assert_eq!(shared.lock().last_contact, Some(t0 + ttl));
+    }
+
+    #[tokio::test]
+    async fn static_membership_never_lapses() {
+        let m = static_membership(vec![Member {
+            id: MemberId("a".into()),
+            peer: "127.0.0.1:1".into(),
+            public: None,
+            version: None,
+        }]);
+        m.shared.contact(Instant::now() - Duration::from_secs(60));
+        assert!(!m.check_lapsed());
     }
 }

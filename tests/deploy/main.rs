@@ -14,6 +14,9 @@
 //! 3. scaling berth to 4;
 //! 4. killing the Redis primary (Sentinel failover);
 //! 5. one berth container cut off the network, then reconnected;
+//!    then a partial partition: one berth container cut from the Consul
+//!    servers and the other berth containers only (iptables in its network
+//!    namespace), still reaching Redis and nginx: it isolates itself;
 //! 6. `docker stop` of a berth container (drain on SIGTERM as PID 1);
 //! 7. one Consul server killed.
 //!
@@ -323,6 +326,55 @@ impl Deployment {
             .sum()
     }
 
+    /// The addresses of `container` on its networks.
+    fn ips(&self, container: &str) -> Vec<String> {
+        self.docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+            container,
+        ])
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+    }
+
+    /// Cuts `victim` off from the three Consul servers and the other berth
+    /// containers, both ways, while it still reaches Redis, the Sentinels and
+    /// nginx: DROP rules in a chain of the test's own in the container's
+    /// network namespace (entered from the host; needs root and iptables).
+    /// Docker's own rules there (its DNS, in the nat table) are not touched.
+    fn partial_cut(&self, victim: &str) -> PartialCut {
+        let pid = self
+            .docker(&["inspect", "-f", "{{.State.Pid}}", victim])
+            .trim()
+            .to_owned();
+        let mut peers: Vec<String> = (1..=3)
+            .map(|n| self.container(&format!("consul{n}"), 1))
+            .collect();
+        peers.extend(
+            self.berth_containers(false)
+                .into_iter()
+                .filter(|c| c != victim),
+        );
+        let ips: Vec<String> = peers.iter().flat_map(|c| self.ips(c)).collect();
+        assert!(
+            ips.len() >= 4,
+            "addresses of the Consul servers and the other nodes: {ips:?}"
+        );
+        let cut = PartialCut {
+            netns: format!("--net=/proc/{pid}/ns/net"),
+        };
+        cut.iptables(&["-N", PartialCut::CHAIN]);
+        for ip in &ips {
+            cut.iptables(&["-A", PartialCut::CHAIN, "-s", ip, "-j", "DROP"]);
+            cut.iptables(&["-A", PartialCut::CHAIN, "-d", ip, "-j", "DROP"]);
+        }
+        cut.iptables(&["-I", "INPUT", "-j", PartialCut::CHAIN]);
+        cut.iptables(&["-I", "OUTPUT", "-j", PartialCut::CHAIN]);
+        cut
+    }
+
     /// How many members each running berth container sees.
     fn member_counts(&self) -> Vec<usize> {
         self.berth_containers(false)
@@ -384,6 +436,35 @@ impl Deployment {
             );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+}
+
+/// A partial partition made by [`Deployment::partial_cut`].
+struct PartialCut {
+    netns: String,
+}
+
+impl PartialCut {
+    const CHAIN: &'static str = "BERTH_TEST_CUT";
+
+    fn iptables(&self, args: &[&str]) {
+        let ok = Command::new("nsenter")
+            .arg(&self.netns)
+            .args(["iptables", "-w"])
+            .args(args)
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("nsenter could not start ({e}): the partial partition needs root, nsenter (util-linux) and iptables on the host")
+            });
+        assert!(ok.success(), "iptables {args:?} in {} failed", self.netns);
+    }
+
+    /// Removes exactly the test's chain and the jumps to it.
+    fn heal(self) {
+        self.iptables(&["-D", "INPUT", "-j", Self::CHAIN]);
+        self.iptables(&["-D", "OUTPUT", "-j", Self::CHAIN]);
+        self.iptables(&["-F", Self::CHAIN]);
+        self.iptables(&["-X", Self::CHAIN]);
     }
 }
 
@@ -692,6 +773,52 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
     d.converged(Some(4), "after the partition").await;
     eprintln!(
         "partition: {} checkpoint writes fenced off; the cut-off node rejoined",
+        d.metric("berth_fenced_writes_total") - fenced
+    );
+
+    // 5b. A partial partition: one berth container cut from the Consul
+    // servers and from the other berth containers, still reaching Redis and
+    // nginx, with clients writing through nginx throughout. Once its check
+    // has lapsed and no peer vouches for it, it isolates itself (releases
+    // its sessions, closes its clients with 1012, answers upgrades 503,
+    // which nginx takes for "next upstream"); it rejoins after the cut heals.
+    let fenced = d.metric("berth_fenced_writes_total");
+    let victim = d.container("berth", 2);
+    let released = || metric_sum(&d.admin(&victim, "/metrics"), "berth_handoffs_total");
+    let released_before = released();
+    let mut isolated_after = None;
+    let r = under_load(
+        &d,
+        "one berth node cut from Consul and its peers (partial partition)",
+        24,
+        Duration::from_secs(4),
+        || {
+            let cut = d.partial_cut(&victim);
+            let at = Instant::now();
+            let deadline = at + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if metric_sum(&d.admin(&victim, "/metrics"), "berth_isolated") == 1.0 {
+                    isolated_after = Some(at.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // Cut for 8 s in all.
+            std::thread::sleep(Duration::from_secs(8).saturating_sub(at.elapsed()));
+            cut.heal();
+        },
+    )
+    .await;
+    let isolated_after = isolated_after
+        .unwrap_or_else(|| panic!("the cut-off node never isolated itself:\n{}", d.logs()));
+    // Sessions the cut-off node released (its handoffs, whether it left
+    // the ring by isolating or the others' sessions came back afterwards).
+    let released = released() - released_before;
+    d.converged(Some(4), "after the partial partition").await;
+    eprintln!(
+        "partial partition: isolated {:.1} s after the cut; {} sessions affected; the cut-off node released {released} sessions; {} checkpoint writes fenced off; the node rejoined",
+        isolated_after.as_secs_f64(),
+        r.failover.first().map_or(0, |f| f.sessions_affected),
         d.metric("berth_fenced_writes_total") - fenced
     );
 

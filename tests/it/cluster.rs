@@ -475,6 +475,13 @@ async fn consul_outage_keeps_serving_on_the_last_view_and_readiness_says_so() {
     })
     .await;
     assert_eq!(a.members(), vec!["a", "b"], "last known view kept");
+    // Past several TTLs without a pass, nobody isolates: each peer still
+    // holds the other (src/isolation.rs).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for n in [&a, &b] {
+        assert_eq!(n.metric("berth_isolated"), 0.0, "{}", n.log());
+        assert!(!n.log().contains("isolated: no consul check pass"));
+    }
     for c in &mut clients {
         let r = c.op("incr", json!({"key":"n"})).await;
         assert_eq!(r["value"], 1, "still served, forwarding included: {r}");
@@ -682,4 +689,274 @@ fn metrics_line(text: &str, name: &str, label: &str) -> f64 {
         .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A TCP forwarder on 127.0.0.1 to `target` that the test can cut: while
+/// cut, every forwarded connection is dropped and new ones are closed at
+/// once (the node behind it cannot reach `target`). Stops on drop.
+struct Forwarder {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    async fn start(target: std::net::SocketAddr) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = tokio::sync::watch::Sender::new(false);
+        let rx = cut.subscribe();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if *rx.borrow() {
+                    continue; // dropped: closed at once
+                }
+                let mut cut = rx.clone();
+                conns.spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|c| *c) => {}
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Forwarder { addr, cut, task }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.set_cut(true);
+        self.task.abort();
+    }
+}
+
+/// What a writing client saw before its connection closed.
+struct Wrote {
+    client: Client,
+    /// Increments acknowledged (each answered with the count so far).
+    acked: u64,
+    /// The close code, if the connection closed.
+    closed: Option<Option<u16>>,
+}
+
+/// Sends `incr` ops one at a time, checking each answer against the count of
+/// acknowledged ones, until the connection closes or `stop` is set.
+async fn write_until_closed(
+    mut client: Client,
+    mut acked: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Wrote {
+    loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Wrote {
+                client,
+                acked,
+                closed: None,
+            };
+        }
+        client
+            .send(json!({"type":"op","id":acked + 1,"op":"incr","args":{"key":"n"}}))
+            .await;
+        loop {
+            match client.recv().await {
+                Got::Json(v) if v["type"] == "result" => {
+                    assert_eq!(v["ok"], true, "{v}");
+                    assert_eq!(v["value"], acked + 1, "nothing lost, nothing twice: {v}");
+                    acked += 1;
+                    break;
+                }
+                Got::Json(_) => continue,
+                Got::Close(code, _) => {
+                    return Wrote {
+                        client,
+                        acked,
+                        closed: Some(code),
+                    }
+                }
+                Got::Ended => {
+                    return Wrote {
+                        client,
+                        acked,
+                        closed: Some(None),
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The HTTP status a WebSocket upgrade at `url` gets (101 when it upgrades).
+async fn upgrade_status(url: &str) -> u16 {
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await {
+        Ok(Ok((_, resp))) => resp.status().as_u16(),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => resp.status().as_u16(),
+        Ok(Err(_)) | Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_consul_isolates_itself_sends_its_clients_away_and_rejoins() {
+    let (consul, redis) = (Consul::start(), Redis::start());
+    let to_consul = Forwarder::start(([127, 0, 0, 1], consul.http).into()).await;
+    let mut env_c = cluster_env(&consul, &redis, "c");
+    for (k, v) in env_c.iter_mut() {
+        if k == "BERTH__CLUSTER__CONSUL_ADDR" {
+            *v = format!("http://{}", to_consul.addr);
+        }
+    }
+    let a = Berth::start_with(&cluster_env(&consul, &redis, "a"), &[]);
+    let b = Berth::start_with(&cluster_env(&consul, &redis, "b"), &[]);
+    let c = Berth::start_with(&env_c, &[]);
+    converge(&[&a, &b, &c], &["a", "b", "c"]).await;
+    eventually("c ready", || c.admin_get("/health/ready").0 == 200).await;
+    let ring = ring(&["a", "b", "c"]);
+    // Clients of c: three whose sessions c owns, two owned by a or b (ops
+    // over a peer link); and two clients of a whose sessions c owns.
+    let (mut of_c_owned, mut of_c_routed, mut of_a_owned_by_c) =
+        (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..200 {
+        if of_c_owned.len() >= 3 && of_c_routed.len() >= 2 && of_a_owned_by_c.len() >= 2 {
+            break;
+        }
+        let mut cl = Client::new_session(&c.ws_url()).await;
+        let owner = ring
+            .owner(cl.session.as_deref().unwrap())
+            .unwrap()
+            .to_string();
+        assert_eq!(cl.op("incr", json!({"key":"n"})).await["value"], 1);
+        if owner == "c" && of_c_owned.len() < 3 {
+            of_c_owned.push(cl);
+        } else if owner != "c" && of_c_routed.len() < 2 {
+            of_c_routed.push(cl);
+        } else if owner == "c" && of_a_owned_by_c.len() < 2 {
+            let (sid, tok) = (cl.session.clone().unwrap(), cl.token.clone().unwrap());
+            drop(cl);
+            let (mut r, w) = Client::resume(&a.ws_url(), &sid, &tok, 0).await;
+            assert_eq!(w["node"], "c", "{w}");
+            r.set_next_id(2);
+            of_a_owned_by_c.push(r);
+        }
+    }
+    assert_eq!(
+        (of_c_owned.len(), of_c_routed.len(), of_a_owned_by_c.len()),
+        (3, 2, 2)
+    );
+    let stop = stop_flag();
+    let start = |clients: Vec<Client>| {
+        clients
+            .into_iter()
+            .map(|cl| tokio::spawn(write_until_closed(cl, 1, stop.clone())))
+            .collect::<Vec<_>>()
+    };
+    let (own, routed, roaming) = (
+        start(of_c_owned),
+        start(of_c_routed),
+        start(of_a_owned_by_c),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fenced_before: f64 = [&a, &b, &c]
+        .iter()
+        .map(|n| n.metric("berth_fenced_writes_total"))
+        .sum();
+
+    // Cut c off from Consul (its peers still reach it, and it them).
+    let cut_at = Instant::now();
+    to_consul.set_cut(true);
+    // Every client of c is closed with 1012 within a few TTLs (here 1 s).
+    let mut resumed = Vec::new();
+    for t in own.into_iter().chain(routed) {
+        let w = tokio::time::timeout(Duration::from_secs(15), t)
+            .await
+            .expect("c's clients are sent away within a few TTLs")
+            .unwrap();
+        assert_eq!(
+            w.closed,
+            Some(Some(1012)),
+            "closed with 1012 (resume elsewhere)"
+        );
+        resumed.push(w);
+    }
+    eprintln!(
+        "isolation: c's clients closed {:?} after the cut",
+        cut_at.elapsed()
+    );
+    assert!(
+        c.log().contains("isolated: no consul check pass"),
+        "{}",
+        c.log()
+    );
+    assert_eq!(c.metric("berth_isolated"), 1.0);
+    let (status, body) = c.admin_get("/health/ready");
+    assert!(
+        status == 503 && body.contains("isolated"),
+        "{status} {body}"
+    );
+    assert_eq!(
+        upgrade_status(&c.ws_url()).await,
+        503,
+        "an upgrade at c is refused"
+    );
+    converge(&[&a, &b], &["a", "b"]).await;
+
+    // Each resumes on another node with every acknowledged op, and goes on.
+    for w in &mut resumed {
+        let (sid, tok) = (
+            w.client.session.clone().unwrap(),
+            w.client.token.clone().unwrap(),
+        );
+        let (mut r, welcome) = Client::resume(&a.ws_url(), &sid, &tok, 0).await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        assert_ne!(welcome["node"], "c", "{welcome}");
+        // The op in flight when the connection closed, if any, is sent again
+        // with its id: answered once, whether or not c had applied it.
+        r.set_next_id(w.acked + 1);
+        let got = r.op("incr", json!({"key":"n"})).await;
+        assert_eq!(
+            got["value"],
+            w.acked + 1,
+            "every acknowledged op is there, once: {got}"
+        );
+    }
+    // The clients of a whose sessions c owned were re-routed without a close.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in roaming {
+        let mut w = t.await.unwrap();
+        assert_eq!(w.closed, None, "a's clients were never closed");
+        let got = w
+            .client
+            .op_with_id(w.acked + 1, "incr", json!({"key":"n"}))
+            .await;
+        assert_eq!(got["value"], w.acked + 1, "{got}");
+    }
+    let fenced: f64 = [&a, &b, &c]
+        .iter()
+        .map(|n| n.metric("berth_fenced_writes_total"))
+        .sum();
+    eprintln!(
+        "isolation: {} checkpoint writes of c fenced off",
+        fenced - fenced_before
+    );
+
+    // Consul reachable again: c rejoins.
+    to_consul.set_cut(false);
+    converge(&[&a, &b, &c], &["a", "b", "c"]).await;
+    eventually("c ready again", || c.admin_get("/health/ready").0 == 200).await;
+    assert!(c.log().contains("no longer isolated"));
+    assert_eq!(c.metric("berth_isolated"), 0.0);
+    let mut again = Client::new_session(&c.ws_url()).await;
+    assert_eq!(again.op("incr", json!({"key":"n"})).await["value"], 1);
 }
