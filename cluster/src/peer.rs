@@ -59,6 +59,12 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Frames queued for writing on one link before senders wait.
 const WRITE_QUEUE: usize = 4096;
+/// Inbound connections that may be in their handshake at once; more are
+/// closed at once. Anyone who reaches the peer port can open connections
+/// before proving anything: this bounds what they cost (a task, a TLS
+/// handshake, up to [`HANDSHAKE_TIMEOUT`] each) while real peers, a few
+/// links each, never come near it.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Why a peer call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -722,6 +728,40 @@ async fn accept_one(
     Ok((t, MemberId(id)))
 }
 
+/// Lets a log line through at most once per period and counts the ones held
+/// back, so a flood of refused connections cannot flood the log.
+struct LogEvery {
+    period: Duration,
+    state: Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl LogEvery {
+    fn new(period: Duration) -> Self {
+        LogEvery {
+            period,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Whether to log now (else the line is counted as suppressed).
+    fn due(&self) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if g.0.is_some_and(|t| now.duration_since(t) < self.period) {
+            g.1 += 1;
+            false
+        } else {
+            g.0 = Some(now);
+            true
+        }
+    }
+
+    /// Lines held back since the last one logged.
+    fn take_suppressed(&self) -> u64 {
+        std::mem::take(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()).1)
+    }
+}
+
 /// A running peer listener.
 pub struct ListenerHandle {
     /// The bound address.
@@ -763,6 +803,8 @@ pub async fn spawn_listener_on(
     let (stop, mut stop_rx) = watch::channel(false);
     let secret: Arc<PeerAuth> = Arc::new(auth.into());
     let on_link = Arc::new(on_link);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let refusals = Arc::new(LogEvery::new(Duration::from_secs(1)));
     let task = tokio::spawn(async move {
         loop {
             let (stream, from) = tokio::select! {
@@ -776,10 +818,26 @@ pub async fn spawn_listener_on(
                 },
                 _ = until_true(&mut stop_rx) => return,
             };
-            let (me, secret, handler, on_link) =
-                (me.clone(), secret.clone(), handler.clone(), on_link.clone());
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                drop(stream);
+                metrics::counter!("berth_peer_auth_failures_total", "reason" => "overload")
+                    .increment(1);
+                if refusals.due() {
+                    tracing::warn!(%from, limit = MAX_PENDING_HANDSHAKES, suppressed = refusals.take_suppressed(), "peer connection closed: too many handshakes in progress");
+                }
+                continue;
+            };
+            let (me, secret, handler, on_link, refusals) = (
+                me.clone(),
+                secret.clone(),
+                handler.clone(),
+                on_link.clone(),
+                refusals.clone(),
+            );
             tokio::spawn(async move {
-                match accept_one(stream, &me, &secret).await {
+                let accepted = accept_one(stream, &me, &secret).await;
+                drop(permit);
+                match accepted {
                     Ok((t, peer)) => {
                         tracing::debug!(%peer, %from, "peer link accepted");
                         on_link(run_link(t, peer, handler));
@@ -792,10 +850,12 @@ pub async fn spawn_listener_on(
                         };
                         metrics::counter!("berth_peer_auth_failures_total", "reason" => reason)
                             .increment(1);
+                        // A configuration mismatch is always said; anonymous
+                        // garbage at most once a second.
                         if reason == "contract" {
                             tracing::error!(%from, error = %e, "peer refused");
-                        } else {
-                            tracing::warn!(%from, error = %e, "peer refused");
+                        } else if refusals.due() {
+                            tracing::warn!(%from, error = %e, suppressed = refusals.take_suppressed(), "peer refused");
                         }
                     }
                 }
@@ -1387,6 +1447,61 @@ mod tests {
             ..signed
         };
         assert!(!auth.verify(&forged, &tag));
+    }
+
+    #[tokio::test]
+    async fn silent_connections_hold_at_most_the_handshake_limit_and_the_rest_close_at_once() {
+        let (l, _) = listener_with(secret()).await;
+        // Connections that never say a word each hold a handshake slot until
+        // HANDSHAKE_TIMEOUT; one more than the limit is closed at once.
+        let mut held = Vec::new();
+        for _ in 0..MAX_PENDING_HANDSHAKES {
+            held.push(TcpStream::connect(l.local_addr).await.unwrap());
+        }
+        // The listener accepts in order: once it has taken the ones above,
+        // every further connection finds no slot and reads EOF at once.
+        let started = std::time::Instant::now();
+        let mut closed = 0;
+        for _ in 0..20 {
+            let mut extra = TcpStream::connect(l.local_addr).await.unwrap();
+            let mut buf = [0u8; 1];
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncReadExt::read(&mut extra, &mut buf),
+            )
+            .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+                other => panic!("an extra connection was not closed: {other:?}"),
+            }
+        }
+        assert_eq!(closed, 20);
+        assert!(
+            started.elapsed() < HANDSHAKE_TIMEOUT,
+            "closed at once, not at the handshake timeout"
+        );
+        // Once the silent ones are gone, a real peer links again.
+        drop(held);
+        let mut linked = None;
+        for _ in 0..50 {
+            if let Ok(link) = dial(&l, secret()).await {
+                linked = Some(link);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(linked.is_some(), "slots come back when connections end");
+        l.shutdown().await;
+    }
+
+    #[test]
+    fn log_every_lets_one_line_a_period_through_and_counts_the_rest() {
+        let log = LogEvery::new(Duration::from_secs(3600));
+        assert!(log.due());
+        assert!(!log.due());
+        assert!(!log.due());
+        assert_eq!(log.take_suppressed(), 2);
+        assert_eq!(log.take_suppressed(), 0);
     }
 
     /// A bincode varint length prefix of `n`.
