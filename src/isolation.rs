@@ -8,9 +8,10 @@
 //! owns their sessions. So a node excludes itself when both:
 //! - its check may have lapsed: no registration or pass has succeeded for a
 //!   full `cluster.ttl_ms` ([`berth_cluster::membership::lapsed`]), and
-//! - not every other member of its last view confirms, over the peer link,
-//!   that it still holds this node (a peer that does not answer in time does
-//!   not confirm).
+//! - some other member of its last view answers, over the peer link, that
+//!   it no longer holds this node, or none answers that it does (a peer that
+//!   does not answer in time is either dead or cut off: it decides nothing
+//!   on its own).
 //!
 //! In a Consul outage every node's check "lapses", but every peer still
 //! holds every node (nobody's view can change): nobody isolates. A node cut
@@ -32,11 +33,15 @@ use berth_cluster::ring::MemberId;
 
 use crate::node::Node;
 
-/// The rule: isolated when the check may have lapsed and not every other
-/// member of the last view answered that it still holds this node (`None`:
-/// no answer in time).
+/// The rule: isolated when the check may have lapsed and, of the other
+/// members of the last view, one answered that it no longer holds this node
+/// or none answered that it does (`None`: no answer in time). A silent peer
+/// alone does not isolate: during a Consul outage a dead peer must not make
+/// every survivor close its clients.
 pub fn isolated(lapsed: bool, answers: &[Option<bool>]) -> bool {
-    lapsed && !answers.iter().all(|a| *a == Some(true))
+    let denied = answers.contains(&Some(false));
+    let vouched = answers.contains(&Some(true));
+    lapsed && !answers.is_empty() && (denied || !vouched)
 }
 
 /// Applies the rule every quarter TTL until the node stops.
@@ -120,9 +125,13 @@ mod tests {
         assert!(isolated(true, &[Some(false), Some(false)]));
         // Cut from Consul and from the peers: nobody answers.
         assert!(isolated(true, &[None, None]));
-        // Views disagree, or one peer is unreachable: one that may have
-        // taken sessions over is enough.
+        // Views disagree: one that dropped this node may have taken its
+        // sessions over, which is enough.
         assert!(isolated(true, &[Some(true), Some(false)]));
-        assert!(isolated(true, &[Some(true), None]));
+        assert!(isolated(true, &[None, Some(false)]));
+        // Consul outage and a dead peer: the live peer still vouches, so the
+        // survivors keep serving (an isolation here would close every client
+        // of the cluster until Consul returns).
+        assert!(!isolated(true, &[Some(true), None]));
     }
 }

@@ -489,6 +489,42 @@ async fn consul_outage_keeps_serving_on_the_last_view_and_readiness_says_so() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consul_outage_and_a_dead_node_isolate_nobody_else() {
+    // A silent peer decides nothing on its own (src/isolation.rs): with
+    // Consul down for everyone, a node killed must not make the survivors
+    // close their clients (which would be a whole-cluster outage).
+    let (mut consul, redis) = (Consul::start(), Redis::start());
+    let mut nodes = three_nodes(&consul, &redis).await;
+    // Clients on a and b of sessions that a or b owns (cluster_env spreads
+    // new sessions over the ring: those c owns are not kept).
+    let ring = ring(&["a", "b", "c"]);
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        if clients.len() == 8 {
+            break;
+        }
+        let mut c = Client::new_session(&nodes[i % 2].ws_url()).await;
+        assert_eq!(c.op("incr", json!({"key":"n"})).await["value"], 1);
+        if ring.owner(c.session.as_deref().unwrap()).unwrap().as_str() != "c" {
+            clients.push(c);
+        }
+    }
+    assert_eq!(clients.len(), 8);
+    consul.kill();
+    nodes[2].kill9();
+    // Well past the TTL (1 s) and the isolation check's period.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for n in &nodes[..2] {
+        assert_eq!(n.metric("berth_isolated"), 0.0, "{}", n.log());
+    }
+    // Sessions of a and b are served, through either node.
+    for c in &mut clients {
+        let r = c.op("incr", json!({"key":"n"})).await;
+        assert_eq!(r["value"], 2, "{r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attach_that_times_out_and_is_sent_again_never_closes_its_client_with_4000() {
     // Path B of the 4000 defect (hardening issue): a resume through a node
     // that is not the owner, while the owner is frozen (SIGSTOP) past the
