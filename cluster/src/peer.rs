@@ -62,7 +62,7 @@ const WRITE_QUEUE: usize = 4096;
 /// Inbound connections that may be in their handshake at once; more are
 /// closed at once. Anyone who reaches the peer port can open connections
 /// before proving anything: this bounds what they cost (a task, a TLS
-/// handshake, up to [`HANDSHAKE_TIMEOUT`] each) while real peers, a few
+/// handshake, up to 5 s each) while real peers, a few
 /// links each, never come near it.
 pub const MAX_PENDING_HANDSHAKES: usize = 256;
 
