@@ -254,6 +254,82 @@ impl PeerAuth {
             .fold(false, |ok, secret| signed.verify(secret, tag) | ok)
     }
 
+    /// The listener's MAC in its `Challenge` (see the module docs).
+    fn challenge_mac(&self, nonce_d: &[u8; 32], nonce_l: &[u8; 32], me: &str) -> [u8; 32] {
+        Signed {
+            label: b"berth-peer-l",
+            a: nonce_d,
+            b: nonce_l,
+            id: me,
+            contract: self.contract,
+        }
+        .mac(&self.sign)
+    }
+
+    /// The dialer's MAC in its `Proof`.
+    fn proof_mac(&self, nonce_l: &[u8; 32], nonce_d: &[u8; 32], me: &str) -> [u8; 32] {
+        Signed {
+            label: b"berth-peer-d",
+            a: nonce_l,
+            b: nonce_d,
+            id: me,
+            contract: self.contract,
+        }
+        .mac(&self.sign)
+    }
+
+    /// The dialer's check of a `Challenge` from `who` (the MAC only: the
+    /// dialer checks the contract after sending its proof).
+    fn check_challenge(
+        &self,
+        nonce_d: &[u8; 32],
+        nonce_l: &[u8; 32],
+        id: &str,
+        contract: RingContract,
+        mac: &[u8; 32],
+        who: &str,
+    ) -> Result<(), PeerError> {
+        let signed = Signed {
+            label: b"berth-peer-l",
+            a: nonce_d,
+            b: nonce_l,
+            id,
+            contract,
+        };
+        if self.verify(&signed, mac) {
+            Ok(())
+        } else {
+            Err(PeerError::Auth(format!(
+                "{who} does not know the cluster secret"
+            )))
+        }
+    }
+
+    /// The listener's check of a dialer's `Hello` and `Proof`: the MAC, then
+    /// the contract.
+    fn check_proof(
+        &self,
+        nonce_l: &[u8; 32],
+        nonce_d: &[u8; 32],
+        id: &str,
+        contract: RingContract,
+        mac: &[u8; 32],
+    ) -> Result<(), PeerError> {
+        let signed = Signed {
+            label: b"berth-peer-d",
+            a: nonce_l,
+            b: nonce_d,
+            id,
+            contract,
+        };
+        if !self.verify(&signed, mac) {
+            return Err(PeerError::Auth(format!(
+                "peer claiming to be {id:?} does not know the cluster secret"
+            )));
+        }
+        self.check_contract(id, contract)
+    }
+
     fn check_contract(&self, peer: &str, theirs: RingContract) -> Result<(), PeerError> {
         if theirs == self.contract {
             Ok(())
@@ -648,26 +724,8 @@ pub async fn connect(
     else {
         return Err(PeerError::Auth("expected a challenge".into()));
     };
-    let signed = Signed {
-        label: b"berth-peer-l",
-        a: &nonce_d,
-        b: &nonce_l,
-        id: &id,
-        contract,
-    };
-    if !auth.verify(&signed, &mac_l) {
-        return Err(PeerError::Auth(format!(
-            "{addr} does not know the cluster secret"
-        )));
-    }
-    let proof = Signed {
-        label: b"berth-peer-d",
-        a: &nonce_l,
-        b: &nonce_d,
-        id: me.as_str(),
-        contract: auth.contract,
-    }
-    .mac(&auth.sign);
+    auth.check_challenge(&nonce_d, &nonce_l, &id, contract, &mac_l, addr)?;
+    let proof = auth.proof_mac(&nonce_l, &nonce_d, me.as_str());
     send_handshake(&mut t, &Handshake::Proof { mac: proof }).await?;
     // Checked after the proof is sent, so that the listener learns of a
     // mismatch too (and says so in its log) rather than of a dialer that hung up.
@@ -691,14 +749,7 @@ async fn accept_one(
         return Err(PeerError::Auth("expected hello".into()));
     };
     let nonce_l = nonce();
-    let mac_l = Signed {
-        label: b"berth-peer-l",
-        a: &nonce_d,
-        b: &nonce_l,
-        id: me.as_str(),
-        contract: auth.contract,
-    }
-    .mac(&auth.sign);
+    let mac_l = auth.challenge_mac(&nonce_d, &nonce_l, me.as_str());
     send_handshake(
         &mut t,
         &Handshake::Challenge {
@@ -712,19 +763,7 @@ async fn accept_one(
     let Handshake::Proof { mac: mac_d } = next_handshake(&mut t).await? else {
         return Err(PeerError::Auth("expected proof".into()));
     };
-    let signed = Signed {
-        label: b"berth-peer-d",
-        a: &nonce_l,
-        b: &nonce_d,
-        id: &id,
-        contract,
-    };
-    if !auth.verify(&signed, &mac_d) {
-        return Err(PeerError::Auth(format!(
-            "peer claiming to be {id:?} does not know the cluster secret"
-        )));
-    }
-    auth.check_contract(&id, contract)?;
+    auth.check_proof(&nonce_l, &nonce_d, &id, contract, &mac_d)?;
     Ok((t, MemberId(id)))
 }
 
@@ -982,19 +1021,7 @@ pub mod fuzzing {
         let Handshake::Proof { mac: mac_d } = wire.handshake()? else {
             return Err(PeerError::Auth("expected proof".into()));
         };
-        let signed = Signed {
-            label: b"berth-peer-d",
-            a: &nonce_l,
-            b: &nonce_d,
-            id: &id,
-            contract,
-        };
-        if !auth.verify(&signed, &mac_d) {
-            return Err(PeerError::Auth(format!(
-                "peer claiming to be {id:?} does not know the cluster secret"
-            )));
-        }
-        auth.check_contract(&id, contract)?;
+        auth.check_proof(&nonce_l, &nonce_d, &id, contract, &mac_d)?;
         Ok((MemberId(id), wire.frames()))
     }
 
@@ -1014,18 +1041,7 @@ pub mod fuzzing {
         else {
             return Err(PeerError::Auth("expected a challenge".into()));
         };
-        let signed = Signed {
-            label: b"berth-peer-l",
-            a: &nonce_d,
-            b: &nonce_l,
-            id: &id,
-            contract,
-        };
-        if !auth.verify(&signed, &mac_l) {
-            return Err(PeerError::Auth(
-                "the listener does not know the cluster secret".into(),
-            ));
-        }
+        auth.check_challenge(&nonce_d, &nonce_l, &id, contract, &mac_l, "the listener")?;
         auth.check_contract(&id, contract)?;
         // (Here the dialer sends its proof.)
         Ok((MemberId(id), wire.frames()))
@@ -1049,21 +1065,14 @@ pub mod fuzzing {
     /// listener: its `Hello` and `Proof` frames (see [`accept`]).
     pub fn valid_dialer_opening(id: &str) -> Vec<u8> {
         let nonce_d = [0x64; 32];
-        let contract = RingContract::default();
+        let auth = PeerAuth::from(SECRET);
         let hello = Handshake::Hello {
             id: id.to_string(),
             nonce: nonce_d,
-            contract,
+            contract: auth.contract,
         };
         let proof = Handshake::Proof {
-            mac: Signed {
-                label: b"berth-peer-d",
-                a: &LISTENER_NONCE,
-                b: &nonce_d,
-                id,
-                contract,
-            }
-            .mac(SECRET),
+            mac: auth.proof_mac(&LISTENER_NONCE, &nonce_d, id),
         };
         let mut out = wire(&encode(&hello).expect("encodes"));
         out.extend(wire(&encode(&proof).expect("encodes")));
@@ -1074,19 +1083,12 @@ pub mod fuzzing {
     /// `Challenge` frame (see [`dial`]).
     pub fn valid_listener_opening(id: &str) -> Vec<u8> {
         let nonce_l = [0x6c; 32];
-        let contract = RingContract::default();
+        let auth = PeerAuth::from(SECRET);
         let challenge = Handshake::Challenge {
             id: id.to_string(),
             nonce: nonce_l,
-            mac: Signed {
-                label: b"berth-peer-l",
-                a: &DIALER_NONCE,
-                b: &nonce_l,
-                id,
-                contract,
-            }
-            .mac(SECRET),
-            contract,
+            mac: auth.challenge_mac(&DIALER_NONCE, &nonce_l, id),
+            contract: auth.contract,
         };
         wire(&encode(&challenge).expect("encodes"))
     }
@@ -1133,12 +1135,19 @@ mod tests {
     }
 
     async fn listener(secret: &[u8]) -> (ListenerHandle, mpsc::UnboundedReceiver<Link>, Pushes) {
+        listener_pushes(PeerAuth::from(secret.to_vec())).await
+    }
+
+    /// A listener with `auth` on loopback; its links and their pushes.
+    async fn listener_pushes(
+        auth: PeerAuth,
+    ) -> (ListenerHandle, mpsc::UnboundedReceiver<Link>, Pushes) {
         let (h, pushes) = echo();
         let (ltx, lrx) = mpsc::unbounded_channel();
         let l = spawn_listener(
             "127.0.0.1:0",
             MemberId("server".into()),
-            secret.to_vec(),
+            auth,
             h,
             move |link| {
                 let _ = ltx.send(link);
@@ -1147,6 +1156,13 @@ mod tests {
         .await
         .unwrap();
         (l, lrx, pushes)
+    }
+
+    /// Whether no link arrives within 300 ms.
+    async fn no_link(links: &mut mpsc::UnboundedReceiver<Link>) -> bool {
+        tokio::time::timeout(Duration::from_millis(300), links.recv())
+            .await
+            .is_err()
     }
 
     #[tokio::test]
@@ -1206,12 +1222,7 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(err, PeerError::Auth(_)), "{err:?}");
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), links.recv())
-                .await
-                .is_err(),
-            "no link was accepted"
-        );
+        assert!(no_link(&mut links).await, "no link was accepted");
     }
 
     #[tokio::test]
@@ -1280,22 +1291,10 @@ mod tests {
         );
     }
 
-    /// A listener with `auth` on loopback; its links and their pushes.
+    /// A listener with `auth` on loopback and its links.
     async fn listener_with(auth: PeerAuth) -> (ListenerHandle, mpsc::UnboundedReceiver<Link>) {
-        let (h, _) = echo();
-        let (ltx, lrx) = mpsc::unbounded_channel();
-        let l = spawn_listener(
-            "127.0.0.1:0",
-            MemberId("server".into()),
-            auth,
-            h,
-            move |link| {
-                let _ = ltx.send(link);
-            },
-        )
-        .await
-        .unwrap();
-        (l, lrx)
+        let (l, links, _) = listener_pushes(auth).await;
+        (l, links)
     }
 
     async fn dial(l: &ListenerHandle, auth: PeerAuth) -> Result<Link, PeerError> {
@@ -1373,12 +1372,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, PeerError::Tls(_)), "{err:?}");
         // None of the refused attempts became a link.
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), links.recv())
-                .await
-                .is_err(),
-            "only the good dialer got a link"
-        );
+        assert!(no_link(&mut links).await, "only the good dialer got a link");
         for l in [l, l2, plain] {
             l.shutdown().await;
         }
@@ -1410,11 +1404,7 @@ mod tests {
             Err(PeerError::Contract { .. })
         ));
         // The dialer refused after its proof, so no link was made.
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), links.recv())
-                .await
-                .is_err()
-        );
+        assert!(no_link(&mut links).await);
         // The same contract links.
         assert!(dial(&l, secret().with_contract(ours)).await.is_ok());
         l.shutdown().await;
