@@ -672,7 +672,7 @@ async fn peer_links_over_tls_carry_sessions_and_refuse_a_certificate_of_another_
     a.wait_log("peer refused");
     let (_, metrics) = a.admin_get("/metrics");
     assert!(
-        metrics_line(&metrics, "berth_peer_auth_failures_total", "reason=\"tls\"") > 0.0,
+        metric_labeled(&metrics, "berth_peer_auth_failures_total", "reason=\"tls\"") > 0.0,
         "{metrics}"
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -710,21 +710,13 @@ async fn a_node_with_another_vnodes_count_is_refused_at_the_handshake() {
     a.wait_log("cluster.vnodes");
     let (_, metrics) = a.admin_get("/metrics");
     assert!(
-        metrics_line(
+        metric_labeled(
             &metrics,
             "berth_peer_auth_failures_total",
             "reason=\"contract\""
         ) > 0.0,
         "{metrics}"
     );
-}
-
-/// The value of the sample of `name` whose labels contain `label`; 0 if none.
-fn metrics_line(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// A TCP forwarder on 127.0.0.1 to `target` that the test can cut: while

@@ -318,10 +318,18 @@ impl Berth {
 /// The sum of every sample of metric `name` (any labels) in a Prometheus text
 /// exposition; 0 when absent.
 pub fn metric_sum(text: &str, name: &str) -> f64 {
+    metric_labeled(text, name, "")
+}
+
+/// The sum of the samples of metric `name` whose labels contain `label`
+/// (e.g. `reason="tls"`; "" for all); 0 when absent.
+pub fn metric_labeled(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
         .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            l.strip_prefix(name).is_some_and(|rest| {
+                (rest.starts_with(' ') && label.is_empty())
+                    || (rest.starts_with('{') && rest.contains(label))
+            })
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
