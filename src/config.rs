@@ -197,6 +197,14 @@ pub struct SessionConfig {
     /// The same for a session that never ran a state-changing op (it is not
     /// in the store yet, so it is simply forgotten), in seconds.
     pub unwritten_detach_timeout_s: u64,
+    /// Longest an application handler (an op or a timer firing) may run, in
+    /// milliseconds: past it the op answers `unavailable` and nothing it did
+    /// is committed.
+    pub handler_timeout_ms: u64,
+    /// How often the node looks for passivated sessions whose timer is due
+    /// (one store query per period), in milliseconds: the extra lateness of a
+    /// timer on a passivated session is at most about this.
+    pub timer_scan_ms: u64,
 }
 
 impl Default for SessionConfig {
@@ -204,6 +212,8 @@ impl Default for SessionConfig {
         SessionConfig {
             detach_timeout_s: 120,
             unwritten_detach_timeout_s: 10,
+            handler_timeout_ms: 10_000,
+            timer_scan_ms: 100,
         }
     }
 }
@@ -229,6 +239,9 @@ pub struct LimitsConfig {
     /// Largest checkpoint of a session (state, unacknowledged events, stored
     /// reply), in bytes; writes past it answer `too_large`.
     pub max_checkpoint_bytes: usize,
+    /// Most timers one session may hold at once; setting one more answers
+    /// `too_large`.
+    pub max_timers: usize,
     /// Most live sessions on this node; past it new sessions are refused
     /// (`unavailable`, close 1013).
     pub max_live_sessions: usize,
@@ -250,6 +263,7 @@ impl Default for LimitsConfig {
             outbox_max: 1000,
             max_emit_delay_ms: 24 * 3600 * 1000,
             max_checkpoint_bytes: 1024 * 1024,
+            max_timers: 64,
             max_live_sessions: 100_000,
             connections_per_sec_per_source: 1000,
             connections_burst_per_source: 2000,
@@ -855,6 +869,11 @@ impl Config {
             "limits.max_live_sessions",
             self.limits.max_live_sessions as u64,
         )?;
+        positive(
+            "session.handler_timeout_ms",
+            self.session.handler_timeout_ms,
+        )?;
+        positive("session.timer_scan_ms", self.session.timer_scan_ms)?;
         for p in &self.server.trusted_proxies {
             parse_proxy(p).map_err(|e| ("server.trusted_proxies", e))?;
         }
@@ -938,6 +957,7 @@ impl Config {
             outbox_max: self.limits.outbox_max,
             max_emit_delay_ms: self.limits.max_emit_delay_ms,
             max_checkpoint_bytes: self.limits.max_checkpoint_bytes,
+            max_timers: self.limits.max_timers,
             max_live_sessions: self.limits.max_live_sessions,
         }
     }

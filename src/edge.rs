@@ -1,4 +1,4 @@
-//! The edge: client WebSocket connections at `GET /ws`, and the demo page.
+//! The edge: client WebSocket connections at `GET /ws`.
 //!
 //! One task per connection. It parses frames, enforces the per-connection
 //! limits (frame size, frame rate, ops in flight), turns `hello` into an
@@ -14,7 +14,6 @@ use std::collections::VecDeque;
 
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, CloseReason, ProtocolError, Session as WsSession};
-use berth_actors::app::Application;
 use berth_actors::conn::{conn_channel, ConnMsg};
 use berth_actors::ids::SessionId;
 use berth_actors::protocol::{ClientMsg, CloseCode, ErrorBody, ErrorCode, OpReply, ServerMsg};
@@ -555,7 +554,7 @@ impl Conn {
                 Ok(None)
             }
             ClientMsg::Op { id, op, args } => {
-                let label = self.node.host.app().op_label(&op);
+                let label = self.node.host.op_label(&op);
                 let hold_max = self.node.cfg.cluster.hold_max;
                 if !self.routed() && self.pending.len() >= hold_max {
                     let reply = OpReply::err(
@@ -739,44 +738,4 @@ fn protocol_exit(e: &ProtocolError) -> Exit {
             Exit::Gone
         }
     }
-}
-
-/// The demo page, embedded at build time.
-const DEMO_PAGE: &str = include_str!("../static/index.html");
-
-/// `GET /`: the demo page, with validators and a cache lifetime a proxy can use.
-pub async fn demo_page(req: HttpRequest, node: web::Data<Node>) -> HttpResponse {
-    let etag = &node.demo_etag;
-    let fresh = req
-        .headers()
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
-    let mut resp = if fresh {
-        HttpResponse::NotModified()
-    } else {
-        HttpResponse::Ok()
-    };
-    resp.insert_header((header::ETAG, etag.as_str()))
-        .insert_header((header::CACHE_CONTROL, "public, max-age=300"))
-        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"));
-    if fresh {
-        resp.finish()
-    } else {
-        resp.content_type("text/html; charset=utf-8")
-            .body(DEMO_PAGE)
-    }
-}
-
-/// The ETag of the demo page: a hash of its bytes.
-pub fn demo_etag() -> String {
-    use sha2::{Digest, Sha256};
-    let h = Sha256::digest(DEMO_PAGE.as_bytes());
-    format!(
-        "\"{}\"",
-        h.iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    )
 }

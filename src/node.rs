@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use berth_actors::host::Host;
-use berth_actors::kv::KvApp;
 use berth_actors::protocol::CloseCode;
 use berth_cluster::membership::MembershipHandle;
 
@@ -35,7 +34,7 @@ pub struct Node {
     /// Current limits (replaced on SIGHUP).
     limits: RwLock<Arc<LimitsConfig>>,
     /// The session host.
-    pub host: Host<KvApp>,
+    pub host: Host,
     /// Who owns which session, and how to reach it.
     pub router: Arc<Router>,
     /// Cluster membership.
@@ -58,8 +57,6 @@ pub struct Node {
     /// been failing for `cluster.unready_leave_ms`): membership passes the
     /// Consul check only while it is true.
     pub serving: watch::Sender<bool>,
-    /// ETag of the demo page.
-    pub demo_etag: String,
     /// New connections per source address.
     pub admission: crate::admission::Admission,
     /// When the node started.
@@ -71,7 +68,7 @@ impl Node {
     pub fn new(
         node_id: String,
         cfg: Config,
-        host: Host<KvApp>,
+        host: Host,
         router: Arc<Router>,
         membership: Arc<MembershipHandle>,
         serving: watch::Sender<bool>,
@@ -91,7 +88,6 @@ impl Node {
             isolated: watch::Sender::new(false),
             readiness: Mutex::new(Readiness::default()),
             serving,
-            demo_etag: crate::edge::demo_etag(),
             admission,
             started: Instant::now(),
         }

@@ -26,7 +26,6 @@ use actix::Addr;
 use berth_actors::conn::{conn_channel, ConnHandle, ConnMsg, ConnReceiver};
 use berth_actors::host::Host;
 use berth_actors::ids::SessionId;
-use berth_actors::kv::KvApp;
 use berth_actors::protocol::{CloseCode, Event, OpReply, Welcome};
 use berth_actors::session::{
     Ack, Attach, AttachError, Bye, Claim, Detach, NotHere, Op, Origin, QueuedOp, SessionActor,
@@ -188,7 +187,7 @@ fn close_code_of(code: u16) -> CloseCode {
 #[derive(Clone)]
 pub enum Route {
     /// On this node.
-    Local(Addr<SessionActor<KvApp>>),
+    Local(Addr<SessionActor>),
     /// On another node, over this link, attached by this attempt.
     Remote {
         /// The link to the owner.
@@ -216,7 +215,7 @@ pub enum AttachFail {
 
 /// A session hosted here for a connection on another node's edge.
 struct Proxy {
-    addr: Addr<SessionActor<KvApp>>,
+    addr: Addr<SessionActor>,
     conn_id: u64,
     attempt: u64,
     /// The link the attach came on (its pushes go back on it).
@@ -260,7 +259,7 @@ pub struct RouterConfig {
 /// See the module docs.
 pub struct Router {
     cfg: RouterConfig,
-    host: Host<KvApp>,
+    host: Host,
     ring: RwLock<Arc<Ring>>,
     /// The current membership view. An attach waiting to reach an owner
     /// watches it, gives up when it changes and re-resolves the owner.
@@ -302,7 +301,7 @@ impl Router {
     /// A router whose ring starts from `view`.
     pub fn new(
         cfg: RouterConfig,
-        host: Host<KvApp>,
+        host: Host,
         view: Arc<View>,
         arbiters: Vec<actix::ArbiterHandle>,
     ) -> Arc<Router> {
@@ -407,7 +406,8 @@ impl Router {
         SessionId::random()
     }
 
-    fn owns(&self, id: &SessionId) -> bool {
+    /// Whether this node owns `id` now (on the ring, not leaving or isolated).
+    pub fn owns(&self, id: &SessionId) -> bool {
         !self.out_of_ring() && self.owner(id).is_none()
     }
 
@@ -675,7 +675,7 @@ impl Router {
         ack: u64,
         create: bool,
         reattach: Option<Claim>,
-    ) -> Result<(Welcome, Claim, Addr<SessionActor<KvApp>>), AttachFail> {
+    ) -> Result<(Welcome, Claim, Addr<SessionActor>), AttachFail> {
         if self.out_of_ring() {
             return Err(AttachFail::Retry("this node is leaving".into()));
         }
@@ -1168,7 +1168,7 @@ async fn forward_to_edge(mut recv: ConnReceiver, link: Link, edge_conn: u64, att
 /// Queues `op` on `addr` now (see [`QueuedOp`]); the receiver answers, or
 /// fails if the actor stopped before running it.
 fn queue_op(
-    addr: &Addr<SessionActor<KvApp>>,
+    addr: &Addr<SessionActor>,
     op: Op,
 ) -> tokio::sync::oneshot::Receiver<Result<OpReply, NotHere>> {
     let (reply, rx) = tokio::sync::oneshot::channel();
@@ -1200,7 +1200,7 @@ struct Abandon<'a>(Option<Undo<'a>>);
 
 enum Undo<'a> {
     Local {
-        addr: Addr<SessionActor<KvApp>>,
+        addr: Addr<SessionActor>,
         conn_id: u64,
     },
     Remote {

@@ -1,6 +1,5 @@
 //! Logs (`tracing`, text or JSON, filter reloadable) and metrics (Prometheus).
 
-use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -13,10 +12,10 @@ pub type LogHandle = reload::Handle<EnvFilter, Registry>;
 
 /// Installs the global subscriber; logs go to stderr (stdout carries only the
 /// start-up line that tools parse).
-pub fn init_logging(cfg: &LogConfig) -> anyhow::Result<LogHandle> {
+pub fn init_logging(cfg: &LogConfig) -> Result<LogHandle, String> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(f) if !f.is_empty() => EnvFilter::try_new(f).context("RUST_LOG")?,
-        _ => EnvFilter::try_new(&cfg.filter).context("log.filter")?,
+        Ok(f) if !f.is_empty() => EnvFilter::try_new(f).map_err(|e| format!("RUST_LOG: {e}"))?,
+        _ => EnvFilter::try_new(&cfg.filter).map_err(|e| format!("log.filter: {e}"))?,
     };
     let (filter, handle) = reload::Layer::new(filter);
     let json = cfg.format == LogFormat::Json;
@@ -29,7 +28,7 @@ pub fn init_logging(cfg: &LogConfig) -> anyhow::Result<LogHandle> {
                 .with_writer(std::io::stderr)
         }))
         .try_init()
-        .context("installing the log subscriber")?;
+        .map_err(|e| format!("installing the log subscriber: {e}"))?;
     Ok(handle)
 }
 
@@ -41,22 +40,31 @@ const LATENCY_BUCKETS: &[f64] = &[
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
 /// Installs the Prometheus recorder (rendered by the admin endpoint, no listener of its own).
-pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+pub fn init_metrics() -> Result<PrometheusHandle, String> {
+    let bad = |e: metrics_exporter_prometheus::BuildError| format!("metrics: {e}");
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("berth_op_duration_seconds".into()),
             LATENCY_BUCKETS,
-        )?
+        )
+        .map_err(bad)?
         .set_buckets_for_metric(
             Matcher::Full("berth_checkpoint_batch_seconds".into()),
             LATENCY_BUCKETS,
-        )?
+        )
+        .map_err(bad)?
+        .set_buckets_for_metric(
+            Matcher::Full("berth_timer_lateness_seconds".into()),
+            LATENCY_BUCKETS,
+        )
+        .map_err(bad)?
         .set_buckets_for_metric(
             Matcher::Full("berth_checkpoint_batch_size".into()),
             BATCH_BUCKETS,
-        )?
+        )
+        .map_err(bad)?
         .install_recorder()
-        .context("installing the metrics recorder")?;
+        .map_err(bad)?;
     metrics::describe_gauge!("berth_sessions_live", "Session actors live on this node");
     metrics::describe_gauge!("berth_connections", "Open client WebSocket connections");
     metrics::describe_counter!("berth_ops_total", "Ops answered, by op and result code");
@@ -81,6 +89,23 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "Checkpoint writes refused because a newer epoch exists"
     );
     metrics::describe_gauge!("berth_store_up", "1 when the checkpoint store answers");
+    metrics::describe_counter!(
+        "berth_handler_failures_total",
+        "Application handlers that panicked or overran their deadline (nothing committed), by kind (op, timer) and why"
+    );
+    metrics::describe_counter!("berth_timers_fired_total", "Timer firings committed");
+    metrics::describe_histogram!(
+        "berth_timer_lateness_seconds",
+        "How long after its due time a timer firing was committed"
+    );
+    metrics::describe_counter!(
+        "berth_timers_dropped_total",
+        "Timer firings dropped after their handler failed every attempt"
+    );
+    metrics::describe_counter!(
+        "berth_timer_wakeups_total",
+        "Passivated sessions activated because a timer fell due"
+    );
     metrics::describe_gauge!(
         "berth_isolated",
         "1 while this node is isolated: its consul check lapsed and its peers do not confirm it"

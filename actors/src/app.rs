@@ -1,14 +1,32 @@
-//! The application trait: what ops mean and how a session's state is stored.
+//! The application API: what an application team writes to run its own
+//! session logic on berth.
 //!
-//! berth runs any [`Application`]; the built-in one is [`crate::kv::KvApp`]. An
-//! application is pure: it changes its state in place and may schedule events
-//! through [`OpCtx`], and never does I/O. Everything around it (ordering,
-//! dedupe of retried ids, checkpoints, delivery) is the session's business.
+//! An application is a type implementing [`Session`]: a typed state (serde,
+//! with a schema version and a migration hook), typed ops decoded from the
+//! client's `op`/`args`, and `async` handlers that get a [`Cx`]. The platform
+//! guarantees, for every handler run (an op or a timer firing):
+//! - **one at a time**: handlers of one session never interleave, even while
+//!   one awaits I/O; other sessions keep running meanwhile;
+//! - **all or nothing**: the state change, the events emitted and the timers
+//!   set or cancelled are committed in one checkpoint before the answer leaves;
+//!   a handler that returns an error, panics or overruns its deadline commits
+//!   nothing (a panic answers `internal`, a deadline `unavailable`);
+//! - **writes are detected**: a handler that did not take [`Cx::state_mut`],
+//!   emit, or touch a timer writes no checkpoint.
+//!
+//! This module knows nothing of actix, sockets or stores: [`crate::runtime`]
+//! adapts a [`Session`] to the session actor.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
-use crate::protocol::ErrorCode;
-use crate::state::Outbox;
+use crate::ops;
+pub use crate::protocol::ErrorCode;
 
 /// A failure answered to the client in a `result`.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,105 +46,345 @@ impl AppError {
         }
     }
 
-    /// `bad_args` with a message.
+    /// `bad_args` with a message: the op's arguments are wrong (the op id is
+    /// consumed; a retry gets the same answer).
     pub fn bad_args(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadArgs, message)
     }
-}
 
-/// What an op did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Applied {
-    /// The value returned to the client.
-    pub value: Value,
-    /// Whether the op changed the state (or scheduled an event): only then is a
-    /// checkpoint written before the answer.
-    pub changed: bool,
-}
-
-impl Applied {
-    /// A read: nothing changed.
-    pub fn read(value: Value) -> Self {
-        Applied {
-            value,
-            changed: false,
-        }
-    }
-
-    /// A write.
-    pub fn write(value: Value) -> Self {
-        Applied {
-            value,
-            changed: true,
-        }
+    /// `unavailable`: not applied, the client may retry with the same id (use
+    /// it when an outside service the handler needs is down).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unavailable, message)
     }
 }
 
-/// What an op may touch besides the application state.
-pub struct OpCtx<'a> {
-    pub(crate) outbox: &'a mut Outbox,
+impl std::fmt::Display for AppError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for AppError {}
+
+/// Why a stored state could not be read by this build of the application.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The checkpoint was written by a newer schema version than this build
+    /// knows: it is refused and left untouched (a rolling upgrade must not
+    /// silently drop state).
+    #[error("stored state has schema version {found}, newer than this build's {known}")]
+    Newer {
+        /// Version found in the checkpoint.
+        found: u32,
+        /// [`Session::STATE_VERSION`] of this build.
+        known: u32,
+    },
+    /// The state (or the migration's result) does not decode.
+    #[error("stored state (schema version {version}) does not decode: {reason}")]
+    Decode {
+        /// Version found in the checkpoint.
+        version: u32,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// The application's [`Session::migrate`] refused the old state.
+    #[error("migrating stored state from schema version {from} failed: {reason}")]
+    Migration {
+        /// Version found in the checkpoint.
+        from: u32,
+        /// The migration's message.
+        reason: String,
+    },
+}
+
+/// The error a migration returns: anything that is an error.
+pub type MigrateError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A session application: its state, its ops and its handlers.
+///
+/// Handlers are `async` and run on the session's worker thread (an actix
+/// arbiter): their futures need not be `Send`, may await any I/O, and hold the
+/// session exclusively until they return. See the module docs for the rules.
+///
+/// ```
+/// use berth_actors::app::{AppError, Cx, Session};
+/// use serde::{Deserialize, Serialize};
+/// use serde_json::{json, Value};
+///
+/// /// A counter per session, with a reminder.
+/// struct Counter;
+///
+/// #[derive(Clone, Default, Serialize, Deserialize)]
+/// struct State {
+///     count: i64,
+/// }
+///
+/// #[derive(Deserialize)]
+/// #[serde(rename_all = "snake_case")]
+/// enum Op {
+///     Add { by: i64 },
+///     Get,
+///     RemindIn { ms: u64 },
+/// }
+///
+/// impl Session for Counter {
+///     type State = State;
+///     type Op = Op;
+///
+///     async fn on_op(&self, cx: &mut Cx<State>, op: Op) -> Result<Value, AppError> {
+///         match op {
+///             Op::Add { by } => {
+///                 cx.state_mut().count += by; // a write: checkpointed before the answer
+///                 Ok(json!(cx.state().count))
+///             }
+///             Op::Get => Ok(json!(cx.state().count)), // a read: no checkpoint
+///             Op::RemindIn { ms } => {
+///                 cx.set_timer_in("remind", std::time::Duration::from_millis(ms))?;
+///                 Ok(Value::Null)
+///             }
+///         }
+///     }
+///
+///     async fn on_timer(&self, cx: &mut Cx<State>, _name: &str) -> Result<(), AppError> {
+///         let count = cx.state().count;
+///         cx.emit(json!({ "reminder": count }))?;
+///         Ok(())
+///     }
+/// }
+/// ```
+#[allow(async_fn_in_trait)] // the futures run on one thread by design: no Send bound
+pub trait Session: Send + Sync + Sized + 'static {
+    /// One session's state. Stored as JSON (serde) in its checkpoint.
+    type State: Serialize + DeserializeOwned + Clone + Default + Send + Sync + 'static;
+
+    /// The ops a client may send, decoded from `{"op": name, "args": args}` by
+    /// [`Session::decode_op`]: by default an externally tagged serde enum
+    /// (`name` is the variant, `args` its content).
+    type Op: DeserializeOwned + 'static;
+
+    /// The schema version of [`Session::State`], stored with every checkpoint.
+    /// Raise it when the state's layout changes, and teach
+    /// [`Session::migrate`] the older versions.
+    const STATE_VERSION: u32 = 1;
+
+    /// Runs one op. Its `Ok` value is the `result`'s `value`; its `Err` is
+    /// answered as the `result`'s error and commits nothing.
+    async fn on_op(&self, cx: &mut Cx<Self::State>, op: Self::Op) -> Result<Value, AppError>;
+
+    /// Runs when the timer `name` falls due (never before; once per setting:
+    /// the firing is committed with the handler's effects). An error, panic or
+    /// deadline overrun leaves the timer set: it is tried again a little later.
+    async fn on_timer(&self, cx: &mut Cx<Self::State>, name: &str) -> Result<(), AppError> {
+        let _ = (cx, name);
+        Ok(())
+    }
+
+    /// Turns a state stored by an older schema version (`from`, below
+    /// [`Session::STATE_VERSION`]) into the current state. `old` is the stored
+    /// state as JSON. The default refuses: an application that raises its
+    /// version must migrate.
+    fn migrate(&self, from: u32, old: Value) -> Result<Self::State, MigrateError> {
+        let _ = old;
+        Err(format!(
+            "no migration from schema version {from} to {}",
+            Self::STATE_VERSION
+        )
+        .into())
+    }
+
+    /// Decodes a client's op. The default decodes `{name: args}` as an
+    /// externally tagged enum: a name that is no variant answers
+    /// `unknown_op`, arguments that do not decode answer `bad_args` with
+    /// serde's message (absent `args` are `null`; a unit variant also takes
+    /// `{}`).
+    fn decode_op(&self, name: &str, args: Value) -> Result<Self::Op, AppError> {
+        ops::decode(name, args)
+    }
+}
+
+/// What a handler may touch: the session's state, its client's events, its
+/// timers. Everything done through it is committed together when the handler
+/// returns `Ok`, or forgotten.
+pub struct Cx<S> {
+    base: Arc<S>,
+    working: Option<S>,
+    env: Env,
+    events: Vec<(Value, u64)>,
+    timers: Timers,
+    timers_changed: bool,
+}
+
+/// What the session hands a handler besides its state (made by the session
+/// actor; opaque to everyone else).
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub(crate) session: Arc<str>,
+    pub(crate) run: Invocation,
     pub(crate) now_ms: u64,
-    pub(crate) outbox_max: usize,
+    pub(crate) next_seq: u64,
+    pub(crate) outbox_len: usize,
+    pub(crate) outbox_room: usize,
     pub(crate) max_delay_ms: u64,
+    pub(crate) max_timers: usize,
 }
 
-impl OpCtx<'_> {
-    /// Schedules an event to this session, `delay_ms` from now; returns its `seq`.
-    ///
-    /// Events are delivered in `seq` order, so an event waits for every earlier
-    /// one to fall due. Refused with `rate_limited` while the outbox holds its
-    /// maximum of unacknowledged events (the client must `ack` first).
-    pub fn emit(&mut self, body: Value, delay_ms: u64) -> Result<u64, AppError> {
-        if delay_ms > self.max_delay_ms {
+/// What a handler run is for: its idempotency key is made from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invocation {
+    /// The op with this client op id.
+    Op(u64),
+    /// A firing of the timer with this name, due at this time.
+    Timer(String, u64),
+}
+
+/// A session's timers: name -> due time (ms since the Unix epoch).
+pub type Timers = BTreeMap<String, u64>;
+
+/// Longest timer name, in bytes.
+pub const MAX_TIMER_NAME: usize = 128;
+
+impl<S: Clone> Cx<S> {
+    pub(crate) fn new(base: Arc<S>, env: Env, timers: Timers) -> Self {
+        Cx {
+            base,
+            working: None,
+            env,
+            events: Vec::new(),
+            timers,
+            timers_changed: false,
+        }
+    }
+
+    /// The session's state as this handler sees it.
+    pub fn state(&self) -> &S {
+        self.working.as_ref().unwrap_or(&self.base)
+    }
+
+    /// The state, to change: taking it makes this handler a write (its
+    /// changes are checkpointed before the answer). The first call copies
+    /// the state; a handler that fails leaves the session's state untouched.
+    pub fn state_mut(&mut self) -> &mut S {
+        let base = &self.base;
+        self.working.get_or_insert_with(|| S::clone(base))
+    }
+
+    /// Whether this handler has taken the state to change it.
+    pub fn wrote_state(&self) -> bool {
+        self.working.is_some()
+    }
+
+    /// The handler's effects: the changed state, the events, the timers if changed.
+    pub(crate) fn into_parts(self) -> (Option<S>, Vec<(Value, u64)>, Option<Timers>) {
+        let timers = self.timers_changed.then_some(self.timers);
+        (self.working, self.events, timers)
+    }
+
+    /// Schedules an event to the session's client now; returns its `seq`.
+    /// Delivered after the commit, in `seq` order, until acknowledged.
+    pub fn emit(&mut self, body: Value) -> Result<u64, AppError> {
+        self.emit_in(body, Duration::ZERO)
+    }
+
+    /// Schedules an event `delay` from now; returns its `seq`. Events are
+    /// delivered in `seq` order, so an event waits for every earlier one.
+    /// Refused with `rate_limited` while the session holds its maximum of
+    /// unacknowledged events, and with `bad_args` past the longest delay.
+    pub fn emit_in(&mut self, body: Value, delay: Duration) -> Result<u64, AppError> {
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        if delay_ms > self.env.max_delay_ms {
             return Err(AppError::bad_args(format!(
                 "delay_ms must be at most {}",
-                self.max_delay_ms
+                self.env.max_delay_ms
             )));
         }
-        if self.outbox.len() >= self.outbox_max {
+        if self.events.len() >= self.env.outbox_room {
             return Err(AppError::new(
                 ErrorCode::RateLimited,
                 format!(
                     "the session holds {} unacknowledged events: ack some, then retry",
-                    self.outbox.len()
+                    self.env.outbox_len + self.events.len()
                 ),
             ));
         }
-        Ok(self.outbox.push(body, self.now_ms.saturating_add(delay_ms)))
+        self.events
+            .push((body, self.env.now_ms.saturating_add(delay_ms)));
+        Ok(self.env.next_seq + self.events.len() as u64 - 1)
     }
 
-    /// Milliseconds since the Unix epoch, as seen by this op.
+    /// Sets (or moves) the timer `name` to fire at `at`. Committed with the
+    /// handler's other effects; survives passivation and failover.
+    pub fn set_timer(&mut self, name: &str, at: SystemTime) -> Result<(), AppError> {
+        let at_ms = at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.set_timer_ms(name, at_ms)
+    }
+
+    /// Sets the timer `name` to fire `after` from now.
+    pub fn set_timer_in(&mut self, name: &str, after: Duration) -> Result<(), AppError> {
+        let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        self.set_timer_ms(name, self.env.now_ms.saturating_add(after_ms))
+    }
+
+    fn set_timer_ms(&mut self, name: &str, at_ms: u64) -> Result<(), AppError> {
+        if name.is_empty() || name.len() > MAX_TIMER_NAME {
+            return Err(AppError::bad_args(format!(
+                "a timer name is 1 to {MAX_TIMER_NAME} bytes"
+            )));
+        }
+        if !self.timers.contains_key(name) && self.timers.len() >= self.env.max_timers {
+            return Err(AppError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the session has {} timers set, the most it may hold",
+                    self.timers.len()
+                ),
+            ));
+        }
+        self.timers.insert(name.to_owned(), at_ms);
+        self.timers_changed = true;
+        Ok(())
+    }
+
+    /// Cancels the timer `name`; answers whether it was set.
+    pub fn cancel_timer(&mut self, name: &str) -> bool {
+        let was = self.timers.remove(name).is_some();
+        self.timers_changed |= was;
+        was
+    }
+
+    /// When the timer `name` is due, if it is set.
+    pub fn timer(&self, name: &str) -> Option<SystemTime> {
+        self.timers
+            .get(name)
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(*ms))
+    }
+
+    /// The time this handler runs at, as the session sees it.
+    pub fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.env.now_ms)
+    }
+
+    /// [`Cx::now`] in milliseconds since the Unix epoch.
     pub fn now_ms(&self) -> u64 {
-        self.now_ms
+        self.env.now_ms
     }
-}
 
-/// An application: the meaning of ops and the encoding of state.
-pub trait Application: Send + Sync + 'static {
-    /// One session's state.
-    type State: Clone + Default + Send + Unpin + 'static;
+    /// The session's id.
+    pub fn session_id(&self) -> &str {
+        &self.env.session
+    }
 
-    /// Whether `op` never changes state. Reads skip the snapshot taken before an
-    /// op and are never checkpointed.
-    fn is_read_only(&self, op: &str) -> bool;
-
-    /// Applies one op to `state`. On error the state must be left as it was.
-    fn apply(
-        &self,
-        state: &mut Self::State,
-        op: &str,
-        args: &Value,
-        ctx: &mut OpCtx<'_>,
-    ) -> Result<Applied, AppError>;
-
-    /// A bounded label for metrics: known op names as themselves, anything else
-    /// as `"other"` (client-chosen names must not explode label cardinality).
-    fn op_label(&self, op: &str) -> &'static str;
-
-    /// Serializes the state for checkpoints; its length is what the state size
-    /// limit measures.
-    fn encode_state(&self, state: &Self::State) -> Vec<u8>;
-
-    /// Reverses [`Application::encode_state`].
-    fn decode_state(&self, bytes: &[u8]) -> Result<Self::State, String>;
+    /// A key that is the same on every run of this op (session id and op id)
+    /// or timer firing (session id, timer name and due time), and differs
+    /// between them: give it to an outside service as its idempotency key.
+    /// A handler's outside call can run again if the node dies before the
+    /// handler's commit; berth cannot make someone else's API exactly once.
+    pub fn idempotency_key(&self) -> String {
+        match &self.env.run {
+            Invocation::Op(id) => format!("{}:op:{id}", self.env.session),
+            Invocation::Timer(name, due) => format!("{}:timer:{name}:{due}", self.env.session),
+        }
+    }
 }

@@ -1,16 +1,21 @@
 //! The checkpoint codec: the bytes stored for a session.
 //!
 //! A checkpoint is a bincode 2.0.1 envelope: a `u16` format version, then the
-//! body of that version (today only [`FORMAT_V1`]). A reader that meets a
+//! body of that version: [`FORMAT_V1`], or [`FORMAT_V2`] (format 1 plus the
+//! application's state schema version and the session's timers). A checkpoint
+//! with nothing format 2 adds (schema version 1, no timer) is still written as
+//! format 1, so nodes of the previous release read it during a rolling
+//! upgrade. A reader that meets a
 //! version it does not know answers [`CodecError::UnknownFormat`] instead of
 //! guessing; a future format adds a new body type and a migration here
 //! (garage's `util/migrate.rs` pattern).
 
 use bincode::{Decode, Encode};
-use serde_json::Value;
 
-/// The current checkpoint format.
+/// The first checkpoint format.
 pub const FORMAT_V1: u16 = 1;
+/// Format 1 plus the application state's schema version and the timers.
+pub const FORMAT_V2: u16 = 2;
 
 /// The most bytes decoding one checkpoint may claim (bincode's limit, about
 /// the memory the decoded checkpoint takes). Far above any checkpoint berth
@@ -34,29 +39,24 @@ fn config() -> Config {
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     /// The envelope names a format this build does not know.
-    #[error("unknown checkpoint format version {0} (this build reads {FORMAT_V1})")]
+    #[error(
+        "unknown checkpoint format version {0} (this build reads {FORMAT_V1} and {FORMAT_V2})"
+    )]
     UnknownFormat(u16),
     /// The bytes are not a valid envelope or body.
     #[error("corrupt checkpoint: {0}")]
     Corrupt(String),
 }
 
-/// One stored event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredEvent {
-    /// Sequence number.
-    pub seq: u64,
-    /// When it may be delivered, in ms since the Unix epoch.
-    pub due_ms: u64,
-    /// Payload.
-    pub body: Value,
-}
+pub use crate::outbox::StoredEvent;
 
-/// A session's checkpoint, format 1.
+/// A session's checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
     /// Application state, as the application encodes it.
     pub app: Vec<u8>,
+    /// The application's schema version of `app` (1 in format 1).
+    pub app_version: u32,
     /// State version.
     pub version: u64,
     /// Highest op id applied.
@@ -69,6 +69,8 @@ pub struct Checkpoint {
     pub next_seq: u64,
     /// Unacknowledged events.
     pub events: Vec<StoredEvent>,
+    /// Timers: name and due time (ms since the Unix epoch); none in format 1.
+    pub timers: Vec<(String, u64)>,
 }
 
 /// Wire shape of [`StoredEvent`] (event bodies are stored as JSON text).
@@ -91,9 +93,18 @@ struct CheckpointV1 {
     events: Vec<EventV1>,
 }
 
-/// Encodes a checkpoint in the current format (consumes it: no byte is copied twice).
+/// Wire shape of [`Checkpoint`], format 2.
+#[derive(Encode, Decode)]
+struct CheckpointV2 {
+    v1: CheckpointV1,
+    app_version: u32,
+    timers: Vec<(String, u64)>,
+}
+
+/// Encodes a checkpoint (consumes it: no byte is copied twice): format 1 when
+/// it fits (schema version 1, no timer), else format 2.
 pub fn encode(ck: Checkpoint) -> Vec<u8> {
-    let body = CheckpointV1 {
+    let v1 = CheckpointV1 {
         app: ck.app,
         version: ck.version,
         last_op: ck.last_op,
@@ -111,7 +122,16 @@ pub fn encode(ck: Checkpoint) -> Vec<u8> {
             .collect(),
     };
     // Encoding plain owned data into a Vec cannot fail.
-    bincode::encode_to_vec((FORMAT_V1, body), config()).unwrap_or_default()
+    if ck.app_version == 1 && ck.timers.is_empty() {
+        bincode::encode_to_vec((FORMAT_V1, v1), config()).unwrap_or_default()
+    } else {
+        let body = CheckpointV2 {
+            v1,
+            app_version: ck.app_version,
+            timers: ck.timers,
+        };
+        bincode::encode_to_vec((FORMAT_V2, body), config()).unwrap_or_default()
+    }
 }
 
 /// Decodes a checkpoint of any known format.
@@ -119,10 +139,22 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, CodecError> {
     let corrupt = |e: &dyn std::fmt::Display| CodecError::Corrupt(e.to_string());
     let (format, used): (u16, usize) =
         bincode::decode_from_slice(bytes, config()).map_err(|e| corrupt(&e))?;
-    match format {
+    let body = &bytes[used..];
+    let (b, app_version, timers) = match format {
         FORMAT_V1 => {
             let (b, _): (CheckpointV1, usize) =
-                bincode::decode_from_slice(&bytes[used..], config()).map_err(|e| corrupt(&e))?;
+                bincode::decode_from_slice(body, config()).map_err(|e| corrupt(&e))?;
+            (b, 1, Vec::new())
+        }
+        FORMAT_V2 => {
+            let (b, _): (CheckpointV2, usize) =
+                bincode::decode_from_slice(body, config()).map_err(|e| corrupt(&e))?;
+            (b.v1, b.app_version, b.timers)
+        }
+        other => return Err(CodecError::UnknownFormat(other)),
+    };
+    {
+        {
             let events = b
                 .events
                 .into_iter()
@@ -136,15 +168,16 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, CodecError> {
                 .collect::<Result<_, CodecError>>()?;
             Ok(Checkpoint {
                 app: b.app,
+                app_version,
                 version: b.version,
                 last_op: b.last_op,
                 last_reply: b.last_reply,
                 token_hash: b.token_hash,
                 next_seq: b.next_seq,
                 events,
+                timers,
             })
         }
-        other => Err(CodecError::UnknownFormat(other)),
     }
 }
 
@@ -157,6 +190,7 @@ mod tests {
     fn sample() -> Checkpoint {
         Checkpoint {
             app: br#"{"a":1}"#.to_vec(),
+            app_version: 1,
             version: 3,
             last_op: 9,
             last_reply: Some(br#"{"id":9}"#.to_vec()),
@@ -167,7 +201,21 @@ mod tests {
                 due_ms: 12,
                 body: json!({"hi": [1, 2]}),
             }],
+            timers: Vec::new(),
         }
+    }
+
+    #[test]
+    fn timers_or_a_newer_schema_make_format_2_and_round_trip() {
+        let ck = Checkpoint {
+            app_version: 3,
+            timers: vec![("remind".into(), 1_700_000_000_000)],
+            ..sample()
+        };
+        let bytes = encode(ck.clone());
+        let (v, _): (u16, usize) = bincode::decode_from_slice(&bytes, config()).unwrap();
+        assert_eq!(v, FORMAT_V2);
+        assert_eq!(decode(&bytes).unwrap(), ck);
     }
 
     #[test]
@@ -298,7 +346,7 @@ mod tests {
             seqs in prop::collection::vec((any::<u64>(), any::<u64>(), any::<i32>()), 0..8),
         ) {
             let ck = Checkpoint {
-                app, version, last_op, last_reply: reply, token_hash: [1; 32], next_seq: 5,
+                app, app_version: 1, version, last_op, last_reply: reply, token_hash: [1; 32], next_seq: 5, timers: Vec::new(),
                 events: seqs.into_iter().map(|(seq, due_ms, b)| StoredEvent { seq, due_ms, body: json!(b) }).collect(),
             };
             prop_assert_eq!(decode(&encode(ck.clone())).unwrap(), ck);

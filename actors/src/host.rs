@@ -10,85 +10,25 @@
 //! an await.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use actix::prelude::*;
 use futures_util::future::join_all;
 
-use crate::app::Application;
+use crate::app::Session;
 use crate::ids::{new_token, SessionId};
 use crate::protocol::CloseCode;
+use crate::runtime::{Runtime, Typed};
 use crate::session::{Init, SessionActor, Shutdown};
+use crate::shared::HostShared;
+pub use crate::shared::{Durability, HostConfig};
 use crate::state::Limits;
 use crate::store::CheckpointStore;
 
-/// When a state change is acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// After its checkpoint is written (default): nothing acknowledged is lost.
-    Sync,
-    /// At once; checkpoints are written every `checkpoint_interval`. A node loss
-    /// loses at most the acknowledged writes of the last interval (plus one
-    /// store round trip) per session.
-    Interval,
-}
-
-/// Settings of the host that do not change at run time.
-#[derive(Debug, Clone)]
-pub struct HostConfig {
-    /// This node's id, reported in `welcome`.
-    pub node_id: String,
-    /// How long a session without a connection stays live before passivating.
-    pub detach_timeout: Duration,
-    /// The same for a session that never ran a state-changing op (it is not
-    /// in the store, so passivating it just forgets it): short, so a flood of
-    /// anonymous hellos does not hold actors for `detach_timeout`.
-    pub unwritten_detach_timeout: Duration,
-    /// When a state change is acknowledged.
-    pub durability: Durability,
-    /// Interval-mode checkpoint period.
-    pub checkpoint_interval: Duration,
-    /// A session whose last checkpoint is older than this rewrites it on a
-    /// read, so the store's time to live follows activity, not only writes.
-    pub touch_after: Duration,
-    /// How long a confirmed epoch is trusted: after this, an attach (and a
-    /// read) first checks that no newer activation exists elsewhere, so an
-    /// actor that outlived a partition never serves stale state.
-    pub lease: Duration,
-}
-
 /// Live actors by session id, with the generation that registered each.
-type Registry<A> = HashMap<SessionId, (u64, Addr<SessionActor<A>>)>;
-
-pub(crate) struct HostShared<A: Application> {
-    pub(crate) app: A,
-    pub(crate) store: Arc<dyn CheckpointStore>,
-    pub(crate) cfg: HostConfig,
-    limits: RwLock<Arc<Limits>>,
-    sessions: Mutex<Registry<A>>,
-    next_gen: AtomicU64,
-    /// Set when [`Host::shutdown`] begins: no actor starts after its snapshot
-    /// of the live ones (it would never get its final checkpoint).
-    closing: std::sync::atomic::AtomicBool,
-}
-
-impl<A: Application> HostShared<A> {
-    pub(crate) fn limits(&self) -> Arc<Limits> {
-        self.limits
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub(crate) fn remove(&self, id: &SessionId, gen: u64) {
-        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(id).is_some_and(|(g, _)| *g == gen) {
-            map.remove(id);
-        }
-    }
-}
+type Registry = HashMap<SessionId, (u64, Addr<SessionActor>)>;
 
 /// What [`Host::shutdown`] achieved.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -102,37 +42,61 @@ pub struct ShutdownReport {
 }
 
 /// Handle to the host; cheap to clone.
-pub struct Host<A: Application> {
-    shared: Arc<HostShared<A>>,
+#[derive(Clone)]
+pub struct Host {
+    shared: Arc<HostShared>,
+    sessions: Arc<Mutex<Registry>>,
+    next_gen: Arc<AtomicU64>,
+    /// Set when [`Host::shutdown`] begins: no actor starts after its snapshot
+    /// of the live ones (it would never get its final checkpoint).
+    closing: Arc<AtomicBool>,
 }
 
-impl<A: Application> Clone for Host<A> {
-    fn clone(&self) -> Self {
-        Host {
-            shared: self.shared.clone(),
-        }
+impl Host {
+    /// A host running the application `app`, keeping checkpoints in `store`.
+    pub fn new<A: Session>(
+        app: A,
+        store: Arc<dyn CheckpointStore>,
+        cfg: HostConfig,
+        limits: Limits,
+    ) -> Self {
+        Self::with_runtime(Arc::new(Typed::new(app)), store, cfg, limits)
     }
-}
 
-impl<A: Application> Host<A> {
-    /// A host running `app`, keeping checkpoints in `store`.
-    pub fn new(app: A, store: Arc<dyn CheckpointStore>, cfg: HostConfig, limits: Limits) -> Self {
+    /// A host running an already erased application.
+    pub fn with_runtime(
+        app: Arc<dyn Runtime>,
+        store: Arc<dyn CheckpointStore>,
+        cfg: HostConfig,
+        limits: Limits,
+    ) -> Self {
+        let sessions: Arc<Mutex<Registry>> = Arc::default();
+        let weak = Arc::downgrade(&sessions);
+        let on_stop = Box::new(move |id: &SessionId, gen: u64| {
+            if let Some(sessions) = weak.upgrade() {
+                let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
+                if map.get(id).is_some_and(|(g, _)| *g == gen) {
+                    map.remove(id);
+                }
+            }
+        });
         Host {
             shared: Arc::new(HostShared {
                 app,
                 store,
                 cfg,
                 limits: RwLock::new(Arc::new(limits)),
-                sessions: Mutex::default(),
-                next_gen: AtomicU64::new(1),
-                closing: Default::default(),
+                on_stop,
             }),
+            sessions,
+            next_gen: Arc::new(AtomicU64::new(1)),
+            closing: Arc::default(),
         }
     }
 
     /// Starts a brand-new session; returns its id, its token (never stored in
     /// clear) and its actor. Must be called inside an actix system.
-    pub fn create_session(&self) -> (SessionId, String, Addr<SessionActor<A>>) {
+    pub fn create_session(&self) -> (SessionId, String, Addr<SessionActor>) {
         let (token, hash) = new_token();
         let id = SessionId::random();
         let addr = self.start(id.clone(), Init::New(hash));
@@ -141,7 +105,7 @@ impl<A: Application> Host<A> {
 
     /// Starts a brand-new session under an id and token chosen by the caller
     /// (an edge on another node, which picked the id to route it here).
-    pub fn create_session_with(&self, id: SessionId, token: &str) -> Addr<SessionActor<A>> {
+    pub fn create_session_with(&self, id: SessionId, token: &str) -> Addr<SessionActor> {
         self.start(id, Init::New(crate::ids::TokenHash::of(token)))
     }
 
@@ -166,7 +130,7 @@ impl<A: Application> Host<A> {
     /// The live actor of `id`, activating it from the store if needed. The
     /// actor answers `NotFound` to its first `Attach` if the store has no
     /// such session. Must be called inside an actix system.
-    pub fn session(&self, id: &SessionId) -> Addr<SessionActor<A>> {
+    pub fn session(&self, id: &SessionId) -> Addr<SessionActor> {
         if let Some((_, addr)) = self.lock().get(id) {
             if addr.connected() {
                 return addr.clone();
@@ -175,14 +139,11 @@ impl<A: Application> Host<A> {
         self.start(id.clone(), Init::Resume)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Registry<A>> {
-        self.shared
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn start(&self, id: SessionId, init: Init) -> Addr<SessionActor<A>> {
+    fn start(&self, id: SessionId, init: Init) -> Addr<SessionActor> {
         let mut map = self.lock();
         // Re-check under the lock: two connections may activate the same id at once.
         if let Some((_, addr)) = map.get(&id) {
@@ -190,10 +151,10 @@ impl<A: Application> Host<A> {
                 return addr.clone();
             }
         }
-        let gen = self.shared.next_gen.fetch_add(1, Ordering::Relaxed);
+        let gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
         // Checked under the registry lock that `shutdown` takes its snapshot
         // under: an actor either is in the snapshot or refuses to start.
-        let init = if self.shared.closing.load(Ordering::SeqCst) {
+        let init = if self.closing.load(Ordering::SeqCst) {
             Init::Refuse
         } else {
             init
@@ -222,9 +183,34 @@ impl<A: Application> Host<A> {
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(limits);
     }
 
-    /// The application.
-    pub fn app(&self) -> &A {
-        &self.shared.app
+    /// A bounded metric label for an op name (`"other"` for unknown names).
+    pub fn op_label(&self, op: &str) -> &'static str {
+        self.shared.app.op_label(op)
+    }
+
+    /// Wakes the sessions whose timer is due and that `owned` says live on
+    /// this node: each is activated from the store (if it is not live here
+    /// already) and fires its due timers. Answers how many were activated.
+    pub async fn wake_due(&self, owned: impl Fn(&SessionId) -> bool, limit: usize) -> usize {
+        if self.closing.load(Ordering::SeqCst) {
+            return 0;
+        }
+        let now = crate::session::now_ms();
+        let Ok(due) = self.shared.store.due_wakes(now, limit).await else {
+            return 0;
+        };
+        let mut woken = 0;
+        for id in due {
+            if !owned(&id) || self.lock().get(&id).is_some_and(|(_, a)| a.connected()) {
+                continue;
+            }
+            let _ = self.session(&id);
+            woken += 1;
+        }
+        if woken > 0 {
+            metrics::counter!("berth_timer_wakeups_total").increment(woken as u64);
+        }
+        woken
     }
 
     /// The checkpoint store.
@@ -242,7 +228,7 @@ impl<A: Application> Host<A> {
     pub async fn shutdown(&self, code: CloseCode, deadline: Duration) -> ShutdownReport {
         let addrs: Vec<_> = {
             let map = self.lock();
-            self.shared.closing.store(true, Ordering::SeqCst);
+            self.closing.store(true, Ordering::SeqCst);
             map.values().map(|(_, a)| a.clone()).collect()
         };
         let mut report = ShutdownReport::default();

@@ -1,5 +1,5 @@
 //! Sessions for berth: one actor per live session, the wire protocol, the
-//! application trait, and the checkpoint stores that let a session outlive its
+//! application API, and the checkpoint stores that let a session outlive its
 //! node.
 //!
 //! This crate knows nothing of WebSockets, Consul or the ring: the edge (the
@@ -9,15 +9,23 @@
 //! # Layout
 //! - [`protocol`]: client <-> server message types, error codes, close codes.
 //! - [`ids`]: session ids and resume tokens (random, hashed, constant-time compare).
-//! - [`app`]: the [`app::Application`] trait: what ops mean, how state is encoded.
-//! - [`kv`]: the built-in `kv` application.
+//! - [`app`]: the application API: the [`app::Session`] trait (typed state
+//!   and ops, async handlers, timers) and the handler's [`app::Cx`].
+//! - [`ops`]: decoding a client's `op`/`args` into an application's op type.
+//! - [`runtime`]: the application, type-erased for the actor and the host.
+//! - [`kv`]: the built-in `kv` application, written on [`app`].
+//! - [`outbox`]: a session's unacknowledged events.
 //! - [`state`]: [`state::SessionState`], the pure rules of a session (dedupe,
-//!   versions, outbox), tested without actix.
+//!   versions, commits and their undo, size limits), tested without actix.
 //! - [`codec`]: the versioned checkpoint envelope (bincode 2.0.1).
 //! - [`store`]: the [`store::CheckpointStore`] trait, the Redis and in-memory stores.
 //! - [`conn`]: the channel between a session actor and a client connection.
-//! - [`session`]: the session actor (actix), a thin shell around `SessionState`.
-//! - [`host`]: the registry of live session actors on this node.
+//! - [`shared`]: what every session actor of a node shares (application,
+//!   store, settings, limits).
+//! - [`session`]: the session actor (actix), a thin shell around `SessionState`:
+//!   runs handlers one at a time with a deadline, commits, fires timers.
+//! - [`host`]: the registry of live session actors on this node; wakes
+//!   sessions whose timer is due.
 //!
 //! # Supervision tree
 //! ```text
@@ -43,7 +51,11 @@ pub mod conn;
 pub mod host;
 pub mod ids;
 pub mod kv;
+pub mod ops;
+pub mod outbox;
 pub mod protocol;
+pub mod runtime;
 pub mod session;
+pub mod shared;
 pub mod state;
 pub mod store;

@@ -24,14 +24,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use serde_json::Value;
 
-use crate::app::Application;
+use crate::app::{AppError, Invocation};
 use crate::codec;
 use crate::conn::ConnHandle;
-use crate::host::{Durability, HostShared};
 use crate::ids::{SessionId, TokenHash};
 use crate::protocol::{CloseCode, ErrorCode, OpReply, Welcome};
-use crate::state::SessionState;
-use crate::store::StoreError;
+use crate::runtime::{Effects, HandlerFuture};
+use crate::shared::{Durability, HostShared};
+use crate::state::{Begin, Outcome, SessionState};
+use crate::store::{StoreError, Wake};
 
 /// Largest number of messages queued for one session before senders wait.
 const MAILBOX: usize = 256;
@@ -40,6 +41,7 @@ const GONE_LINGER: Duration = Duration::from_millis(500);
 /// Retry delay of a passivation or interval flush whose checkpoint failed.
 const RETRY_SAVE: Duration = Duration::from_secs(2);
 
+/// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -239,13 +241,15 @@ pub struct Shutdown {
 }
 
 /// One live session.
-pub struct SessionActor<A: Application> {
+pub struct SessionActor {
     id: SessionId,
+    /// The id, shared with every handler run.
+    name: Arc<str>,
     gen: u64,
-    host: Arc<HostShared<A>>,
+    host: Arc<HostShared>,
     init: Option<Init>,
     phase: Phase,
-    state: SessionState<A::State>,
+    state: SessionState,
     epoch: u64,
     /// Created by this activation and not yet welcomed.
     fresh: bool,
@@ -260,6 +264,15 @@ pub struct SessionActor<A: Application> {
     passivate_timer: Option<SpawnHandle>,
     event_timer: Option<SpawnHandle>,
     flush_timer: Option<SpawnHandle>,
+    /// The wake-up of the earliest timer.
+    timer_handle: Option<SpawnHandle>,
+    /// Failed attempts of the earliest timer's current firing.
+    timer_attempts: u32,
+    /// Extra wait before the next attempt of a failed firing.
+    timer_backoff: Duration,
+    /// Whether this session has had timers in this activation (its writes
+    /// then keep the store's timer index up to date).
+    timer_user: bool,
     /// Changes not in the store that may be lost (acks; interval-mode writes).
     dirty: bool,
     /// Interval mode: acknowledged writes not yet checkpointed.
@@ -274,16 +287,18 @@ pub struct SessionActor<A: Application> {
     last_confirmed: Instant,
 }
 
-impl<A: Application> SessionActor<A> {
-    pub(crate) fn new(id: SessionId, gen: u64, host: Arc<HostShared<A>>, init: Init) -> Self {
+impl SessionActor {
+    pub(crate) fn new(id: SessionId, gen: u64, host: Arc<HostShared>, init: Init) -> Self {
+        let state = SessionState::new(&*host.app, TokenHash([0; 32]));
         SessionActor {
+            name: Arc::from(id.as_str()),
             id,
             gen,
             host,
             fresh: matches!(init, Init::New(_)),
             init: Some(init),
             phase: Phase::Loading,
-            state: SessionState::new(TokenHash([0; 32])),
+            state,
             epoch: 0,
             conn: None,
             hellos: 0,
@@ -292,6 +307,10 @@ impl<A: Application> SessionActor<A> {
             passivate_timer: None,
             event_timer: None,
             flush_timer: None,
+            timer_handle: None,
+            timer_attempts: 0,
+            timer_backoff: Duration::ZERO,
+            timer_user: false,
             dirty: false,
             unsaved_writes: false,
             flush_failing: false,
@@ -316,20 +335,28 @@ impl<A: Application> SessionActor<A> {
     ) -> futures_util::future::BoxFuture<'static, Result<u64, StoreError>> {
         use futures_util::FutureExt;
         let (store, id, epoch) = (self.host.store.clone(), self.id.clone(), self.epoch);
+        // Sessions that never had a timer leave the index alone (no cost on
+        // the hot path); the others state their earliest due time each write.
+        let next = self.state.next_timer().map(|(_, due)| due);
+        let wake = match next {
+            Some(at) => Wake::At(at),
+            None if self.timer_user || !self.state.timers.is_empty() => Wake::Never,
+            None => Wake::Keep,
+        };
         async move {
             let epoch = if epoch > 0 {
                 epoch
             } else {
                 store.create(&id).await?
             };
-            store.save(&id, epoch, bytes).await?;
+            store.save_waking(&id, epoch, bytes, wake).await?;
             Ok(epoch)
         }
         .boxed()
     }
 
     fn checkpoint_bytes(&self) -> Vec<u8> {
-        codec::encode(self.state.to_checkpoint(&self.host.app))
+        codec::encode(self.state.to_checkpoint(&*self.host.app))
     }
 
     fn go_live(&mut self, epoch: u64, ctx: &mut Context<Self>) {
@@ -340,6 +367,8 @@ impl<A: Application> SessionActor<A> {
         metrics::gauge!("berth_sessions_live").increment(1.0);
         // Nobody attached yet: if nobody does, passivate like a detached session.
         self.schedule_passivation(ctx);
+        self.timer_user = !self.state.timers.is_empty();
+        self.schedule_timer(ctx);
     }
 
     /// Leaves service: answers everything still queued with `reason`, then stops.
@@ -488,7 +517,7 @@ impl<A: Application> SessionActor<A> {
     }
 }
 
-impl<A: Application> Actor for SessionActor<A> {
+impl Actor for SessionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
@@ -497,7 +526,7 @@ impl<A: Application> Actor for SessionActor<A> {
         let id = self.id.clone();
         match self.init.take() {
             Some(Init::New(hash)) => {
-                self.state = SessionState::new(hash);
+                self.state = SessionState::new(&*self.host.app, hash);
                 // A new session costs nothing in the store until its first
                 // state-changing op (then it is created, takes its first
                 // epoch, and is written before that op is answered): a flood
@@ -521,7 +550,7 @@ impl<A: Application> Actor for SessionActor<A> {
                     Ok(Some(a)) => {
                         let decoded = codec::decode(&a.checkpoint)
                             .map_err(|e| e.to_string())
-                            .and_then(|ck| SessionState::from_checkpoint(&act.host.app, ck));
+                            .and_then(|ck| SessionState::from_checkpoint(&*act.host.app, ck));
                         match decoded {
                             Ok(state) => {
                                 // Re-activation from the store: after passivation,
@@ -551,7 +580,7 @@ impl<A: Application> Actor for SessionActor<A> {
     }
 }
 
-impl<A: Application> SessionActor<A> {
+impl SessionActor {
     /// Attaches `msg.conn` (token already checked) by the rules of
     /// [`Attach`]: answers the welcome and the connection's claim, replays events.
     fn attach_now(
@@ -628,7 +657,7 @@ impl<A: Application> SessionActor<A> {
     }
 }
 
-impl<A: Application> Handler<Attach> for SessionActor<A> {
+impl Handler<Attach> for SessionActor {
     type Result = AtomicResponse<Self, Result<(Welcome, Claim), AttachError>>;
 
     fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) -> Self::Result {
@@ -677,7 +706,7 @@ impl<A: Application> Handler<Attach> for SessionActor<A> {
     }
 }
 
-impl<A: Application> Handler<Op> for SessionActor<A> {
+impl Handler<Op> for SessionActor {
     type Result = AtomicResponse<Self, Result<OpReply, NotHere>>;
 
     fn handle(&mut self, msg: Op, ctx: &mut Context<Self>) -> Self::Result {
@@ -685,7 +714,7 @@ impl<A: Application> Handler<Op> for SessionActor<A> {
     }
 }
 
-impl<A: Application> Handler<QueuedOp> for SessionActor<A> {
+impl Handler<QueuedOp> for SessionActor {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: QueuedOp, ctx: &mut Context<Self>) -> Self::Result {
@@ -696,13 +725,52 @@ impl<A: Application> Handler<QueuedOp> for SessionActor<A> {
     }
 }
 
-impl<A: Application> SessionActor<A> {
+/// Runs a handler future with a deadline, turning a panic into `internal`
+/// and an overrun into `unavailable`: either way nothing is committed.
+async fn guarded(
+    fut: HandlerFuture,
+    deadline: Duration,
+    what: &'static str,
+) -> Result<Effects, AppError> {
+    use futures_util::FutureExt;
+    match tokio::time::timeout(deadline, std::panic::AssertUnwindSafe(fut).catch_unwind()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_panic)) => {
+            metrics::counter!("berth_handler_failures_total", "kind" => what, "why" => "panic")
+                .increment(1);
+            Err(AppError::new(
+                ErrorCode::Internal,
+                "the handler panicked: nothing was applied",
+            ))
+        }
+        Err(_) => {
+            metrics::counter!("berth_handler_failures_total", "kind" => what, "why" => "deadline")
+                .increment(1);
+            Err(AppError::unavailable(format!(
+                "the handler ran past its deadline of {} ms: nothing was applied, retry",
+                deadline.as_millis()
+            )))
+        }
+    }
+}
+
+/// Fire the earliest due timer (sent by the actor to itself, so a firing
+/// waits its turn behind queued ops).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct FireTimer;
+
+/// Most attempts of a failing timer handler before the firing is dropped.
+const TIMER_ATTEMPTS: u32 = 5;
+
+impl SessionActor {
     /// Applies one op (the body of [`Op`] and [`QueuedOp`]); the future holds
-    /// the mailbox until the op's checkpoint is confirmed.
+    /// the mailbox while the handler runs and until the op's checkpoint is
+    /// confirmed.
     fn run_op(
         &mut self,
         msg: Op,
-        ctx: &mut Context<Self>,
+        _ctx: &mut Context<Self>,
     ) -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
         let done = |r: OpReply| -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
             Box::pin(actix::fut::ready(Ok(r)))
@@ -713,19 +781,52 @@ impl<A: Application> SessionActor<A> {
         if self.conn.as_ref().map(|a| a.conn.id()) != Some(msg.conn_id) {
             return done(self.unavailable(msg.id, "this connection no longer holds the session"));
         }
-        let interval = self.host.cfg.durability == Durability::Interval;
-        if interval && self.flush_failing && !self.host.app.is_read_only(&msg.op) {
-            return done(self.unavailable(msg.id, "checkpoint store unreachable: retry"));
-        }
+        let retry = match self.state.begin(msg.id) {
+            Begin::Answer(reply) => return done(reply),
+            Begin::Run { retry } => retry,
+        };
         let limits = self.host.limits();
-        let outcome = self.state.apply(
-            &self.host.app,
-            msg.id,
-            &msg.op,
-            &msg.args,
-            now_ms(),
-            &limits,
+        let id = msg.id;
+        let env = self
+            .state
+            .env(self.name.clone(), Invocation::Op(id), now_ms(), &limits);
+        let fut = self.host.app.clone().run_op(
+            self.state.app_state(),
+            env,
+            self.state.timers.clone(),
+            msg.op,
+            msg.args,
         );
+        let fut = guarded(fut, self.host.cfg.handler_timeout, "op");
+        Box::pin(fut.into_actor(self).then(move |result, act, ctx| {
+            if act.phase != Phase::Live {
+                return Box::pin(actix::fut::ready(Err(NotHere)))
+                    as ResponseActFuture<Self, Result<OpReply, NotHere>>;
+            }
+            let interval = act.host.cfg.durability == Durability::Interval;
+            if interval && act.flush_failing && result.as_ref().is_ok_and(|e| e.writes()) {
+                return Box::pin(actix::fut::ready(Ok(
+                    act.unavailable(id, "checkpoint store unreachable: retry")
+                )));
+            }
+            let outcome = act
+                .state
+                .commit_op(&*act.host.app, id, retry, result, &limits);
+            act.after_commit(outcome, ctx)
+        }))
+    }
+
+    /// Makes a committed op durable (per the durability mode) before its
+    /// answer leaves; a read may refresh the lease or the store's time to live.
+    fn after_commit(
+        &mut self,
+        outcome: Outcome,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
+        let done = |r: OpReply| -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
+            Box::pin(actix::fut::ready(Ok(r)))
+        };
+        let interval = self.host.cfg.durability == Durability::Interval;
         let Some(undo) = outcome.undo else {
             let reply = outcome.reply;
             if self.lease_expired() && !interval {
@@ -776,11 +877,12 @@ impl<A: Application> SessionActor<A> {
             self.unsaved_writes = true;
             self.schedule_flush(ctx, self.host.cfg.checkpoint_interval);
             self.deliver(ctx);
+            self.schedule_timer(ctx);
             return done(outcome.reply);
         }
         let reply = outcome.reply;
         let bytes = match outcome.app_bytes {
-            Some(app) => codec::encode(self.state.to_checkpoint_with(app)),
+            Some(app) => codec::encode(self.state.to_checkpoint_with(&*self.host.app, app)),
             None => self.checkpoint_bytes(),
         };
         let fut = self.write(bytes);
@@ -791,23 +893,171 @@ impl<A: Application> SessionActor<A> {
                 act.last_saved = Instant::now();
                 act.last_confirmed = act.last_saved;
                 act.deliver(ctx);
+                act.schedule_timer(ctx);
                 Ok(reply)
             }
             Err(StoreError::Fenced { stored, .. }) => {
-                act.state = *undo;
+                act.state.undo(undo);
                 let r = act.unavailable(reply.id, "session moved: retry");
                 act.superseded(stored, ctx);
                 Ok(r)
             }
             Err(e) => {
-                act.state = *undo;
+                act.state.undo(undo);
                 Ok(act.unavailable(reply.id, format!("not applied, retry: {e}")))
             }
         }))
     }
+
+    /// Arms the wake-up for the earliest timer (after `timer_backoff` if its
+    /// last firing failed).
+    fn schedule_timer(&mut self, ctx: &mut Context<Self>) {
+        if let Some(h) = self.timer_handle.take() {
+            ctx.cancel_future(h);
+        }
+        if self.phase != Phase::Live {
+            return;
+        }
+        let Some((_, due)) = self.state.next_timer() else {
+            return;
+        };
+        self.timer_user = true;
+        let wait = Duration::from_millis(due.saturating_sub(now_ms())) + self.timer_backoff;
+        self.timer_handle = Some(ctx.run_later(wait, |act, ctx| {
+            act.timer_handle = None;
+            ctx.notify(FireTimer);
+        }));
+    }
+
+    /// A timer firing failed (handler, limits or checkpoint): try again later,
+    /// or drop the firing after [`TIMER_ATTEMPTS`].
+    fn timer_failed(&mut self, name: &str, due: u64, why: &str, ctx: &mut Context<Self>) {
+        self.timer_attempts += 1;
+        if self.timer_attempts >= TIMER_ATTEMPTS {
+            tracing::warn!(session = %self.id, timer = name, why, attempts = self.timer_attempts, "timer handler keeps failing: dropping this firing");
+            metrics::counter!("berth_timers_dropped_total").increment(1);
+            if self.state.timers.get(name) == Some(&due) {
+                let before = self.state.timers.clone();
+                self.state.timers.remove(name);
+                self.state.version += 1;
+                let fut = self.write(self.checkpoint_bytes());
+                ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
+                    match res {
+                        Ok(epoch) => act.epoch = epoch,
+                        Err(StoreError::Fenced { stored, .. }) => act.superseded(stored, ctx),
+                        Err(_) => {
+                            act.state.timers = before;
+                            act.state.version -= 1;
+                        }
+                    }
+                    act.timer_attempts = 0;
+                    act.timer_backoff = Duration::ZERO;
+                    act.schedule_timer(ctx);
+                }));
+                return;
+            }
+            self.timer_attempts = 0;
+            self.timer_backoff = Duration::ZERO;
+        } else {
+            tracing::info!(session = %self.id, timer = name, why, attempt = self.timer_attempts, "timer handler failed: trying again");
+            self.timer_backoff = Duration::from_millis(500 << self.timer_attempts.min(6));
+        }
+        self.schedule_timer(ctx);
+    }
 }
 
-impl<A: Application> Handler<Ack> for SessionActor<A> {
+impl Handler<FireTimer> for SessionActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _: FireTimer, ctx: &mut Context<Self>) -> Self::Result {
+        let nothing = || AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        if self.phase != Phase::Live {
+            return nothing();
+        }
+        let now = now_ms();
+        let Some((name, due)) = self.state.next_timer().map(|(n, d)| (n.to_owned(), d)) else {
+            return nothing();
+        };
+        if due > now {
+            self.schedule_timer(ctx); // moved later meanwhile
+            return nothing();
+        }
+        if self.host.cfg.durability == Durability::Interval && self.flush_failing {
+            self.timer_failed(&name, due, "checkpoint store unreachable", ctx);
+            return nothing();
+        }
+        let limits = self.host.limits();
+        let env = self.state.env(
+            self.name.clone(),
+            Invocation::Timer(name.clone(), due),
+            now,
+            &limits,
+        );
+        let fut = self.host.app.clone().run_timer(
+            self.state.app_state(),
+            env,
+            self.state.timers_without(&name),
+            name.clone(),
+        );
+        let fut = guarded(fut, self.host.cfg.handler_timeout, "timer");
+        AtomicResponse::new(Box::pin(fut.into_actor(self).then(
+            move |result, act, ctx| {
+                let committed = result.and_then(|eff| {
+                    act.state
+                        .commit_timer(&*act.host.app, &name, due, eff, &limits)
+                });
+                let (undo, bytes) = match committed {
+                    Ok(c) => c,
+                    Err(e) => {
+                        act.timer_failed(&name, due, &e.to_string(), ctx);
+                        return Box::pin(actix::fut::ready(())) as ResponseActFuture<Self, ()>;
+                    }
+                };
+                let fired = move || {
+                    metrics::counter!("berth_timers_fired_total").increment(1);
+                    metrics::histogram!("berth_timer_lateness_seconds")
+                        .record(now_ms().saturating_sub(due) as f64 / 1000.0);
+                };
+                if act.host.cfg.durability == Durability::Interval {
+                    act.dirty = true;
+                    act.unsaved_writes = true;
+                    act.schedule_flush(ctx, act.host.cfg.checkpoint_interval);
+                    fired();
+                    act.timer_attempts = 0;
+                    act.timer_backoff = Duration::ZERO;
+                    act.deliver(ctx);
+                    act.schedule_timer(ctx);
+                    return Box::pin(actix::fut::ready(()));
+                }
+                let bytes = codec::encode(act.state.to_checkpoint_with(&*act.host.app, bytes));
+                let fut = act.write(bytes);
+                Box::pin(fut.into_actor(act).map(move |res, act, ctx| match res {
+                    Ok(epoch) => {
+                        act.epoch = epoch;
+                        act.dirty = false;
+                        act.last_saved = Instant::now();
+                        act.last_confirmed = act.last_saved;
+                        fired();
+                        act.timer_attempts = 0;
+                        act.timer_backoff = Duration::ZERO;
+                        act.deliver(ctx);
+                        act.schedule_timer(ctx);
+                    }
+                    Err(StoreError::Fenced { stored, .. }) => {
+                        act.state.undo(undo);
+                        act.superseded(stored, ctx);
+                    }
+                    Err(e) => {
+                        act.state.undo(undo);
+                        act.timer_failed(&name, due, &e.to_string(), ctx);
+                    }
+                }))
+            },
+        )))
+    }
+}
+
+impl Handler<Ack> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Ack, _ctx: &mut Context<Self>) {
@@ -822,7 +1072,7 @@ impl<A: Application> Handler<Ack> for SessionActor<A> {
     }
 }
 
-impl<A: Application> Handler<Detach> for SessionActor<A> {
+impl Handler<Detach> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Detach, ctx: &mut Context<Self>) {
@@ -835,7 +1085,7 @@ impl<A: Application> Handler<Detach> for SessionActor<A> {
     }
 }
 
-impl<A: Application> Handler<Bye> for SessionActor<A> {
+impl Handler<Bye> for SessionActor {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: Bye, ctx: &mut Context<Self>) -> Self::Result {
@@ -869,7 +1119,7 @@ impl<A: Application> Handler<Bye> for SessionActor<A> {
     }
 }
 
-impl<A: Application> SessionActor<A> {
+impl SessionActor {
     /// Writes a final checkpoint, then runs `then` (tell or close the
     /// connection, leave service). Answers whether nothing acknowledged was
     /// left unsaved: a fenced write counts as saved (a newer owner has the
@@ -901,7 +1151,7 @@ impl<A: Application> SessionActor<A> {
     }
 }
 
-impl<A: Application> Handler<Release> for SessionActor<A> {
+impl Handler<Release> for SessionActor {
     type Result = AtomicResponse<Self, bool>;
 
     fn handle(&mut self, _msg: Release, _ctx: &mut Context<Self>) -> Self::Result {
@@ -914,7 +1164,7 @@ impl<A: Application> Handler<Release> for SessionActor<A> {
     }
 }
 
-impl<A: Application> Handler<Shutdown> for SessionActor<A> {
+impl Handler<Shutdown> for SessionActor {
     type Result = AtomicResponse<Self, bool>;
 
     fn handle(&mut self, msg: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {

@@ -1,28 +1,32 @@
-//! `SessionState`: one session's state and the rules for applying ops to it,
-//! with no actix, no clock and no I/O (the actor in [`crate::session`] is a thin
-//! shell around it).
+//! `SessionState`: one session's state and the rules for committing what its
+//! handlers did, with no actix, no clock and no I/O (the actor in
+//! [`crate::session`] is a thin shell around it; the handlers themselves run
+//! through [`crate::runtime`]).
 //!
 //! Rules kept here:
 //! - op ids: an id at or below the watermark `last_op` is never applied again;
 //!   the latest op's stored result is returned for it, older ids get
-//!   `{ok: true, duplicate: true}`;
-//! - failures that mean "not applied" (`unavailable`, `rate_limited`) leave the
-//!   watermark alone so the client can retry with the same id; deterministic
-//!   failures (`bad_args`, `type_mismatch`, ...) consume the id like a success;
+//!   `{ok: true, duplicate: true}`; the latest id after a handler that wrote
+//!   nothing (a read) is run again as a read;
+//! - failures that mean "not applied" (`unavailable`, `rate_limited`,
+//!   `internal`) leave the watermark alone so the client can retry with the
+//!   same id; deterministic failures (`bad_args`, `type_mismatch`, ...) consume
+//!   the id like a success;
+//! - a handler that wrote nothing (no state change, event or timer) changes
+//!   nothing and needs no checkpoint;
 //! - a write that would grow the encoded state past the limit is undone and
 //!   answered `too_large`, and so is one that would grow the whole checkpoint
 //!   (state, unacknowledged events, the stored reply) past its own limit;
-//! - events get increasing `seq`s, wait in a bounded outbox until acknowledged,
-//!   and are delivered in `seq` order once due.
+//! - a commit can be taken back ([`Undo`]) when its checkpoint fails.
 
-use std::collections::VecDeque;
+use std::sync::Arc;
 
-use serde_json::Value;
-
-use crate::app::{AppError, Application, OpCtx};
-use crate::codec::{Checkpoint, StoredEvent};
+use crate::app::{AppError, Env, Invocation, Timers};
+use crate::codec::Checkpoint;
 use crate::ids::TokenHash;
-use crate::protocol::{ErrorCode, Event, OpReply};
+use crate::outbox::Outbox;
+use crate::protocol::{ErrorCode, OpReply};
+use crate::runtime::{AnyState, Effects, Runtime};
 
 /// Per-session limits; reloadable at run time (SIGHUP).
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +42,8 @@ pub struct Limits {
     /// unacknowledged 64 KiB events would make a 62 MiB checkpoint that every
     /// later write ships.
     pub max_checkpoint_bytes: usize,
+    /// Most timers one session may hold at once.
+    pub max_timers: usize,
     /// Most live sessions on one node: above it new sessions are refused
     /// (`unavailable`, close 1013); resumes of existing ones are not.
     pub max_live_sessions: usize,
@@ -50,14 +56,12 @@ impl Default for Limits {
             outbox_max: 1000,
             max_emit_delay_ms: 24 * 3600 * 1000,
             max_checkpoint_bytes: 1024 * 1024,
+            max_timers: 64,
             max_live_sessions: 100_000,
         }
     }
 }
 
-/// Bytes a checkpoint spends on each event besides its body (seq, due time,
-/// length prefix: an upper bound of their varint encoding).
-const EVENT_OVERHEAD: usize = 24;
 /// Bytes a checkpoint spends besides the state, the events and the reply.
 const CHECKPOINT_OVERHEAD: usize = 96;
 
@@ -65,108 +69,50 @@ fn reply_len(reply: &OpReply) -> usize {
     serde_json::to_vec(reply).map_or(0, |b| b.len())
 }
 
-fn body_len(body: &Value) -> usize {
-    // A Value always serializes; this is the length the checkpoint stores.
-    serde_json::to_vec(body).map_or(0, |b| b.len())
+/// What to do with an op id, before running anything.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Begin {
+    /// Answer this at once: the id was applied before.
+    Answer(OpReply),
+    /// Run the handler. `retry`: the id is the latest one and its handler
+    /// wrote nothing, so it runs again as a read (a write is not applied twice).
+    Run {
+        /// Whether this is a retry of the latest id.
+        retry: bool,
+    },
 }
 
-/// Unacknowledged events, in `seq` order.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Outbox {
-    events: VecDeque<StoredEvent>,
-    /// The `seq` the next event gets (sequences start at 1).
-    next_seq: u64,
-    /// Encoded bytes of the held events' bodies.
-    body_bytes: usize,
-}
-
-impl Outbox {
-    /// Number of events held.
-    pub fn len(&self) -> usize {
-        self.events.len()
-    }
-
-    /// Whether no event is held.
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
-    }
-
-    /// What the held events take in a checkpoint, in bytes.
-    pub fn checkpoint_bytes(&self) -> usize {
-        self.body_bytes + EVENT_OVERHEAD * self.events.len()
-    }
-
-    /// Highest `seq` handed out so far (0 if none).
-    pub fn last_seq(&self) -> u64 {
-        self.next_seq.max(1) - 1
-    }
-
-    pub(crate) fn push(&mut self, body: Value, due_ms: u64) -> u64 {
-        let seq = self.next_seq.max(1);
-        self.next_seq = seq + 1;
-        // Delivery is in seq order: an event is never due before the one ahead of it.
-        let due_ms = self
-            .events
-            .back()
-            .map_or(due_ms, |prev| due_ms.max(prev.due_ms));
-        self.body_bytes += body_len(&body);
-        self.events.push_back(StoredEvent { seq, due_ms, body });
-        seq
-    }
-
-    /// Forgets events up to `seq` that are due (an event not yet delivered cannot
-    /// have been received, whatever the client says).
-    pub fn ack(&mut self, seq: u64, now_ms: u64) -> bool {
-        let before = self.events.len();
-        while self
-            .events
-            .front()
-            .is_some_and(|e| e.seq <= seq && e.due_ms <= now_ms)
-        {
-            if let Some(e) = self.events.pop_front() {
-                self.body_bytes = self.body_bytes.saturating_sub(body_len(&e.body));
-            }
-        }
-        before != self.events.len()
-    }
-
-    /// Events with `seq > after` that are due at `now_ms`, in order.
-    pub fn due_after(&self, after: u64, now_ms: u64) -> impl Iterator<Item = Event> + '_ {
-        self.events
-            .iter()
-            .skip_while(move |e| e.seq <= after)
-            .take_while(move |e| e.due_ms <= now_ms)
-            .map(|e| Event {
-                seq: e.seq,
-                body: e.body.clone(),
-            })
-    }
-
-    /// When the first event with `seq > after` falls due, if one is held.
-    pub fn next_due_after(&self, after: u64) -> Option<u64> {
-        self.events.iter().find(|e| e.seq > after).map(|e| e.due_ms)
-    }
-}
-
-/// The result of [`SessionState::apply`].
+/// What a commit changed, to take it back if its checkpoint fails.
 #[derive(Debug)]
-pub struct Outcome<S> {
+pub struct Undo {
+    app: AnyState,
+    version: u64,
+    last_op: u64,
+    last_reply: Option<OpReply>,
+    seq_from: u64,
+    timers: Option<Timers>,
+}
+
+/// The result of [`SessionState::commit_op`].
+#[derive(Debug)]
+pub struct Outcome {
     /// The answer to send once the change (if any) is durable.
     pub reply: OpReply,
-    /// `Some` when the op changed the session: the state to restore if the
+    /// `Some` when the op changed the session: how to take it back if the
     /// checkpoint fails. Such a reply may only be sent after the checkpoint.
-    pub undo: Option<Box<SessionState<S>>>,
+    pub undo: Option<Undo>,
     /// The encoded application state after a change (measured for the size
     /// limit; handed on so the checkpoint does not encode it again).
     pub app_bytes: Option<Vec<u8>>,
 }
 
-/// One session: application state, version, op-id watermark, outbox, token hash.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SessionState<S> {
-    /// Application state.
-    pub app: S,
-    /// Bumped by every op that changes the session.
+/// One session: application state, version, op-id watermark, outbox, timers,
+/// token hash.
+#[derive(Clone)]
+pub struct SessionState {
+    /// Application state (owned by the application's runtime).
+    pub(crate) app: AnyState,
+    /// Bumped by every op (or timer firing) that changes the session.
     pub version: u64,
     /// Highest op id applied.
     pub last_op: u64,
@@ -175,47 +121,95 @@ pub struct SessionState<S> {
     pub last_reply: Option<OpReply>,
     /// Unacknowledged events.
     pub outbox: Outbox,
+    /// Durable timers: name -> due time (ms since the Unix epoch).
+    pub timers: Timers,
     /// Hash of the resume token.
     pub token_hash: TokenHash,
 }
 
-impl<S: Clone + Default> SessionState<S> {
+impl std::fmt::Debug for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionState")
+            .field("version", &self.version)
+            .field("last_op", &self.last_op)
+            .field("outbox", &self.outbox.len())
+            .field("timers", &self.timers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionState {
     /// A new, empty session.
-    pub fn new(token_hash: TokenHash) -> Self {
+    pub fn new(rt: &dyn Runtime, token_hash: TokenHash) -> Self {
         SessionState {
-            app: S::default(),
+            app: rt.new_state(),
             version: 0,
             last_op: 0,
             last_reply: None,
             outbox: Outbox::default(),
+            timers: Timers::new(),
             token_hash,
         }
     }
 
-    /// Applies op `id` (see the module docs for the rules).
-    pub fn apply<A: Application<State = S>>(
+    /// The application state, for a handler.
+    pub fn app_state(&self) -> AnyState {
+        self.app.clone()
+    }
+
+    /// Decides what op `id` needs (see the module docs).
+    pub fn begin(&self, id: u64) -> Begin {
+        if id > self.last_op {
+            return Begin::Run { retry: false };
+        }
+        match (&self.last_reply, id == self.last_op) {
+            (Some(stored), true) => Begin::Answer(OpReply {
+                duplicate: true,
+                ..stored.clone()
+            }),
+            (None, true) => Begin::Run { retry: true },
+            _ => Begin::Answer(OpReply {
+                id,
+                ok: true,
+                value: None,
+                version: self.version,
+                error: None,
+                duplicate: true,
+            }),
+        }
+    }
+
+    /// What a handler running now gets besides the state.
+    pub fn env(&self, session: Arc<str>, run: Invocation, now_ms: u64, limits: &Limits) -> Env {
+        Env {
+            session,
+            run,
+            now_ms,
+            next_seq: self.outbox.next_seq(),
+            outbox_len: self.outbox.len(),
+            outbox_room: limits.outbox_max.saturating_sub(self.outbox.len()),
+            max_delay_ms: limits.max_emit_delay_ms,
+            max_timers: limits.max_timers,
+        }
+    }
+
+    /// Commits what op `id`'s handler did (or its failure); see the module docs.
+    pub fn commit_op(
         &mut self,
-        app: &A,
+        rt: &dyn Runtime,
         id: u64,
-        op: &str,
-        args: &Value,
-        now_ms: u64,
+        retry: bool,
+        result: Result<Effects, AppError>,
         limits: &Limits,
-    ) -> Outcome<S> {
-        if id <= self.last_op {
-            let reply = match (&self.last_reply, id == self.last_op) {
-                (Some(stored), true) => stored.clone(),
-                (None, true) if app.is_read_only(op) => {
-                    // A retried read: read again; nothing changes.
-                    let mut reply = self.run(app, id, op, args, now_ms, limits, true).reply;
-                    reply.duplicate = true;
-                    return Outcome {
-                        reply,
-                        undo: None,
-                        app_bytes: None,
-                    };
-                }
-                _ => OpReply {
+    ) -> Outcome {
+        let answer = |reply| Outcome {
+            reply,
+            undo: None,
+            app_bytes: None,
+        };
+        if retry {
+            let mut reply = match result {
+                Ok(eff) if eff.writes() => OpReply {
                     id,
                     ok: true,
                     value: None,
@@ -223,116 +217,157 @@ impl<S: Clone + Default> SessionState<S> {
                     error: None,
                     duplicate: true,
                 },
+                Ok(eff) => OpReply::ok(id, eff.reply, self.version),
+                Err(e) => OpReply::err(id, e.code, e.message, self.version),
             };
-            return Outcome {
-                reply: OpReply {
-                    duplicate: true,
-                    ..reply
-                },
-                undo: None,
-                app_bytes: None,
-            };
+            reply.duplicate = true;
+            return answer(reply);
         }
-        self.run(app, id, op, args, now_ms, limits, false)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn run<A: Application<State = S>>(
-        &mut self,
-        app: &A,
-        id: u64,
-        op: &str,
-        args: &Value,
-        now_ms: u64,
-        limits: &Limits,
-        retry: bool,
-    ) -> Outcome<S> {
-        let read_only = app.is_read_only(op);
-        let undo = (!read_only).then(|| Box::new(self.clone()));
-        let mut ctx = OpCtx {
-            outbox: &mut self.outbox,
-            now_ms,
-            outbox_max: limits.outbox_max,
-            max_delay_ms: limits.max_emit_delay_ms,
-        };
-        let result = app.apply(&mut self.app, op, args, &mut ctx);
-        let mut app_bytes = None;
-        let result = match result {
-            Ok(applied) if applied.changed => {
-                let bytes = app.encode_state(&self.app);
-                let size = bytes.len();
-                app_bytes = Some(bytes);
-                let checkpoint = self.checkpoint_estimate(size);
-                if size > limits.max_state_bytes {
-                    Err(AppError::new(
-                        ErrorCode::TooLarge,
-                        format!(
-                            "state would be {size} bytes, over the limit of {}",
-                            limits.max_state_bytes
-                        ),
-                    ))
-                } else if checkpoint > limits.max_checkpoint_bytes {
-                    Err(AppError::new(
-                        ErrorCode::TooLarge,
-                        format!(
-                            "the session's checkpoint would be about {checkpoint} bytes \
-                             (state and unacknowledged events), over the limit of {}: \
-                             acknowledge events or shrink the state",
-                            limits.max_checkpoint_bytes
-                        ),
-                    ))
-                } else {
-                    self.version += 1;
-                    Ok(applied)
-                }
+        let result = result.and_then(|eff| {
+            if !eff.writes() {
+                return Ok((eff.reply, None));
             }
-            other => other,
-        };
+            let reply = eff.reply.clone();
+            self.apply_effects(rt, eff, limits)
+                .map(|(undo, bytes)| (reply, Some((undo, bytes))))
+        });
         match result {
-            Ok(applied) => {
-                let reply = OpReply::ok(id, applied.value, self.version);
-                if retry {
-                    return Outcome {
-                        reply,
-                        undo: None,
-                        app_bytes: None,
-                    };
-                }
+            Ok((value, None)) => {
                 self.last_op = id;
-                if applied.changed {
-                    self.last_reply = Some(reply.clone());
-                    Outcome {
-                        reply,
-                        undo,
-                        app_bytes,
-                    }
-                } else {
-                    self.last_reply = None;
-                    Outcome {
-                        reply,
-                        undo: None,
-                        app_bytes: None,
-                    }
+                self.last_reply = None;
+                answer(OpReply::ok(id, value, self.version))
+            }
+            Ok((value, Some((undo, bytes)))) => {
+                let reply = OpReply::ok(id, value, self.version);
+                self.last_op = id;
+                self.last_reply = Some(reply.clone());
+                Outcome {
+                    reply,
+                    undo: Some(undo),
+                    app_bytes: Some(bytes),
                 }
             }
             Err(e) => {
-                if let Some(before) = undo {
-                    // Applications promise to leave state untouched on error, but
-                    // `too_large` is found after the change: restore to be sure.
-                    *self = *before;
-                }
                 let reply = OpReply::err(id, e.code, e.message, self.version);
-                if e.code.consumes_op_id() && !retry {
+                if e.code.consumes_op_id() {
                     self.last_op = id;
                     self.last_reply = Some(reply.clone());
                 }
-                Outcome {
-                    reply,
-                    undo: None,
-                    app_bytes: None,
-                }
+                answer(reply)
             }
         }
+    }
+
+    /// Commits a firing of timer `name` due at `due_ms`: the timer is gone
+    /// (unless the handler set it again) and the handler's effects apply.
+    /// Answers how to take it back and the encoded state for the checkpoint;
+    /// an error changes nothing.
+    pub fn commit_timer(
+        &mut self,
+        rt: &dyn Runtime,
+        name: &str,
+        due_ms: u64,
+        mut eff: Effects,
+        limits: &Limits,
+    ) -> Result<(Undo, Vec<u8>), AppError> {
+        if eff.timers.is_none() {
+            let mut left = self.timers.clone();
+            if left.get(name) == Some(&due_ms) {
+                left.remove(name);
+            }
+            eff.timers = Some(left);
+        }
+        self.apply_effects(rt, eff, limits)
+    }
+
+    /// The timers a handler of a firing of `name` starts from (without it).
+    pub fn timers_without(&self, name: &str) -> Timers {
+        let mut t = self.timers.clone();
+        t.remove(name);
+        t
+    }
+
+    /// Applies a writing handler's effects, bounded by `limits`; bumps the
+    /// version. On a limit, nothing is changed.
+    fn apply_effects(
+        &mut self,
+        rt: &dyn Runtime,
+        eff: Effects,
+        limits: &Limits,
+    ) -> Result<(Undo, Vec<u8>), AppError> {
+        if self.outbox.len() + eff.events.len() > limits.outbox_max {
+            return Err(AppError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "the session holds {} unacknowledged events: ack some, then retry",
+                    self.outbox.len()
+                ),
+            ));
+        }
+        let undo = Undo {
+            app: self.app.clone(),
+            version: self.version,
+            last_op: self.last_op,
+            last_reply: self.last_reply.clone(),
+            seq_from: self.outbox.next_seq(),
+            timers: eff.timers.as_ref().map(|_| self.timers.clone()),
+        };
+        let (bytes, state_changed) = match eff.state {
+            Some((state, bytes)) => {
+                self.app = state;
+                (bytes, true)
+            }
+            None => (rt.encode_state(&self.app), false),
+        };
+        for (body, due) in eff.events {
+            self.outbox.push(body, due);
+        }
+        if let Some(t) = eff.timers {
+            self.timers = t;
+        }
+        let size = bytes.len();
+        let checkpoint = self.checkpoint_estimate(size);
+        let refused = if state_changed && size > limits.max_state_bytes {
+            Some(format!(
+                "state would be {size} bytes, over the limit of {}",
+                limits.max_state_bytes
+            ))
+        } else if checkpoint > limits.max_checkpoint_bytes {
+            Some(format!(
+                "the session's checkpoint would be about {checkpoint} bytes \
+                 (state and unacknowledged events), over the limit of {}: \
+                 acknowledge events or shrink the state",
+                limits.max_checkpoint_bytes
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            self.undo(undo);
+            return Err(AppError::new(ErrorCode::TooLarge, why));
+        }
+        self.version += 1;
+        Ok((undo, bytes))
+    }
+
+    /// Takes back a commit whose checkpoint failed.
+    pub fn undo(&mut self, undo: Undo) {
+        self.app = undo.app;
+        self.version = undo.version;
+        self.last_op = undo.last_op;
+        self.last_reply = undo.last_reply;
+        self.outbox.take_back(undo.seq_from);
+        if let Some(t) = undo.timers {
+            self.timers = t;
+        }
+    }
+
+    /// When the earliest timer falls due, and its name.
+    pub fn next_timer(&self) -> Option<(&str, u64)> {
+        self.timers
+            .iter()
+            .min_by_key(|(_, due)| **due)
+            .map(|(n, d)| (n.as_str(), *d))
     }
 
     /// Rough size of this state's checkpoint, given the encoded application
@@ -341,18 +376,21 @@ impl<S: Clone + Default> SessionState<S> {
         app_len
             + self.outbox.checkpoint_bytes()
             + self.last_reply.as_ref().map_or(0, reply_len)
+            + self.timers.keys().map(|k| k.len() + 16).sum::<usize>()
             + CHECKPOINT_OVERHEAD
     }
 
     /// The checkpoint of this state.
-    pub fn to_checkpoint<A: Application<State = S>>(&self, app: &A) -> Checkpoint {
-        self.to_checkpoint_with(app.encode_state(&self.app))
+    pub fn to_checkpoint(&self, rt: &dyn Runtime) -> Checkpoint {
+        let bytes = rt.encode_state(&self.app);
+        self.to_checkpoint_with(rt, bytes)
     }
 
     /// The checkpoint of this state, given its already encoded application state.
-    pub fn to_checkpoint_with(&self, app_bytes: Vec<u8>) -> Checkpoint {
+    pub fn to_checkpoint_with(&self, rt: &dyn Runtime, app_bytes: Vec<u8>) -> Checkpoint {
         Checkpoint {
             app: app_bytes,
+            app_version: rt.state_version(),
             version: self.version,
             last_op: self.last_op,
             last_reply: self
@@ -362,28 +400,26 @@ impl<S: Clone + Default> SessionState<S> {
             token_hash: self.token_hash.0,
             next_seq: self.outbox.next_seq,
             events: self.outbox.events.iter().cloned().collect(),
+            timers: self.timers.iter().map(|(n, d)| (n.clone(), *d)).collect(),
         }
     }
 
-    /// Rebuilds a state from its checkpoint.
-    pub fn from_checkpoint<A: Application<State = S>>(
-        app: &A,
-        ck: Checkpoint,
-    ) -> Result<Self, String> {
+    /// Rebuilds a state from its checkpoint (migrating an older application
+    /// state; refusing a newer one).
+    pub fn from_checkpoint(rt: &dyn Runtime, ck: Checkpoint) -> Result<Self, String> {
         let last_reply = match ck.last_reply {
             Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| e.to_string())?),
             None => None,
         };
         Ok(SessionState {
-            app: app.decode_state(&ck.app)?,
+            app: rt
+                .decode_state(ck.app_version, &ck.app)
+                .map_err(|e| e.to_string())?,
             version: ck.version,
             last_op: ck.last_op,
             last_reply,
-            outbox: Outbox {
-                body_bytes: ck.events.iter().map(|e| body_len(&e.body)).sum(),
-                events: ck.events.into(),
-                next_seq: ck.next_seq,
-            },
+            outbox: Outbox::from_parts(ck.events, ck.next_seq),
+            timers: ck.timers.into_iter().collect(),
             token_hash: TokenHash(ck.token_hash),
         })
     }
@@ -391,20 +427,74 @@ impl<S: Clone + Default> SessionState<S> {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use super::*;
     use crate::ids::new_token;
-    use crate::kv::KvApp;
+    use crate::kv::{KvApp, KvState};
+    use crate::runtime::Typed;
     use proptest::prelude::*;
-    use serde_json::{json, Map};
+    use serde_json::{json, Value};
 
-    type Kv = SessionState<Map<String, Value>>;
+    type Kv = SessionState;
 
-    fn fresh() -> Kv {
-        SessionState::new(new_token().1)
+    fn rt() -> Arc<dyn Runtime> {
+        Arc::new(Typed::new(KvApp))
     }
 
-    fn op(s: &mut Kv, id: u64, name: &str, args: Value) -> Outcome<Map<String, Value>> {
-        s.apply(&KvApp, id, name, &args, 1_000, &Limits::default())
+    fn fresh() -> Kv {
+        SessionState::new(&*rt(), new_token().1)
+    }
+
+    /// The kv state of `s`.
+    fn kv(s: &Kv) -> KvState {
+        s.app.downcast_ref::<KvState>().cloned().unwrap()
+    }
+
+    /// Runs a handler future that never waits (kv's never do).
+    fn now<T>(fut: impl Future<Output = T>) -> T {
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("a kv handler waited"),
+        }
+    }
+
+    /// What the session actor does for one op, without the actor.
+    fn apply(
+        s: &mut Kv,
+        id: u64,
+        name: &str,
+        args: &Value,
+        now_ms: u64,
+        limits: &Limits,
+    ) -> Outcome {
+        let rt = rt();
+        let retry = match s.begin(id) {
+            Begin::Answer(reply) => {
+                return Outcome {
+                    reply,
+                    undo: None,
+                    app_bytes: None,
+                }
+            }
+            Begin::Run { retry } => retry,
+        };
+        let env = s.env("s".into(), Invocation::Op(id), now_ms, limits);
+        let fut = rt.clone().run_op(
+            s.app_state(),
+            env,
+            s.timers.clone(),
+            name.into(),
+            args.clone(),
+        );
+        let result = now(fut);
+        s.commit_op(&*rt, id, retry, result, limits)
+    }
+
+    fn op(s: &mut Kv, id: u64, name: &str, args: Value) -> Outcome {
+        apply(s, id, name, &args, 1_000, &Limits::default())
     }
 
     #[test]
@@ -464,8 +554,8 @@ mod tests {
     fn errors_leave_state_and_answer_codes() {
         let mut s = fresh();
         op(&mut s, 1, "set", json!({"key":"s","value":"str"}));
-        let before = s.app.clone();
-        let code = |o: Outcome<_>| o.reply.error.unwrap().code;
+        let before = kv(&s);
+        let code = |o: Outcome| o.reply.error.unwrap().code;
         assert_eq!(
             code(op(&mut s, 2, "incr", json!({"key":"s"}))),
             ErrorCode::TypeMismatch
@@ -489,8 +579,10 @@ mod tests {
             code(op(&mut s, 9, "incr", json!({"key":"big"}))),
             ErrorCode::TypeMismatch
         );
-        s.app.remove("big");
-        assert_eq!(s.app, before);
+        let mut m = kv(&s);
+        m.remove("big");
+        s.app = Arc::new(m);
+        assert_eq!(kv(&s), before);
         // Deterministic failures consume the id; the retry gets the same answer.
         let again = op(&mut s, 9, "incr", json!({"key":"big"}));
         assert!(again.reply.duplicate);
@@ -504,8 +596,8 @@ mod tests {
             max_state_bytes: 50,
             ..Limits::default()
         };
-        let ok = s.apply(
-            &KvApp,
+        let ok = apply(
+            &mut s,
             1,
             "set",
             &json!({"key":"a","value":"x"}),
@@ -514,8 +606,8 @@ mod tests {
         );
         assert!(ok.reply.ok);
         let big = "y".repeat(100);
-        let o = s.apply(
-            &KvApp,
+        let o = apply(
+            &mut s,
             2,
             "set",
             &json!({"key":"b","value":big}),
@@ -524,7 +616,7 @@ mod tests {
         );
         assert_eq!(o.reply.error.unwrap().code, ErrorCode::TooLarge);
         assert!(o.undo.is_none());
-        assert_eq!(s.app.len(), 1);
+        assert_eq!(kv(&s).len(), 1);
         assert_eq!(s.version, 1);
     }
 
@@ -539,7 +631,7 @@ mod tests {
         assert!(retry.reply.duplicate);
         let older = op(&mut s, 1, "incr", json!({"key":"c"})).reply;
         assert!(older.ok && older.duplicate && older.value.is_none());
-        assert_eq!(s.app["c"], json!(2));
+        assert_eq!(kv(&s)["c"], json!(2));
         // A retried read is read again.
         op(&mut s, 3, "get", json!({"key":"c"}));
         let r = op(&mut s, 3, "get", json!({"key":"c"})).reply;
@@ -550,8 +642,8 @@ mod tests {
     fn events_wait_their_turn_and_ack_trims() {
         let mut s = fresh();
         let limits = Limits::default();
-        let a = s.apply(
-            &KvApp,
+        let a = apply(
+            &mut s,
             1,
             "emit",
             &json!({"body":"late","delay_ms":500}),
@@ -559,7 +651,7 @@ mod tests {
             &limits,
         );
         assert_eq!(a.reply.value, Some(json!(1)));
-        let b = s.apply(&KvApp, 2, "emit", &json!({"body":"now"}), 1_000, &limits);
+        let b = apply(&mut s, 2, "emit", &json!({"body":"now"}), 1_000, &limits);
         assert_eq!(b.reply.value, Some(json!(2)));
         assert_eq!(
             s.outbox.due_after(0, 1_000).count(),
@@ -595,7 +687,7 @@ mod tests {
         let mut id = 0;
         let refused = loop {
             id += 1;
-            let out = s.apply(&KvApp, id, "emit", &json!({ "body": big }), 0, &limits);
+            let out = apply(&mut s, id, "emit", &json!({ "body": big }), 0, &limits);
             if !out.reply.ok {
                 break out.reply;
             }
@@ -607,19 +699,19 @@ mod tests {
             4,
             "4 x 64 KiB fit in 300 KiB, a fifth does not"
         );
-        let ck = crate::codec::encode(s.to_checkpoint(&KvApp));
+        let ck = crate::codec::encode(s.to_checkpoint(&*rt()));
         assert!(ck.len() <= limits.max_checkpoint_bytes, "{}", ck.len());
         assert!(
-            s.checkpoint_estimate(KvApp.encode_state(&s.app).len()) >= ck.len(),
+            s.checkpoint_estimate(rt().encode_state(&s.app).len()) >= ck.len(),
             "the estimate bounds the real checkpoint"
         );
         // Acknowledging events makes room again.
         assert!(s.outbox.ack(2, 0));
         id += 1;
-        let out = s.apply(&KvApp, id, "emit", &json!({ "body": big }), 0, &limits);
+        let out = apply(&mut s, id, "emit", &json!({ "body": big }), 0, &limits);
         assert!(out.reply.ok, "{:?}", out.reply);
         // The byte count survives a checkpoint round trip.
-        let back = SessionState::from_checkpoint(&KvApp, s.to_checkpoint(&KvApp)).unwrap();
+        let back = SessionState::from_checkpoint(&*rt(), s.to_checkpoint(&*rt())).unwrap();
         assert_eq!(back.outbox.checkpoint_bytes(), s.outbox.checkpoint_bytes());
     }
 
@@ -632,20 +724,16 @@ mod tests {
         };
         for id in 1..=2 {
             assert!(
-                s.apply(&KvApp, id, "emit", &json!({"body":id}), 0, &limits)
+                apply(&mut s, id, "emit", &json!({"body":id}), 0, &limits)
                     .reply
                     .ok
             );
         }
-        let r = s
-            .apply(&KvApp, 3, "emit", &json!({"body":3}), 0, &limits)
-            .reply;
+        let r = apply(&mut s, 3, "emit", &json!({"body":3}), 0, &limits).reply;
         assert_eq!(r.error.unwrap().code, ErrorCode::RateLimited);
         assert_eq!(s.last_op, 2);
         s.outbox.ack(2, 0);
-        let r = s
-            .apply(&KvApp, 3, "emit", &json!({"body":3}), 0, &limits)
-            .reply;
+        let r = apply(&mut s, 3, "emit", &json!({"body":3}), 0, &limits).reply;
         assert_eq!(r.value, Some(json!(3)));
     }
 
@@ -669,19 +757,19 @@ mod tests {
         fn retries_are_idempotent_and_checkpoints_round_trip(ops in prop::collection::vec(arb_op(), 1..40)) {
             let mut s = fresh();
             for (i, (name, args)) in ops.iter().enumerate() {
-                s.apply(&KvApp, i as u64 + 1, name, args, 0, &Limits::default());
+                apply(&mut s, i as u64 + 1, name, args, 0, &Limits::default());
             }
             let settled = s.clone();
             for (i, (name, args)) in ops.iter().enumerate() {
-                let o = s.apply(&KvApp, i as u64 + 1, name, args, 0, &Limits::default());
+                let o = apply(&mut s, i as u64 + 1, name, args, 0, &Limits::default());
                 prop_assert!(o.undo.is_none());
                 prop_assert!(o.reply.duplicate);
             }
-            prop_assert_eq!(&s.app, &settled.app);
+            prop_assert_eq!(kv(&s), kv(&settled));
             prop_assert_eq!(s.version, settled.version);
-            let bytes = crate::codec::encode(s.to_checkpoint(&KvApp));
-            let back = SessionState::from_checkpoint(&KvApp, crate::codec::decode(&bytes).unwrap()).unwrap();
-            prop_assert_eq!(back, s);
+            let bytes = crate::codec::encode(s.to_checkpoint(&*rt()));
+            let back = SessionState::from_checkpoint(&*rt(), crate::codec::decode(&bytes).unwrap()).unwrap();
+            prop_assert_eq!(back.to_checkpoint(&*rt()), s.to_checkpoint(&*rt()));
         }
     }
 }

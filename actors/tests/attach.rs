@@ -18,7 +18,7 @@ use berth_actors::session::{
 };
 use berth_actors::state::Limits;
 use berth_actors::store::memory::MemoryStore;
-use berth_actors::store::{Activation, CheckpointStore, StoreError};
+use berth_actors::store::{Activation, CheckpointStore, StoreError, Wake};
 use futures_util::future::{BoxFuture, FutureExt};
 use serde_json::json;
 
@@ -59,13 +59,21 @@ impl CheckpointStore for SlowStore {
     fn create(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
         self.delayed(self.inner.create(id))
     }
-    fn save(
+    fn save_waking(
         &self,
         id: &SessionId,
         epoch: u64,
         bytes: Vec<u8>,
+        wake: Wake,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
-        self.delayed(self.inner.save(id, epoch, bytes))
+        self.delayed(self.inner.save_waking(id, epoch, bytes, wake))
+    }
+    fn due_wakes(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<SessionId>, StoreError>> {
+        self.inner.due_wakes(now_ms, limit)
     }
     fn delete(&self, id: &SessionId, epoch: u64) -> BoxFuture<'static, Result<(), StoreError>> {
         self.delayed(self.inner.delete(id, epoch))
@@ -84,7 +92,7 @@ impl CheckpointStore for SlowStore {
     }
 }
 
-fn host(name: &str, store: Arc<dyn CheckpointStore>) -> Host<KvApp> {
+fn host(name: &str, store: Arc<dyn CheckpointStore>) -> Host {
     Host::new(
         KvApp,
         store,
@@ -96,6 +104,7 @@ fn host(name: &str, store: Arc<dyn CheckpointStore>) -> Host<KvApp> {
             checkpoint_interval: Duration::from_secs(1),
             touch_after: Duration::from_secs(3600),
             lease: Duration::from_secs(60),
+            handler_timeout: Duration::from_secs(10),
         },
         Limits::default(),
     )
@@ -135,7 +144,7 @@ impl Client {
     }
 }
 
-async fn incr(addr: &Addr<SessionActor<KvApp>>, conn: &ConnHandle, id: u64) -> OpReply {
+async fn incr(addr: &Addr<SessionActor>, conn: &ConnHandle, id: u64) -> OpReply {
     addr.send(Op {
         conn_id: conn.id(),
         id,
@@ -406,10 +415,10 @@ const TWIN_TOKEN: &str = "twin-token-0123456789";
 /// creating hello.
 struct Twins {
     id: SessionId,
-    a: Addr<SessionActor<KvApp>>,
+    a: Addr<SessionActor>,
     ha: ConnHandle,
     _rxa: ConnReceiver,
-    b: Addr<SessionActor<KvApp>>,
+    b: Addr<SessionActor>,
     hb: ConnHandle,
     rxb: ConnReceiver,
 }

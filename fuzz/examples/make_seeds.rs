@@ -97,6 +97,8 @@ fn main() {
 
     // Checkpoints of kv sessions.
     let empty = Checkpoint {
+        app_version: 1,
+        timers: vec![],
         app: b"{}".to_vec(),
         version: 0,
         last_op: 0,
@@ -105,8 +107,17 @@ fn main() {
         next_seq: 1,
         events: vec![],
     };
-    write("checkpoint", "empty", &codec::encode(empty));
+    write("checkpoint", "empty", &codec::encode(empty.clone()));
+    // Format 2: a newer application schema and timers.
+    let timed = Checkpoint {
+        app_version: 2,
+        timers: vec![("remind".into(), 1_700_000_000_000), ("x".into(), 0)],
+        ..empty
+    };
+    write("checkpoint", "timers", &codec::encode(timed));
     let busy = Checkpoint {
+        app_version: 1,
+        timers: vec![],
         app: serde_json::to_vec(&json!({"n": 3, "s": "x", "l": [1, 2], "o": {"a": null}}))
             .expect("json"),
         version: 7,
@@ -131,6 +142,8 @@ fn main() {
     };
     write("checkpoint", "busy", &codec::encode(busy));
     let failed = Checkpoint {
+        app_version: 1,
+        timers: vec![],
         app: b"{\"a\":1}".to_vec(),
         version: 1,
         last_op: 2,

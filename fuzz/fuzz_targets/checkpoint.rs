@@ -6,6 +6,7 @@
 
 use berth_actors::codec::{self, Checkpoint};
 use berth_actors::kv::KvApp;
+use berth_actors::runtime::Typed;
 use berth_actors::state::SessionState;
 use berth_fuzz::{same_json, same_json_bytes};
 use libfuzzer_sys::fuzz_target;
@@ -19,6 +20,8 @@ fn same_checkpoint(a: &Checkpoint, b: &Checkpoint) -> bool {
             (Some(x), Some(y)) => same_json_bytes(x, y),
             (x, y) => x == y,
         }
+        && a.app_version == b.app_version
+        && a.timers == b.timers
         && a.token_hash == b.token_hash
         && a.next_seq == b.next_seq
         && a.events.len() == b.events.len()
@@ -29,24 +32,26 @@ fn same_checkpoint(a: &Checkpoint, b: &Checkpoint) -> bool {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let kv = Typed::new(KvApp);
     let Ok(ck) = codec::decode(data) else {
         return; // "stored checkpoint is unreadable"
     };
     let again = codec::decode(&codec::encode(ck.clone())).expect("a decoded checkpoint re-encodes");
     assert!(same_checkpoint(&again, &ck), "{again:?} != {ck:?}");
-    let Ok(mut state) = SessionState::from_checkpoint(&KvApp, ck) else {
+    let Ok(mut state) = SessionState::from_checkpoint(&kv, ck) else {
         return;
     };
     // Checkpointing the re-activated state gives it back.
-    let ck = state.to_checkpoint(&KvApp);
+    let ck = state.to_checkpoint(&kv);
     let bytes = codec::encode(ck.clone());
     let back = codec::decode(&bytes)
         .map_err(|e| e.to_string())
-        .and_then(|ck| SessionState::from_checkpoint(&KvApp, ck))
+        .and_then(|ck| SessionState::from_checkpoint(&kv, ck))
         .expect("the checkpoint of a re-activated state reads back");
-    let back = back.to_checkpoint(&KvApp);
+    let back = back.to_checkpoint(&kv);
     assert!(same_checkpoint(&back, &ck), "{back:?} != {ck:?}");
     let _ = state.checkpoint_estimate(bytes.len());
+    let _ = state.next_timer();
     // A client resuming with any ack: replay, the next timer, acknowledgement.
     for ack in [0, state.outbox.last_seq(), u64::MAX] {
         let _ = state.outbox.due_after(ack, u64::MAX).count();

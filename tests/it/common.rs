@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -195,7 +195,12 @@ impl Berth {
     }
 
     pub fn start_with(env: &[(String, String)], args: &[&str]) -> Berth {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        Self::start_bin(Path::new(env!("CARGO_BIN_EXE_berth")), env, args)
+    }
+
+    /// Any berth node binary (an application built on the library).
+    pub fn start_bin(bin: &Path, env: &[(String, String)], args: &[&str]) -> Berth {
+        let mut cmd = Command::new(bin);
         cmd.args(args)
             .current_dir(std::env::temp_dir()) // no config/berth.toml picked up by accident
             .env_remove("RUST_LOG")

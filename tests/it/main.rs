@@ -9,8 +9,11 @@
 //! - `abuse`: what one anonymous client can cost (session cap, lazy store,
 //!   per-source connection rate, checkpoint bound).
 //! - `cluster`, `loadtest`: several nodes, Consul, berth-loadtest.
+//! - `app`: the application API (async handlers, all-or-nothing commits,
+//!   deadlines, timers, state migrations) through `tests/apps/probe.rs`.
 
 mod abuse;
+mod app;
 mod cluster;
 mod common;
 mod durability;

@@ -2,13 +2,13 @@
 //! tests. Same semantics as the Redis store (epochs, fencing, time to live), none
 //! of its durability: everything is gone with the process.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::{self, BoxFuture, FutureExt};
 
-use super::{Activation, CheckpointStore, StoreError};
+use super::{Activation, CheckpointStore, StoreError, Wake};
 use crate::ids::SessionId;
 
 #[derive(Debug)]
@@ -19,11 +19,16 @@ struct Entry {
     expires: Instant,
 }
 
+/// The timer index: (due, session) in due order, and each session's due.
+type WakeIndex = (BTreeSet<(u64, SessionId)>, HashMap<SessionId, u64>);
+
 /// An in-process checkpoint store.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     // A std mutex: every critical section is a map operation, never an await.
     map: Arc<Mutex<HashMap<SessionId, Entry>>>,
+    /// The timer index: (due, session) and each session's due.
+    wakes: Arc<Mutex<WakeIndex>>,
     ttl: Duration,
 }
 
@@ -32,6 +37,7 @@ impl MemoryStore {
     pub fn new(ttl: Duration) -> Self {
         MemoryStore {
             map: Arc::default(),
+            wakes: Arc::default(),
             ttl,
         }
     }
@@ -44,6 +50,18 @@ impl MemoryStore {
             map.retain(|_, e| e.expires > now);
         }
         f(&mut map, now)
+    }
+
+    fn set_wake(&self, id: &SessionId, wake: Option<u64>) {
+        let mut w = self.wakes.lock().unwrap_or_else(|p| p.into_inner());
+        let (by_due, by_id) = &mut *w;
+        if let Some(old) = by_id.remove(id) {
+            by_due.remove(&(old, id.clone()));
+        }
+        if let Some(at) = wake {
+            by_id.insert(id.clone(), at);
+            by_due.insert((at, id.clone()));
+        }
     }
 
     fn live<'m>(
@@ -71,6 +89,9 @@ impl CheckpointStore for MemoryStore {
                 checkpoint: bytes,
             })
         });
+        if r.is_none() {
+            self.set_wake(id, None); // a gone session wakes no more
+        }
         future::ready(Ok(r)).boxed()
     }
 
@@ -97,11 +118,12 @@ impl CheckpointStore for MemoryStore {
         future::ready(r).boxed()
     }
 
-    fn save(
+    fn save_waking(
         &self,
         id: &SessionId,
         epoch: u64,
         bytes: Vec<u8>,
+        wake: Wake,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         let ttl = self.ttl;
         let r = self.with(|map, now| {
@@ -122,7 +144,29 @@ impl CheckpointStore for MemoryStore {
             );
             Ok(())
         });
+        if r.is_ok() {
+            match wake {
+                Wake::Keep => {}
+                Wake::At(at) => self.set_wake(id, Some(at)),
+                Wake::Never => self.set_wake(id, None),
+            }
+        }
         future::ready(r).boxed()
+    }
+
+    fn due_wakes(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<SessionId>, StoreError>> {
+        let w = self.wakes.lock().unwrap_or_else(|p| p.into_inner());
+        let due =
+            w.0.iter()
+                .take_while(|(at, _)| *at <= now_ms)
+                .take(limit)
+                .map(|(_, id)| id.clone())
+                .collect();
+        future::ready(Ok(due)).boxed()
     }
 
     fn delete(&self, id: &SessionId, epoch: u64) -> BoxFuture<'static, Result<(), StoreError>> {
@@ -145,6 +189,9 @@ impl CheckpointStore for MemoryStore {
             );
             Ok(())
         });
+        if r.is_ok() {
+            self.set_wake(id, None);
+        }
         future::ready(r).boxed()
     }
 

@@ -46,6 +46,19 @@ pub struct Activation {
     pub checkpoint: Vec<u8>,
 }
 
+/// What a write does to the store's index of sessions with timers (the index
+/// a node scans to wake passivated sessions whose timer is due). Written in the
+/// same atomic step as the checkpoint, so the index never disagrees with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Leave the session's entry as it is (the common case: no timer changed).
+    Keep,
+    /// Wake the session at this time (ms since the Unix epoch).
+    At(u64),
+    /// The session has no timer: drop its entry.
+    Never,
+}
+
 /// A place to keep checkpoints, shared by all session actors of a node.
 ///
 /// Futures are `'static` so actors can hold them across their own awaits.
@@ -70,7 +83,28 @@ pub trait CheckpointStore: Send + Sync + 'static {
         id: &SessionId,
         epoch: u64,
         bytes: Vec<u8>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        self.save_waking(id, epoch, bytes, Wake::Keep)
+    }
+
+    /// [`CheckpointStore::save`], updating the timer index as `wake` says in
+    /// the same atomic step.
+    fn save_waking(
+        &self,
+        id: &SessionId,
+        epoch: u64,
+        bytes: Vec<u8>,
+        wake: Wake,
     ) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Up to `limit` sessions whose timer index entry is due at `now_ms`,
+    /// earliest first. An entry stays until a write of its session moves or
+    /// drops it, or an activation finds the session gone.
+    fn due_wakes(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<SessionId>, StoreError>>;
 
     /// Deletes a session (after `bye`), fenced like `save`. The epoch stays
     /// behind as a tombstone so a stale writer cannot bring the session back.

@@ -8,6 +8,13 @@
 //! Every write goes through one Lua script that refuses an epoch older than the
 //! stored one; both keys expire together `session_ttl` after the last write.
 //!
+//! One more key, `<prefix>:timers`, is the timer index: a sorted set of the
+//! session ids that have a timer set, scored by the earliest one's due time.
+//! A write that changes a session's earliest timer updates it in the same
+//! script; an activation that finds the session gone drops its entry. (It is
+//! one key for the whole store: a Redis Cluster deployment would shard it by
+//! hash tag.)
+//!
 //! Writes are **group-committed**: every `save` of every session on the node goes
 //! into one queue; a batcher task takes whatever is queued (up to `batch_max`,
 //! optionally waiting `batch_delay` for more) and sends it as one pipeline, with
@@ -24,13 +31,17 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::{Activation, CheckpointStore, StoreError};
+use super::{Activation, CheckpointStore, StoreError, Wake};
 use crate::ids::SessionId;
 
-/// Activation: read the checkpoint and, if there is one, take the next epoch.
+/// Activation: read the checkpoint and, if there is one, take the next epoch;
+/// if there is none, the session leaves the timer index (KEYS[3], member ARGV[2]).
 const ACTIVATE_LUA: &str = r"
 local ck = redis.call('GET', KEYS[1])
-if not ck then return false end
+if not ck then
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  return false
+end
 local e = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
@@ -48,21 +59,32 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return e
 ";
 
-/// Fenced write. Returns 0 when written, else the newer stored epoch.
+/// Fenced write. Returns 0 when written, else the newer stored epoch. With
+/// KEYS[3] (the timer index), ARGV[4] (the session id) and ARGV[5] (a due
+/// time, or -1 for none), the index entry moves in the same step.
 const SAVE_LUA: &str = r"
 local stored = tonumber(redis.call('GET', KEYS[2]) or '0')
 if tonumber(ARGV[1]) < stored then return stored end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+if KEYS[3] then
+  if tonumber(ARGV[5]) < 0 then
+    redis.call('ZREM', KEYS[3], ARGV[4])
+  else
+    redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+  end
+end
 return 0
 ";
 
-/// Fenced delete; leaves epoch + 1 behind as a tombstone.
+/// Fenced delete; leaves epoch + 1 behind as a tombstone, and drops the
+/// session's timer index entry (KEYS[3], member ARGV[3]).
 const DELETE_LUA: &str = r"
 local stored = tonumber(redis.call('GET', KEYS[2]) or '0')
 local e = tonumber(ARGV[1])
 if e < stored then return stored end
 redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[2], string.format('%d', e + 1), 'PX', ARGV[2])
 return 0
 ";
@@ -94,6 +116,8 @@ pub struct RedisStoreConfig {
 struct SaveReq {
     ck_key: String,
     ep_key: String,
+    /// The timer index update: the session id and its due time (-1: none).
+    wake: Option<(String, i64)>,
     epoch: u64,
     bytes: Vec<u8>,
     reply: oneshot::Sender<Result<(), StoreError>>,
@@ -282,6 +306,10 @@ impl RedisStore {
         (format!("{p}:{{{id}}}:ck"), format!("{p}:{{{id}}}:ep"))
     }
 
+    fn timers_key(&self) -> String {
+        cfg_timers_key(&self.cfg)
+    }
+
     fn ttl_ms(&self) -> u64 {
         self.cfg.session_ttl.as_millis() as u64
     }
@@ -335,6 +363,7 @@ impl CheckpointStore for RedisStore {
         id: &SessionId,
     ) -> BoxFuture<'static, Result<Option<Activation>, StoreError>> {
         let (ck, ep) = self.keys(id);
+        let (timers, member) = (self.timers_key(), id.to_string());
         let (primary, scripts, ttl, t) = (
             self.primary.clone(),
             self.scripts.clone(),
@@ -350,7 +379,9 @@ impl CheckpointStore for RedisStore {
                     .activate
                     .key(ck)
                     .key(ep)
+                    .key(timers)
                     .arg(ttl)
+                    .arg(member)
                     .invoke_async(&mut conn),
             )
             .await
@@ -389,17 +420,24 @@ impl CheckpointStore for RedisStore {
         .boxed()
     }
 
-    fn save(
+    fn save_waking(
         &self,
         id: &SessionId,
         epoch: u64,
         bytes: Vec<u8>,
+        wake: Wake,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         let (ck_key, ep_key) = self.keys(id);
         let (tx, rx) = oneshot::channel();
+        let wake = match wake {
+            Wake::Keep => None,
+            Wake::At(at) => Some((id.to_string(), i64::try_from(at).unwrap_or(i64::MAX))),
+            Wake::Never => Some((id.to_string(), -1)),
+        };
         let req = SaveReq {
             ck_key,
             ep_key,
+            wake,
             epoch,
             bytes,
             reply: tx,
@@ -428,6 +466,7 @@ impl CheckpointStore for RedisStore {
 
     fn delete(&self, id: &SessionId, epoch: u64) -> BoxFuture<'static, Result<(), StoreError>> {
         let (ck, ep) = self.keys(id);
+        let (timers, member) = (self.timers_key(), id.to_string());
         let (primary, scripts, ttl, t) = (
             self.primary.clone(),
             self.scripts.clone(),
@@ -443,8 +482,10 @@ impl CheckpointStore for RedisStore {
                     .delete
                     .key(ck)
                     .key(ep)
+                    .key(timers)
                     .arg(epoch)
                     .arg(ttl)
+                    .arg(member)
                     .invoke_async(&mut conn),
             )
             .await
@@ -464,6 +505,33 @@ impl CheckpointStore for RedisStore {
                     .await
                     .inspect_err(|_| primary.failed())?;
             Ok(e.unwrap_or(0))
+        }
+        .boxed()
+    }
+
+    fn due_wakes(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<Vec<SessionId>, StoreError>> {
+        let (primary, t, key) = (self.primary.clone(), self.cfg.op_timeout, self.timers_key());
+        async move {
+            let mut conn = primary.get().inspect_err(|_| primary.failed())?;
+            let ids: Vec<String> = Self::timed(
+                t,
+                "due_wakes",
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(key)
+                    .arg("-inf")
+                    .arg(now_ms)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .query_async(&mut conn),
+            )
+            .await
+            .inspect_err(|_| primary.failed())?;
+            Ok(ids.iter().filter_map(|s| SessionId::parse(s)).collect())
         }
         .boxed()
     }
@@ -545,6 +613,10 @@ async fn run_batcher(
     }
 }
 
+fn cfg_timers_key(cfg: &RedisStoreConfig) -> String {
+    format!("{}:timers", cfg.key_prefix)
+}
+
 async fn flush(
     primary: &Arc<Primary>,
     scripts: &Scripts,
@@ -565,15 +637,12 @@ async fn flush(
     let ttl = cfg.session_ttl.as_millis() as u64;
     let mut pipe = redis::pipe();
     for r in &batch {
-        pipe.invoke_script(
-            scripts
-                .save
-                .key(&r.ck_key)
-                .key(&r.ep_key)
-                .arg(r.epoch)
-                .arg(&r.bytes[..])
-                .arg(ttl),
-        );
+        let mut call = scripts.save.key(&r.ck_key);
+        call.key(&r.ep_key).arg(r.epoch).arg(&r.bytes[..]).arg(ttl);
+        if let Some((id, at)) = &r.wake {
+            call.key(cfg_timers_key(cfg)).arg(id).arg(*at);
+        }
+        pipe.invoke_script(&call);
     }
     if cfg.wait_replicas > 0 {
         // Acknowledge only what enough replicas hold: a failover then keeps it.
