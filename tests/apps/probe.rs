@@ -149,8 +149,10 @@ impl Session for Probe {
 
     async fn on_timer(&self, cx: &mut Cx<State>, name: &str) -> Result<(), AppError> {
         let (now, key) = (cx.now_ms(), cx.idempotency_key());
-        cx.state_mut().fired.push((name.to_owned(), now, key));
-        cx.emit(json!({ "timer": name, "at": now }))?;
+        cx.state_mut()
+            .fired
+            .push((name.to_owned(), now, key.clone()));
+        cx.emit(json!({ "timer": name, "at": now, "key": key }))?;
         Ok(())
     }
 
