@@ -7,11 +7,12 @@
 //! ```sh
 //! timer_bench live       URL SESSIONS AFTER_MS
 //! timer_bench passivated URL SESSIONS AFTER_MS        # the node's detach timeout < AFTER_MS
-//! timer_bench failover   URL SESSIONS AFTER_MS PID RESUME_URL MEMBERS KILLED
+//! timer_bench failover   URL SESSIONS AFTER_MS PID RESUME_URL MEMBERS KILLED [KILL_AFTER_MS]
 //! ```
 //! `failover` sets the timers through URL, SIGKILLs PID (the node KILLED of
-//! the comma-separated MEMBERS) at once, and after the due time resumes every
-//! session through RESUME_URL; it reports the sessions KILLED owned apart.
+//! the comma-separated MEMBERS) KILL_AFTER_MS later (default at once), and
+//! after the due time resumes every session through RESUME_URL; it reports
+//! the sessions KILLED owned apart.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -146,6 +147,8 @@ async fn main() {
             let killed = arg(7).clone();
             let ring = Ring::new(members, DEFAULT_VNODES);
             let creds: Vec<_> = clients.into_iter().map(|(_, c)| c).collect();
+            let kill_after: u64 = args.get(8).map_or(0, |a| a.parse().expect("kill_after_ms"));
+            tokio::time::sleep(Duration::from_millis(kill_after.min(600_000))).await;
             let status = std::process::Command::new("kill")
                 .args(["-9", pid])
                 .status()

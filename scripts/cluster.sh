@@ -7,6 +7,8 @@
 #   scripts/cluster.sh start I    start node I again (or a new node I > N)
 #   scripts/cluster.sh down       stop everything it started
 #
+# BERTH_BIN=path runs another node binary (an application built on the berth
+# library, docs/applications.md) instead of target/release/berth.
 # Node I listens on 127.0.0.1:808I (public), 127.0.0.1:909I (admin) and
 # 127.0.0.1:707I (peer). Logs and pids live in .cluster/ (git-ignored).
 # Needs scripts/install-deps.sh to have run (redis-server, .tools/bin/consul).
@@ -14,7 +16,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 state="$root/.cluster"
 consul="$root/.tools/bin/consul"
-berth="$root/target/release/berth"
+berth="${BERTH_BIN:-$root/target/release/berth}"
 redis_port=6399
 consul_port=8599
 secret="local-cluster-secret-change-me"
