@@ -5,11 +5,13 @@
 //! "which node owns session X now?" and tells the binary when the answer
 //! changes. The binary (`src/`) wires it to the edge and the host.
 //!
+//! It starts no processes: the Consul agents its tests run against come from
+//! `berth-testkit`, a dev-dependency. (`tls::dev`, behind the `dev-certs`
+//! feature, is a throwaway CA for tests and `berth-loadtest local`.)
+//!
 //! # Layout
 //! - [`consul`]: a small typed client of Consul's HTTP API (registration, TTL
 //!   check, blocking health queries).
-//! - [`dev_agent`]: a `consul agent -dev` on free loopback ports (tests and
-//!   `berth-loadtest local`).
 //! - [`membership`]: the member view, from Consul or a static list, with the
 //!   last known view kept on errors.
 //! - [`peer`]: authenticated, multiplexed node-to-node links, with the ring
@@ -21,7 +23,6 @@
 #![warn(missing_docs)]
 
 pub mod consul;
-pub mod dev_agent;
 pub mod membership;
 pub mod peer;
 pub mod ring;

@@ -1,7 +1,8 @@
 //! `local`: a real cluster on loopback for a run — a `redis-server`, a Consul
-//! dev agent and N `berth` processes (the same processes the cluster tests
-//! start) — and the chaos events applied to it. Everything it starts, it
-//! stops (processes are killed when the [`LocalCluster`] is dropped).
+//! dev agent and N `berth` processes, started through the same
+//! `berth-testkit` guards as the integration tests' — and the chaos events
+//! applied to it. Everything it starts, it stops (processes are killed when
+//! the [`LocalCluster`] is dropped).
 //!
 //! Chaos is a list of events at times (`kill:2@10s`, `restart:2@13s`,
 //! `start@20s`, `drain:1@30s`, `restart-redis@40s`) and at most one soak
@@ -10,12 +11,13 @@
 //! is killed about every `kill-every` and restarted on its own ports and id
 //! `restart-after` later, at most one node down at a time.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+use berth_testkit::{Berth, BerthCommand, Consul, Redis, RedisOptions};
 
 /// A chaos event at a time.
 #[derive(Debug, Clone, PartialEq)]
@@ -378,33 +380,16 @@ impl ChaosPlan {
     }
 }
 
-use berth_cluster::dev_agent::free_port;
-
+/// `bin` at `hint` (made absolute: the nodes run in the cluster's own
+/// directory, where a relative `--berth ./berth` would name nothing), or
+/// where [`berth_testkit::find_bin`] finds it: next to this executable
+/// (cargo's target dir), the project's `.tools/bin`, then `PATH`.
 fn find(bin: &str, hint: Option<&Path>) -> Option<PathBuf> {
-    if let Some(h) = hint {
-        // Absolute: the nodes run in the cluster's own directory, where a
-        // relative `--berth ./berth` would name nothing.
-        return h.is_file().then(|| h.canonicalize().ok()).flatten();
+    match hint {
+        Some(h) => h.is_file().then(|| h.canonicalize().ok()).flatten(),
+        None => berth_testkit::find_bin(bin).ok(),
     }
-    // Next to this executable (cargo's target dir), the project's .tools/bin, then PATH.
-    let exe_dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
-    let candidates = [
-        exe_dir.join(bin),
-        exe_dir.join("../../.tools/bin").join(bin),
-        PathBuf::from(".tools/bin").join(bin),
-    ];
-    candidates.into_iter().find(|p| p.is_file()).or_else(|| {
-        std::env::var_os("PATH").and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(bin))
-                .find(|p| p.is_file())
-        })
-    })
 }
-
-/// A `consul agent -dev` on free loopback ports (see
-/// [`berth_cluster::dev_agent`]): the child and its HTTP port.
-pub use berth_cluster::dev_agent::spawn as spawn_consul_dev;
 
 /// One berth process.
 pub struct Node {
@@ -416,18 +401,19 @@ pub struct Node {
     pub admin: String,
     /// Where it listens (a restart listens there again).
     listen: Listen,
-    child: Option<Child>,
+    /// Its process while running (`None` once killed).
+    process: Option<Berth>,
 }
 
 impl Node {
     /// Its PID while running.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.as_ref().map(Berth::pid)
     }
 
     /// Whether its process is running (not killed).
     pub fn running(&self) -> bool {
-        self.child.is_some()
+        self.process.is_some()
     }
 }
 
@@ -465,11 +451,10 @@ const RESTART_PAUSE: Duration = Duration::from_millis(300);
 pub struct LocalCluster {
     dir: PathBuf,
     berth: PathBuf,
-    redis_bin: PathBuf,
-    redis: Option<Child>,
-    redis_port: u16,
-    consul: Option<Child>,
-    consul_http: u16,
+    /// A dev agent, its log in `dir`/consul.log.
+    consul: Consul,
+    /// Persistent (AOF, fsync always), its data and `redis.log` in `dir`.
+    redis: Redis,
     /// The berth nodes, in start order (node N is `nodes[N-1]`).
     pub nodes: Vec<Node>,
     secret: String,
@@ -501,18 +486,28 @@ impl LocalCluster {
         )?;
         let consul_bin = find("consul", consul)
             .context("consul not found: run scripts/install-deps.sh or pass --consul PATH")?;
-        let redis_bin = find("redis-server", None)
-            .context("redis-server not found: run scripts/install-deps.sh")?;
         let dir = std::env::temp_dir().join(format!("berth-loadtest-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
+        let redis = Redis::start_opts(RedisOptions {
+            persistent: true,
+            dir: Some(dir.clone()),
+            log: Some(dir.join("redis.log")),
+        })
+        .context("starting redis-server")?;
+        let log = std::fs::File::create(dir.join("consul.log"))?;
+        let consul =
+            Consul::spawn_dev(&consul_bin, Stdio::from(log), None).context("starting consul")?;
+        if !consul.wait_leader(Duration::from_secs(15)) {
+            bail!(
+                "consul did not elect itself leader; see {}",
+                dir.join("consul.log").display()
+            );
+        }
         let mut c = LocalCluster {
             dir,
             berth,
-            redis_bin,
-            redis: None,
-            redis_port: free_port(),
-            consul: None,
-            consul_http: 0,
+            consul,
+            redis,
             nodes: Vec::new(),
             secret: "berth-loadtest-local-secret".into(),
             tls: peer_tls.then(|| berth_cluster::tls::dev::DevCa::new("berth-loadtest local CA")),
@@ -520,57 +515,23 @@ impl LocalCluster {
         if let Some(ca) = &c.tls {
             std::fs::write(c.dir.join("peer-ca.pem"), ca.ca_pem())?;
         }
-        c.start_redis()?;
-        let log = std::fs::File::create(c.dir.join("consul.log"))?;
-        let (child, http) =
-            spawn_consul_dev(&consul_bin, Stdio::from(log)).context("starting consul")?;
-        c.consul = Some(child);
-        c.consul_http = http;
-        wait_tcp(c.consul_http, Duration::from_secs(15)).context("consul did not start")?;
-        std::thread::sleep(Duration::from_millis(1500)); // leader election of the dev agent
         for _ in 0..n {
             c.start_node()?;
         }
         Ok(c)
     }
 
-    fn start_redis(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::File::create(self.dir.join("redis.log"))?;
-        self.redis = Some(
-            Command::new(&self.redis_bin)
-                .args([
-                    "--port",
-                    &self.redis_port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "always",
-                ])
-                .arg("--dir")
-                .arg(&self.dir)
-                .stdout(log)
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting redis-server")?,
-        );
-        wait_tcp(self.redis_port, Duration::from_secs(10)).context("redis did not start")
-    }
-
     /// Starts one more node; answers its index (1-based).
     pub fn start_node(&mut self) -> anyhow::Result<usize> {
         let i = self.nodes.len() + 1;
         let id = format!("node{i}");
-        let (child, listen) = self.spawn(&id, &Listen::any(), false)?;
+        let (process, listen) = self.spawn(&id, &Listen::any(), false)?;
         self.nodes.push(Node {
             id,
             url: format!("ws://{}/ws", listen.public),
             admin: format!("http://{}", listen.admin),
             listen,
-            child: Some(child),
+            process: Some(process),
         });
         Ok(i)
     }
@@ -584,13 +545,12 @@ impl LocalCluster {
         }
         let (id, listen) = (node.id.clone(), node.listen.clone());
         let mut tries = 0;
-        let child = loop {
+        let process = loop {
             tries += 1;
             match self.spawn(&id, &listen, true) {
-                Ok((child, got)) if got == listen => break child,
-                Ok((mut child, got)) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                Ok((process, got)) if got == listen => break process,
+                Ok((process, got)) => {
+                    drop(process); // killed
                     bail!("node {n} came back on {got:?}, not on {listen:?}");
                 }
                 Err(e) if tries >= RESTART_TRIES => {
@@ -599,13 +559,13 @@ impl LocalCluster {
                 Err(_) => std::thread::sleep(RESTART_PAUSE),
             }
         };
-        self.nodes[n - 1].child = Some(child);
+        self.nodes[n - 1].process = Some(process);
         Ok(())
     }
 
     /// Starts a berth process with node id `id` listening on `listen`
     /// (its log appended to, on a restart); answers it and where it listens.
-    fn spawn(&self, id: &str, listen: &Listen, restart: bool) -> anyhow::Result<(Child, Listen)> {
+    fn spawn(&self, id: &str, listen: &Listen, restart: bool) -> anyhow::Result<(Berth, Listen)> {
         let path = self.dir.join(format!("{id}.log"));
         let mut log = if restart {
             std::fs::OpenOptions::new().append(true).open(&path)?
@@ -615,7 +575,7 @@ impl LocalCluster {
         if restart {
             writeln!(log, "--- berth-loadtest: restarting {id} on {listen:?} ---")?;
         }
-        let mut cmd = Command::new(&self.berth);
+        let mut cmd = BerthCommand::new(&self.berth);
         if let Some(ca) = &self.tls {
             // A certificate per node, as an operator would issue them.
             let (cert, key) = (
@@ -627,25 +587,20 @@ impl LocalCluster {
                 std::fs::write(&cert, n.cert_pem)?;
                 std::fs::write(&key, n.key_pem)?;
             }
-            cmd.env("BERTH__CLUSTER__TLS__CA_FILE", self.dir.join("peer-ca.pem"))
+            cmd = cmd
+                .env("BERTH__CLUSTER__TLS__CA_FILE", self.dir.join("peer-ca.pem"))
                 .env("BERTH__CLUSTER__TLS__CERT_FILE", cert)
                 .env("BERTH__CLUSTER__TLS__KEY_FILE", key);
         }
-        let mut child = cmd
+        let process = cmd
             .current_dir(&self.dir)
             .env("BERTH__SERVER__LISTEN", &listen.public)
             .env("BERTH__ADMIN__LISTEN", &listen.admin)
             .env("BERTH__CLUSTER__PEER_LISTEN", &listen.peer)
             .env("BERTH__CLUSTER__NODE_ID", id)
-            .env(
-                "BERTH__CLUSTER__CONSUL_ADDR",
-                format!("http://127.0.0.1:{}", self.consul_http),
-            )
+            .env("BERTH__CLUSTER__CONSUL_ADDR", self.consul.addr())
             .env("BERTH__CLUSTER__SECRET", &self.secret)
-            .env(
-                "BERTH__STORE__REDIS_URL",
-                format!("redis://127.0.0.1:{}", self.redis_port),
-            )
+            .env("BERTH__STORE__REDIS_URL", self.redis.url())
             .env("BERTH__LIMITS__FRAMES_PER_SEC", "100000")
             .env("BERTH__LIMITS__FRAMES_BURST", "100000")
             // Every virtual client comes from one source: no per-source
@@ -653,32 +608,17 @@ impl LocalCluster {
             // a second).
             .env("BERTH__LIMITS__CONNECTIONS_PER_SEC_PER_SOURCE", "0")
             .env("BERTH__LOG__FILTER", node_log_filter())
-            .stdout(Stdio::piped())
-            .stderr(log)
+            .log_file(log)
             .spawn()
-            .context("starting berth")?;
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line)?;
-        std::thread::spawn(move || for _ in out.lines() {});
-        let Some(rest) = line.trim().strip_prefix("berth listening ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("berth did not start; see {}", path.display());
-        };
-        let field = |k: &str| {
-            rest.split(' ')
-                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-                .map(str::to_owned)
-        };
+            .with_context(|| format!("berth did not start; see {}", path.display()))?;
         let got = Listen {
-            public: field("public").unwrap_or_default(),
-            admin: field("admin").unwrap_or_default(),
+            public: process.public.to_string(),
+            admin: process.admin.to_string(),
             // Without it, a restart lets the node pick a new peer port (it
             // registers it in Consul).
-            peer: field("peer").unwrap_or_else(|| listen.peer.clone()),
+            peer: process.peer.clone().unwrap_or_else(|| listen.peer.clone()),
         };
-        Ok((child, got))
+        Ok((process, got))
     }
 
     /// Why event `ev` is not applied now, if it is not: a kill of a node
@@ -723,9 +663,8 @@ impl LocalCluster {
         match a {
             Action::Kill(n) => {
                 let node = self.nodes.get_mut(n - 1).context("no such node")?;
-                if let Some(mut c) = node.child.take() {
-                    c.kill()?;
-                    let _ = c.wait();
+                if let Some(mut p) = node.process.take() {
+                    p.kill9();
                 }
             }
             Action::Restart(n) => self.restart_node(*n)?,
@@ -739,13 +678,10 @@ impl LocalCluster {
                 let mut s = std::net::TcpStream::connect(&addr)?;
                 s.write_all(format!("POST /drain HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())?;
             }
-            Action::RestartRedis => {
-                if let Some(mut r) = self.redis.take() {
-                    r.kill()?;
-                    let _ = r.wait();
-                }
-                self.start_redis()?;
-            }
+            Action::RestartRedis => self
+                .redis
+                .try_restart()
+                .context("restarting redis-server")?,
         }
         Ok(())
     }
@@ -823,33 +759,11 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-fn wait_tcp(port: u16, within: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("nothing listening on 127.0.0.1:{port}")
-}
-
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        for n in &mut self.nodes {
-            if let Some(mut c) = n.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        for c in [self.consul.take(), self.redis.take()]
-            .into_iter()
-            .flatten()
-        {
-            let mut c = c;
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // The nodes first (killed as their guards drop), then Consul and
+        // Redis, as the fields drop.
+        self.nodes.clear();
     }
 }
 

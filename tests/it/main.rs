@@ -2,7 +2,8 @@
 //! on free loopback ports, and a real WebSocket client.
 //!
 //! # Layout
-//! - `common`: process guards (Redis, berth) and the test client.
+//! - `common`: process guards (Redis, Consul, berth; from berth-testkit) and
+//!   the test client.
 //! - `protocol`: every message, error and close code of protocol.md.
 //! - `durability`: kill -9, Redis outages, fencing between activations.
 //! - `lifecycle`: configuration sources, SIGHUP, SIGTERM, drain.

@@ -1,88 +1,41 @@
 //! berth-cluster against a real Consul 1.8.7 agent (`consul agent -dev` on free
 //! loopback ports, killed on drop), with and without ACLs.
 
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_cluster::consul::{ConsulClient, ConsulError};
-use berth_cluster::dev_agent::free_port;
 use berth_cluster::membership::{spawn_consul, ConsulConfig, Member, MembershipHandle};
 use berth_cluster::ring::MemberId;
+use berth_testkit::free_port;
 
-fn consul_bin() -> PathBuf {
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/consul");
-    if local.is_file() {
-        return local;
-    }
-    std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("consul")).find(|p| p.is_file()))
-        .unwrap_or_else(|| panic!("consul is not installed: run `scripts/install-deps.sh` (Consul 1.8.7 from Debian 11, into .tools/bin)"))
-}
-
-/// A `consul agent -dev` on free loopback ports.
+/// A `consul agent -dev` on free loopback ports (berth-testkit's guard,
+/// killed on drop), with its management token when ACLs are on.
 struct Consul {
-    child: Child,
-    http: u16,
+    agent: berth_testkit::Consul,
     /// The management token, when ACLs are on.
     master: Option<String>,
 }
 
 impl Consul {
     fn start() -> Consul {
-        let (child, http) =
-            berth_cluster::dev_agent::spawn(&consul_bin(), Stdio::null()).expect("spawn consul");
-        Consul::wait_leader(Consul {
-            child,
-            http,
+        Consul {
+            agent: berth_testkit::Consul::start(),
             master: None,
-        })
+        }
     }
 
     /// An agent with ACLs on, `default_policy = "deny"`, and a fresh random
     /// management token.
     fn start_acl() -> Consul {
         let master = uuid();
-        let (child, http) =
-            berth_cluster::dev_agent::spawn_with_acl(&consul_bin(), Stdio::null(), &master)
-                .expect("spawn consul");
-        Consul::wait_leader(Consul {
-            child,
-            http,
+        Consul {
+            agent: berth_testkit::Consul::start_acl(&master),
             master: Some(master),
-        })
-    }
-
-    fn wait_leader(c: Consul) -> Consul {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if c.has_leader() {
-                return c;
-            }
-            std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("consul did not elect itself leader");
-    }
-
-    /// `GET /v1/status/leader` answers a non-empty address.
-    fn has_leader(&self) -> bool {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.http)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let req = "GET /v1/status/leader HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-        if s.write_all(req.as_bytes()).is_err() {
-            return false;
-        }
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        body.starts_with("HTTP/1.1 200") && body.trim_end().ends_with(":\"")
-            || body.contains("\"127.0.0.1:")
     }
 
     fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http)
+        self.agent.addr()
     }
 
     /// A client with the management token.
@@ -197,13 +150,6 @@ fn uuid() -> String {
     )
 }
 
-impl Drop for Consul {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn member(id: &str) -> Member {
     Member {
         id: MemberId(id.into()),
@@ -314,8 +260,7 @@ async fn consul_outage_keeps_the_last_view_and_reports_it() {
     let mut consul = Consul::start();
     let a = spawn_consul(cfg(&consul), member("a"), serving()).unwrap();
     wait_members(&a, &["a"], Duration::from_secs(10)).await;
-    let _ = consul.child.kill();
-    let _ = consul.child.wait();
+    consul.agent.kill();
     let deadline = Instant::now() + Duration::from_secs(10);
     while a.health().failing_since.is_none() {
         assert!(Instant::now() < deadline, "failure never reported");
