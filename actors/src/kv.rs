@@ -76,12 +76,13 @@ fn args_obj(args: &Value) -> Result<&Map<String, Value>, AppError> {
         .ok_or_else(|| AppError::bad_args("args must be an object"))
 }
 
-fn key(args: &Value) -> Result<String, AppError> {
-    args_obj(args)?
-        .get("key")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| AppError::bad_args("args.key must be a string"))
+/// Takes `args.key` out of the args (no copy).
+fn key(args: &mut Value) -> Result<String, AppError> {
+    args_obj(args)?;
+    match args.get_mut("key") {
+        Some(Value::String(k)) => Ok(std::mem::take(k)),
+        _ => Err(AppError::bad_args("args.key must be a string")),
+    }
 }
 
 fn field(args: &mut Value, name: &str) -> Result<Value, AppError> {
@@ -111,18 +112,22 @@ impl Session for KvApp {
 
     fn decode_op(&self, name: &str, mut args: Value) -> Result<KvOp, AppError> {
         Ok(match name {
-            "get" => KvOp::Get { key: key(&args)? },
+            "get" => KvOp::Get {
+                key: key(&mut args)?,
+            },
             "set" => KvOp::Set {
-                key: key(&args)?,
+                key: key(&mut args)?,
                 value: field(&mut args, "value")?,
             },
-            "del" => KvOp::Del { key: key(&args)? },
+            "del" => KvOp::Del {
+                key: key(&mut args)?,
+            },
             "incr" => KvOp::Incr {
-                key: key(&args)?,
+                key: key(&mut args)?,
                 by: optional(&args, "by", Value::as_i64, "an i64")?.unwrap_or(1),
             },
             "append" => KvOp::Append {
-                key: key(&args)?,
+                key: key(&mut args)?,
                 value: field(&mut args, "value")?,
             },
             "state" => KvOp::State,

@@ -31,7 +31,7 @@ use crate::ids::{SessionId, TokenHash};
 use crate::protocol::{CloseCode, ErrorCode, OpReply, Welcome};
 use crate::runtime::{Effects, HandlerFuture};
 use crate::shared::{Durability, HostShared};
-use crate::state::{Begin, Outcome, SessionState};
+use crate::state::{Begin, Limits, Outcome, SessionState};
 use crate::store::{StoreError, Wake};
 
 /// Largest number of messages queued for one session before senders wait.
@@ -754,6 +754,37 @@ async fn guarded(
     }
 }
 
+/// A handler future after its first poll.
+enum Started {
+    /// It finished (most handlers never wait).
+    Done(Result<Effects, AppError>),
+    /// It waits for I/O: run it to the end under the deadline.
+    Waiting(HandlerFuture),
+}
+
+/// Polls a handler future once, at once, with a no-op waker: a handler that
+/// does not wait is done without a deadline timer or another future. One that
+/// waits is polled again (with the real waker) by [`guarded`], which is all a
+/// future asks of its caller.
+fn poll_once(mut fut: HandlerFuture, what: &'static str) -> Started {
+    use std::task::{Context, Poll, Waker};
+    let mut cx = Context::from_waker(Waker::noop());
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
+        Ok(Poll::Ready(r)) => Started::Done(r),
+        Ok(Poll::Pending) => Started::Waiting(fut),
+        Err(_panic) => Started::Done(Err(panicked(what))),
+    }
+}
+
+fn panicked(what: &'static str) -> AppError {
+    metrics::counter!("berth_handler_failures_total", "kind" => what, "why" => "panic")
+        .increment(1);
+    AppError::new(
+        ErrorCode::Internal,
+        "the handler panicked: nothing was applied",
+    )
+}
+
 /// Fire the earliest due timer (sent by the actor to itself, so a firing
 /// waits its turn behind queued ops).
 #[derive(Message)]
@@ -770,7 +801,7 @@ impl SessionActor {
     fn run_op(
         &mut self,
         msg: Op,
-        _ctx: &mut Context<Self>,
+        ctx: &mut Context<Self>,
     ) -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
         let done = |r: OpReply| -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
             Box::pin(actix::fut::ready(Ok(r)))
@@ -797,23 +828,40 @@ impl SessionActor {
             msg.op,
             msg.args,
         );
-        let fut = guarded(fut, self.host.cfg.handler_timeout, "op");
+        let fut = match poll_once(fut, "op") {
+            // The common case: a handler that does not wait commits at once,
+            // with no deadline timer and no extra future.
+            Started::Done(result) => return self.commit_op(id, retry, result, &limits, ctx),
+            Started::Waiting(fut) => guarded(fut, self.host.cfg.handler_timeout, "op"),
+        };
         Box::pin(fut.into_actor(self).then(move |result, act, ctx| {
             if act.phase != Phase::Live {
                 return Box::pin(actix::fut::ready(Err(NotHere)))
                     as ResponseActFuture<Self, Result<OpReply, NotHere>>;
             }
-            let interval = act.host.cfg.durability == Durability::Interval;
-            if interval && act.flush_failing && result.as_ref().is_ok_and(|e| e.writes()) {
-                return Box::pin(actix::fut::ready(Ok(
-                    act.unavailable(id, "checkpoint store unreachable: retry")
-                )));
-            }
-            let outcome = act
-                .state
-                .commit_op(&*act.host.app, id, retry, result, &limits);
-            act.after_commit(outcome, ctx)
+            act.commit_op(id, retry, result, &limits, ctx)
         }))
+    }
+
+    /// Commits what op `id`'s handler did and makes it durable.
+    fn commit_op(
+        &mut self,
+        id: u64,
+        retry: bool,
+        result: Result<Effects, AppError>,
+        limits: &Limits,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
+        let interval = self.host.cfg.durability == Durability::Interval;
+        if interval && self.flush_failing && result.as_ref().is_ok_and(|e| e.writes()) {
+            return Box::pin(actix::fut::ready(Ok(
+                self.unavailable(id, "checkpoint store unreachable: retry")
+            )));
+        }
+        let outcome = self
+            .state
+            .commit_op(&*self.host.app, id, retry, result, limits);
+        self.after_commit(outcome, ctx)
     }
 
     /// Makes a committed op durable (per the durability mode) before its
