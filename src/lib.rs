@@ -61,7 +61,8 @@
 //! - `admin`: health, metrics, cluster view, drain.
 //! - `admission`: per-source connection rate at the edge.
 //! - `node`: state shared by the handlers.
-//! - `router`: which node owns a session, peer links, handoff, proxies.
+//! - `route`: which node owns a session, peer links, handoff, proxies; the
+//!   peer wire format in `route::wire`.
 //! - `isolation`: a node cut off from Consul (and its peers) excludes itself.
 //! - `telemetry`: logs and metrics set-up.
 //!
@@ -85,7 +86,7 @@ mod demo;
 mod edge;
 mod isolation;
 mod node;
-mod router;
+mod route;
 pub mod server;
 mod telemetry;
 

@@ -33,9 +33,12 @@ use berth_actors::session::{
 use berth_cluster::membership::View;
 use berth_cluster::peer::{Link, PeerError, PeerHandler};
 use berth_cluster::ring::{MemberId, Ring};
-use bincode::{Decode, Encode};
 use futures_util::future::{BoxFuture, FutureExt, LocalBoxFuture};
 use serde_json::Value;
+
+use self::wire::{dec, enc, AttachReq, PeerPush, PeerReq, PeerResp, Refusal};
+
+mod wire;
 
 /// Attempts to attach when the actor stopped between lookup and attach.
 const ATTACH_ATTEMPTS: usize = 3;
@@ -45,143 +48,6 @@ type DialGate = Arc<tokio::sync::Mutex<Option<(std::time::Instant, PeerError)>>>
 /// After a failed dial to a member, callers get that failure again for this
 /// long instead of dialling it again (its retries come every 50 ms).
 const DIAL_BACKOFF: Duration = Duration::from_millis(250);
-
-/// Requests an edge sends to an owner.
-#[derive(Debug, Encode, Decode)]
-enum PeerReq {
-    Attach(AttachReq),
-    /// `origin` names the edge connection (with its process: a node
-    /// restarted under the same id counts connections from 1 again).
-    Op {
-        origin: Origin,
-        id: u64,
-        op: String,
-        args: String,
-    },
-    Stats,
-    /// Is `member` in your membership view? (The isolation rule's question:
-    /// see `src/isolation.rs`.)
-    Sees {
-        member: String,
-    },
-}
-
-/// Attach an edge connection to a session hosted by the receiver.
-#[derive(Debug, Encode, Decode)]
-struct AttachReq {
-    session: String,
-    token: String,
-    ack: u64,
-    /// The client connection (`origin.conn` is the edge's connection id).
-    origin: Origin,
-    /// This attempt: pushes for it carry it, and a later attempt of the same
-    /// connection wins over an earlier one that completes late.
-    attempt: u64,
-    create: bool,
-    /// `None` for a hello; the connection's claim when it routes again.
-    reattach: Option<Claim>,
-}
-
-/// Answers of an owner.
-#[derive(Debug, Encode, Decode)]
-enum PeerResp {
-    Welcome { json: String, claim: Claim },
-    AttachErr { kind: u8, message: String },
-    NotOwner,
-    Reply(String),
-    Moved,
-    Stats { sessions: u64, proxied: u64 },
-    Sees { present: bool },
-}
-
-/// One-way messages, both directions.
-#[derive(Debug, Encode, Decode)]
-enum PeerPush {
-    // edge -> owner: `origin` names the edge connection, as in `PeerReq::Op`.
-    Ack {
-        origin: Origin,
-        seq: u64,
-    },
-    /// The edge connection ended or gave up on `attempt` (and every earlier one).
-    Detach {
-        origin: Origin,
-        attempt: u64,
-    },
-    Bye {
-        origin: Origin,
-    },
-    // owner -> edge: each names the attach attempt whose proxy sends it, so
-    // a proxy of an abandoned attempt cannot reach a connection routed anew.
-    Event {
-        edge_conn: u64,
-        attempt: u64,
-        seq: u64,
-        body: String,
-    },
-    Close {
-        edge_conn: u64,
-        attempt: u64,
-        code: u16,
-        reason: String,
-    },
-    Moved {
-        edge_conn: u64,
-        attempt: u64,
-    },
-}
-
-fn enc<T: Encode>(v: &T) -> Vec<u8> {
-    bincode::encode_to_vec(v, bincode::config::standard()).unwrap_or_default()
-}
-
-/// The most a peer message body may claim while decoding: a body is at most
-/// one peer frame, so a length prefix past that is a lie that must not make
-/// bincode allocate it (fuzz/ found this in the link's own frames).
-const BODY_DECODE_LIMIT: usize = berth_cluster::peer::MAX_FRAME + 64;
-
-fn dec<T: Decode<()>>(b: &[u8]) -> Option<T> {
-    let cfg = bincode::config::standard().with_limit::<BODY_DECODE_LIMIT>();
-    bincode::decode_from_slice(b, cfg).ok().map(|(v, _)| v)
-}
-
-fn attach_err_kind(e: &AttachError) -> (u8, String) {
-    let k = match e {
-        AttachError::BadToken => 1,
-        AttachError::NotFound => 2,
-        AttachError::Unavailable(_) => 3,
-        AttachError::Moved => 4,
-        AttachError::ShuttingDown => 5,
-        AttachError::Corrupt(_) => 6,
-        AttachError::Superseded => 7,
-    };
-    (k, e.to_string())
-}
-
-fn attach_err_of(kind: u8, message: String) -> AttachError {
-    match kind {
-        1 => AttachError::BadToken,
-        2 => AttachError::NotFound,
-        4 => AttachError::Moved,
-        5 => AttachError::ShuttingDown,
-        6 => AttachError::Corrupt(message),
-        7 => AttachError::Superseded,
-        _ => AttachError::Unavailable(message),
-    }
-}
-
-fn close_code_of(code: u16) -> CloseCode {
-    match code {
-        1000 => CloseCode::Normal,
-        1001 => CloseCode::GoingAway,
-        1008 => CloseCode::Policy,
-        1009 => CloseCode::TooBig,
-        1012 => CloseCode::Restart,
-        1013 => CloseCode::TryAgainLater,
-        4000 => CloseCode::TakenOver,
-        4004 => CloseCode::SessionNotFound,
-        _ => CloseCode::Internal,
-    }
-}
 
 /// Where an attached connection's session lives.
 #[derive(Clone)]
@@ -641,11 +507,11 @@ impl Router {
                 }
                 Err(e) => Err(AttachFail::Retry(format!("bad welcome from {member}: {e}"))),
             },
-            Some(PeerResp::AttachErr { kind, message }) => {
+            Some(PeerResp::AttachErr(refusal)) => {
                 // Refused: nothing stays attached at the owner.
                 abandon.disarm();
                 lock(&self.edge_conns).remove(&conn.id());
-                Err(match attach_err_of(kind, message) {
+                Err(match AttachError::from(refusal) {
                     AttachError::Unavailable(m) => AttachFail::Retry(m),
                     AttachError::Moved => AttachFail::Moving,
                     other => AttachFail::Refused(other),
@@ -858,9 +724,8 @@ impl Router {
         } = req;
         let edge_conn = origin.conn;
         let Some(id) = SessionId::parse(&session) else {
-            let (kind, message) = attach_err_kind(&AttachError::NotFound);
-            return futures_util::future::ready(enc(&PeerResp::AttachErr { kind, message }))
-                .boxed();
+            let refusal = Refusal::from(&AttachError::NotFound);
+            return futures_util::future::ready(enc(&PeerResp::AttachErr(refusal))).boxed();
         };
         if !self.owns(&id) {
             return futures_util::future::ready(enc(&PeerResp::NotOwner)).boxed();
@@ -898,22 +763,15 @@ impl Router {
                         // The edge gave up on this attempt, or a newer one of
                         // the same connection is attached already.
                         addr.do_send(Detach { conn_id });
-                        let (kind, message) = attach_err_kind(&AttachError::Superseded);
-                        PeerResp::AttachErr { kind, message }
+                        PeerResp::AttachErr(Refusal::from(&AttachError::Superseded))
                     }
                 }
-                Err(AttachFail::Refused(e)) => {
-                    let (kind, message) = attach_err_kind(&e);
-                    PeerResp::AttachErr { kind, message }
+                Err(AttachFail::Refused(e)) => PeerResp::AttachErr(Refusal::from(&e)),
+                Err(AttachFail::Moving) => PeerResp::AttachErr(Refusal::from(&AttachError::Moved)),
+                // Unavailable's text is its message: the edge retries with it.
+                Err(AttachFail::Retry(m)) => {
+                    PeerResp::AttachErr(Refusal::from(&AttachError::Unavailable(m)))
                 }
-                Err(AttachFail::Moving) => {
-                    let (kind, message) = attach_err_kind(&AttachError::Moved);
-                    PeerResp::AttachErr { kind, message }
-                }
-                Err(AttachFail::Retry(m)) => PeerResp::AttachErr {
-                    kind: 3,
-                    message: m,
-                },
             };
             let _ = tx.send(enc(&resp));
         };
@@ -1083,7 +941,10 @@ impl Router {
                 reason,
             } => {
                 if let Some(h) = self.routed_conn(&from, edge_conn, attempt, true) {
-                    h.close(close_code_of(code), reason);
+                    h.close(
+                        CloseCode::from_code(code).unwrap_or(CloseCode::Internal),
+                        reason,
+                    );
                 }
             }
             PeerPush::Moved { edge_conn, attempt } => {
@@ -1284,26 +1145,5 @@ impl PeerHandler for Handler {
             tracing::info!(%peer, "peer link closed");
             r.link_closed(&peer, &link);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_peer_body_claiming_huge_lengths_is_refused_without_allocating_them() {
-        // PeerReq::Attach (variant 0), then its `session` string claiming
-        // 2^40 bytes: without the limit bincode tries to allocate that and
-        // the process aborts.
-        let mut body = vec![0u8, 253];
-        body.extend_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(dec::<PeerReq>(&body).is_none());
-        let mut push = vec![3u8, 0, 0, 253]; // PeerPush::Event, conn 0, attempt 0, seq
-        push.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert!(dec::<PeerPush>(&push).is_none());
-        // A real body still decodes.
-        let ok = enc(&PeerReq::Stats);
-        assert!(matches!(dec::<PeerReq>(&ok), Some(PeerReq::Stats)));
     }
 }
