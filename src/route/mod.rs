@@ -18,8 +18,8 @@
 //! epochs in the store fence a stale owner (see docs/architecture.md).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use actix::Addr;
@@ -32,7 +32,9 @@ use berth_actors::session::{
 };
 use berth_cluster::membership::View;
 use berth_cluster::peer::{Link, PeerError, PeerHandler};
+use berth_cluster::pool::Pool;
 use berth_cluster::ring::{MemberId, Ring};
+use berth_cluster::routing::Ownership;
 use futures_util::future::{BoxFuture, FutureExt, LocalBoxFuture};
 use serde_json::Value;
 
@@ -42,12 +44,6 @@ mod wire;
 
 /// Attempts to attach when the actor stopped between lookup and attach.
 const ATTACH_ATTEMPTS: usize = 3;
-/// Serialises dials to one member; holds the last failed dial and its time.
-type DialGate = Arc<tokio::sync::Mutex<Option<(std::time::Instant, PeerError)>>>;
-
-/// After a failed dial to a member, callers get that failure again for this
-/// long instead of dialling it again (its retries come every 50 ms).
-const DIAL_BACKOFF: Duration = Duration::from_millis(250);
 
 /// Where an attached connection's session lives.
 #[derive(Clone)]
@@ -126,19 +122,12 @@ pub struct RouterConfig {
 pub struct Router {
     cfg: RouterConfig,
     host: Host,
-    ring: RwLock<Arc<Ring>>,
-    /// The current membership view. An attach waiting to reach an owner
-    /// watches it, gives up when it changes and re-resolves the owner.
-    view: tokio::sync::watch::Sender<Arc<View>>,
-    leaving: AtomicBool,
-    /// This node is isolated (src/isolation.rs): out of its own ring, like
-    /// `leaving`, until it is not.
-    isolated: AtomicBool,
-    links: Mutex<HashMap<MemberId, Link>>,
-    /// One dial at a time per member (the others wait and share its link),
-    /// and the last failed dial, answered again for [`DIAL_BACKOFF`] so a
-    /// dead member is not dialled by every waiting attach every 50 ms.
-    dials: Mutex<HashMap<MemberId, DialGate>>,
+    /// The view, the ring, leaving and isolated (src/isolation.rs). An
+    /// attach waiting to reach an owner watches it, gives up when it changes
+    /// and re-resolves the owner.
+    ownership: Ownership,
+    /// Links to the other members (their handler is this router's).
+    pool: Pool,
     /// Edge connections of this node routed to another node: pushes reach them here.
     edge_conns: Mutex<HashMap<u64, EdgeConn>>,
     /// Sessions hosted here for other nodes' edge connections.
@@ -171,16 +160,15 @@ impl Router {
         view: Arc<View>,
         arbiters: Vec<actix::ArbiterHandle>,
     ) -> Arc<Router> {
-        let ring = Ring::new(view.ids().cloned(), cfg.vnodes);
         Arc::new_cyclic(|me_weak| Router {
-            ring: RwLock::new(Arc::new(ring)),
-            view: tokio::sync::watch::Sender::new(view),
+            ownership: Ownership::new(cfg.me.clone(), cfg.clustered, cfg.vnodes, view),
+            pool: Pool::new(
+                cfg.me.clone(),
+                cfg.auth.clone(),
+                Arc::new(Handler(me_weak.clone())),
+            ),
             cfg,
             host,
-            leaving: AtomicBool::new(false),
-            isolated: AtomicBool::new(false),
-            links: Mutex::default(),
-            dials: Mutex::default(),
             edge_conns: Mutex::default(),
             proxies: Mutex::default(),
             abandoned: Mutex::default(),
@@ -207,12 +195,12 @@ impl Router {
 
     /// The current ring.
     pub fn ring(&self) -> Arc<Ring> {
-        self.ring.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.ownership.ring()
     }
 
     /// The current membership view.
     pub fn view(&self) -> Arc<View> {
-        self.view.borrow().clone()
+        self.ownership.view()
     }
 
     /// Whether this node is clustered.
@@ -237,25 +225,7 @@ impl Router {
 
     /// Remembers an inbound link so requests to that peer reuse it.
     pub fn adopt_link(&self, link: Link) {
-        let mut links = lock(&self.links);
-        let keep = links.get(link.peer()).is_some_and(|l| !l.is_closed());
-        if !keep {
-            links.insert(link.peer().clone(), link);
-        }
-    }
-
-    /// Who owns `id`: `None` means this node.
-    fn owner(&self, id: &SessionId) -> Option<MemberId> {
-        if !self.cfg.clustered {
-            return None;
-        }
-        let ring = self.ring();
-        match ring.owner(id.as_str()) {
-            Some(m) if m != &self.cfg.me => Some(m.clone()),
-            Some(_) => None,
-            // An empty ring (no view yet, or we left): nobody to route to but us.
-            None => None,
-        }
+        self.pool.adopt(link);
     }
 
     /// The id of a new session created through this node: with
@@ -264,8 +234,8 @@ impl Router {
     /// resumes by the `node` hint keeps every op off the peer links); any
     /// random id when this node is not on the ring or is leaving.
     pub fn new_session_id(&self) -> SessionId {
-        if self.cfg.clustered && self.cfg.new_sessions_local && !self.out_of_ring() {
-            if let Some(id) = self.ring().draw_owned(&self.cfg.me, SessionId::random) {
+        if self.cfg.new_sessions_local {
+            if let Some(id) = self.ownership.draw_new_id(SessionId::random) {
                 return id;
             }
         }
@@ -274,47 +244,21 @@ impl Router {
 
     /// Whether this node owns `id` now (on the ring, not leaving or isolated).
     pub fn owns(&self, id: &SessionId) -> bool {
-        !self.out_of_ring() && self.owner(id).is_none()
-    }
-
-    /// Leaving (drain) or isolated: this node's ring leaves it out.
-    fn out_of_ring(&self) -> bool {
-        self.leaving.load(Ordering::Relaxed) || self.isolated.load(Ordering::Relaxed)
+        self.ownership.owns(id.as_str())
     }
 
     /// Installs a new membership view: rebuilds the ring and hands off the
     /// sessions it moves away from this node.
     pub async fn apply_view(&self, view: Arc<View>) {
-        let mut ids: Vec<MemberId> = view.ids().cloned().collect();
-        if self.out_of_ring() {
-            ids.retain(|m| m != &self.cfg.me);
-        }
-        let ring = Arc::new(Ring::new(ids, self.cfg.vnodes));
-        // Waiting attaches wake now and retry after the edge's 50 ms retry
-        // delay, by which time the ring below is in place.
-        self.view.send_replace(view);
-        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
-        // Links to members that left are closed: their routes re-resolve.
-        {
-            let view = self.view();
-            let mut links = lock(&self.links);
-            links.retain(|m, l| {
-                let keep = view.get(m).is_some() && !l.is_closed();
-                if !keep {
-                    l.close();
-                }
-                keep
-            });
-            drop(links);
-            lock(&self.dials).retain(|m, _| view.get(m).is_some());
-        }
-        self.release_moved().await;
+        // Waiting attaches wake now and re-resolve the owner on the new ring.
+        self.ownership.apply_view(view);
+        self.after_placement_change().await;
     }
 
     /// Leaves: this node owns nothing from now on; every live session is handed off.
     pub async fn leave(&self) {
-        self.leaving.store(true, Ordering::Relaxed);
-        self.apply_view(self.view()).await;
+        self.ownership.leave();
+        self.after_placement_change().await;
     }
 
     /// Isolated (`true`): this node owns nothing, and every live session is
@@ -322,9 +266,17 @@ impl Router {
     /// where another node took the session already). `false`: the view is
     /// used as it is again. Nothing happens if the state does not change.
     pub async fn set_isolated(&self, isolated: bool) {
-        if self.isolated.swap(isolated, Ordering::Relaxed) != isolated {
-            self.apply_view(self.view()).await;
+        if self.ownership.set_isolated(isolated) {
+            self.after_placement_change().await;
         }
+    }
+
+    /// Links to members that left are closed (their routes re-resolve), and
+    /// the sessions the ring moved away from this node are handed off.
+    async fn after_placement_change(&self) {
+        let view = self.view();
+        self.pool.retain(|m| view.get(m).is_some());
+        self.release_moved().await;
     }
 
     /// Whether `member`'s membership view holds `whom` (asked over its peer
@@ -373,51 +325,11 @@ impl Router {
         }
     }
 
+    /// The link to `member`, open or dialled now (see [`Pool::link`]).
     async fn link(&self, member: &MemberId) -> Result<Link, PeerError> {
-        let open = || {
-            lock(&self.links)
-                .get(member)
-                .filter(|l| !l.is_closed())
-                .cloned()
-        };
-        if let Some(l) = open() {
-            return Ok(l);
-        }
-        let gate = lock(&self.dials).entry(member.clone()).or_default().clone();
-        let mut last_failure = gate.lock().await;
-        // Another caller may have opened it while this one waited.
-        if let Some(l) = open() {
-            return Ok(l);
-        }
-        if let Some((at, e)) = last_failure.as_ref() {
-            if at.elapsed() < DIAL_BACKOFF {
-                return Err(e.clone());
-            }
-        }
-        let addr = self
-            .view()
-            .get(member)
-            .map(|m| m.peer.clone())
-            .ok_or_else(|| PeerError::Connect(format!("{member} is not a member")))?;
-        let handler: Arc<dyn PeerHandler> = Arc::new(Handler(self.me_weak.clone()));
-        let started = std::time::Instant::now();
-        let link =
-            berth_cluster::peer::connect(&addr, &self.cfg.me, self.cfg.auth.clone(), handler)
-                .await
-                .inspect_err(|e| {
-                    // A refusal by configuration needs the operator (once per
-                    // DIAL_BACKOFF at most); an unreachable peer is routine.
-                    match e {
-                        PeerError::Contract { .. } => tracing::error!(peer = %member, %addr, error = %e, "peer link refused"),
-                        PeerError::Tls(_) | PeerError::Auth(_) => tracing::warn!(peer = %member, %addr, error = %e, "peer link refused"),
-                        _ => tracing::debug!(peer = %member, %addr, error = %e, ms = started.elapsed().as_millis() as u64, "peer link could not be opened"),
-                    }
-                    *last_failure = Some((std::time::Instant::now(), e.clone()));
-                })?;
-        *last_failure = None;
-        tracing::debug!(peer = %member, %addr, ms = started.elapsed().as_millis() as u64, "peer link opened");
-        self.adopt_link(link.clone());
-        Ok(open().unwrap_or(link))
+        self.pool
+            .link(member, || self.view().get(member).map(|m| m.peer.clone()))
+            .await
     }
 
     /// Attaches `conn` to session `id` wherever it lives. `reattach` is
@@ -439,7 +351,7 @@ impl Router {
         lock(&self.edge_conns).remove(&conn.id());
         let origin = self.origin(conn.id());
         let attempt = self.next_attempt.fetch_add(1, Ordering::Relaxed);
-        let Some(member) = self.owner(id) else {
+        let Some(member) = self.ownership.owner_of(id.as_str()) else {
             return self
                 .attach_local(
                     conn.clone(),
@@ -457,7 +369,7 @@ impl Router {
         // Connecting to a member that just died can take seconds (a vanished
         // address answers nothing); the next view usually names another owner,
         // so a view change ends the wait.
-        let mut views = self.view.subscribe();
+        let mut views = self.ownership.subscribe();
         let changed = |member: &MemberId| {
             AttachFail::Retry(format!("membership changed while attaching at {member}"))
         };
@@ -542,7 +454,7 @@ impl Router {
         create: bool,
         reattach: Option<Claim>,
     ) -> Result<(Welcome, Claim, Addr<SessionActor>), AttachFail> {
-        if self.out_of_ring() {
+        if self.ownership.is_out_of_ring() {
             return Err(AttachFail::Retry("this node is leaving".into()));
         }
         if create && self.host.live_sessions() >= self.host.limits().max_live_sessions {
@@ -986,10 +898,7 @@ impl Router {
         for h in moved {
             h.moved();
         }
-        let mut links = lock(&self.links);
-        if links.get(peer).is_some_and(|l| l.same(link)) {
-            links.remove(peer);
-        }
+        self.pool.forget(link);
     }
 }
 
