@@ -22,7 +22,7 @@ use futures_util::future::{FutureExt, LocalBoxFuture};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use crate::node::Node;
-use crate::router::{AttachFail, Attached, Route};
+use crate::route::{AttachFail, Attached, Route};
 
 /// Capacity of the actor -> connection channel (events and closes).
 const CONN_CHANNEL: usize = 2048;

@@ -61,7 +61,11 @@
 //! - `admin`: health, metrics, cluster view, drain.
 //! - `admission`: per-source connection rate at the edge.
 //! - `node`: state shared by the handlers.
-//! - `router`: which node owns a session, peer links, handoff, proxies.
+//! - `route`: how a connection reaches its session's owner: the `Router`
+//!   (handoff when the ring changes), `route::edge_side` (attach, ops, acks,
+//!   detach and bye sent to an owner), `route::owner_side` (the proxies that
+//!   serve other nodes' connections) and `route::wire` (the peer bodies).
+//!   Placement and the link pool are `berth_cluster`'s (`routing`, `pool`).
 //! - `isolation`: a node cut off from Consul (and its peers) excludes itself.
 //! - `telemetry`: logs and metrics set-up.
 //!
@@ -85,7 +89,7 @@ mod demo;
 mod edge;
 mod isolation;
 mod node;
-mod router;
+mod route;
 pub mod server;
 mod telemetry;
 

@@ -11,7 +11,7 @@ use berth_actors::host::Host;
 use berth_actors::protocol::CloseCode;
 use berth_cluster::membership::MembershipHandle;
 
-use crate::router::Router;
+use crate::route::Router;
 use tokio::sync::watch;
 
 use crate::config::{Config, LimitsConfig};

@@ -23,7 +23,7 @@ use berth_cluster::ring::MemberId;
 
 use crate::config::{self, Config, DurabilityMode};
 use crate::node::Node;
-use crate::router::{Router, RouterConfig};
+use crate::route::{Router, RouterConfig};
 use crate::{admin, demo, edge, isolation, telemetry};
 
 /// Why a node could not start (or stopped with an error).

@@ -244,6 +244,19 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// Every close code, in declaration order.
+    pub const ALL: [CloseCode; 9] = [
+        CloseCode::Normal,
+        CloseCode::GoingAway,
+        CloseCode::Policy,
+        CloseCode::TooBig,
+        CloseCode::Internal,
+        CloseCode::Restart,
+        CloseCode::TryAgainLater,
+        CloseCode::TakenOver,
+        CloseCode::SessionNotFound,
+    ];
+
     /// The numeric code sent in the close frame.
     pub fn code(self) -> u16 {
         match self {
@@ -258,12 +271,41 @@ impl CloseCode {
             CloseCode::SessionNotFound => 4004,
         }
     }
+
+    /// The close code numbered `code` (the inverse of [`CloseCode::code`]);
+    /// `None` for a number berth does not send.
+    pub fn from_code(code: u16) -> Option<CloseCode> {
+        CloseCode::ALL.into_iter().find(|c| c.code() == code)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_close_code_is_listed_once_and_read_back_from_its_number() {
+        // Exhaustive: a new variant fails to compile here until it has a
+        // place in ALL (the position this match gives it).
+        let position = |c: CloseCode| match c {
+            CloseCode::Normal => 0,
+            CloseCode::GoingAway => 1,
+            CloseCode::Policy => 2,
+            CloseCode::TooBig => 3,
+            CloseCode::Internal => 4,
+            CloseCode::Restart => 5,
+            CloseCode::TryAgainLater => 6,
+            CloseCode::TakenOver => 7,
+            CloseCode::SessionNotFound => 8,
+        };
+        for (i, c) in CloseCode::ALL.into_iter().enumerate() {
+            assert_eq!(position(c), i);
+            assert_eq!(CloseCode::from_code(c.code()), Some(c));
+        }
+        assert_eq!(CloseCode::from_code(1002), None);
+        assert_eq!(CloseCode::from_code(0), None);
+    }
 
     #[test]
     fn hello_defaults_and_nulls() {

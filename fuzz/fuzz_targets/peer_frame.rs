@@ -11,7 +11,7 @@
 //! `Challenge`, frames). Other values are taken modulo 3.
 //!
 //! Not reached: the bodies of requests and pushes, which the router decodes
-//! in `src/router.rs` (part of the binary, not of a library crate).
+//! in `src/route/wire.rs` (private to the `berth` crate).
 #![no_main]
 
 use berth_cluster::peer::fuzzing;
