@@ -51,12 +51,39 @@ impl Consul {
     }
 
     fn start_dev(master_token: Option<&str>) -> Consul {
-        let c = Self::spawn_dev(&require_bin("consul"), Stdio::null(), master_token)
-            .expect("spawn consul agent -dev");
-        if !c.wait_leader(DEV_LEADER_WAIT) {
-            panic!("consul did not elect itself leader");
+        let bin = require_bin("consul");
+        let mut why = String::new();
+        // A port drawn free can still be taken before the agent binds it:
+        // an agent that exits is started again on other ports.
+        for attempt in 1..=3 {
+            let log = std::env::temp_dir().join(format!(
+                "berth-testkit-consul-{}-{attempt}-{}.log",
+                std::process::id(),
+                free_port()
+            ));
+            let file = std::fs::File::create(&log).expect("consul log file");
+            let err = file.try_clone().expect("consul log file");
+            let mut c = Self::spawn_dev_to(&bin, Stdio::from(file), Stdio::from(err), master_token)
+                .expect("spawn consul agent -dev");
+            let elected = c.wait_leader(DEV_LEADER_WAIT);
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let _ = std::fs::remove_file(&log);
+            if elected {
+                return c;
+            }
+            let exited = c.child.try_wait().ok().flatten();
+            c.kill();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            why = format!(
+                "attempt {attempt}: {}; its log ends with:\n{}",
+                exited.map_or("still running".to_owned(), |s| format!("exited ({s})")),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            if exited.is_none() {
+                break; // running but leaderless: another start would not help
+            }
         }
-        c
+        panic!("consul did not elect itself leader: {why}");
     }
 
     /// Starts `bin agent -dev` with every port on a free loopback port and
@@ -64,6 +91,16 @@ impl Consul {
     /// [`Consul::start_acl`] says (the token must be letters, digits and `-`,
     /// such as a UUID). Does not wait: see [`Consul::wait_leader`].
     pub fn spawn_dev(bin: &Path, log: Stdio, master_token: Option<&str>) -> io::Result<Consul> {
+        Self::spawn_dev_to(bin, Stdio::null(), log, master_token)
+    }
+
+    /// [`Consul::spawn_dev`] with its stdout (where Consul logs) to `out`.
+    fn spawn_dev_to(
+        bin: &Path,
+        out: Stdio,
+        log: Stdio,
+        master_token: Option<&str>,
+    ) -> io::Result<Consul> {
         if let Some(token) = master_token {
             let plain = !token.is_empty()
                 && token
@@ -94,11 +131,7 @@ impl Consul {
         if let Some(token) = master_token {
             cmd.args(["-hcl", &acl_hcl(token)]);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+        let child = cmd.stdin(Stdio::null()).stdout(out).stderr(log).spawn()?;
         Ok(Consul {
             child,
             http,
