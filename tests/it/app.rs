@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-/// The probe application's binary (built by `cargo test --all-targets`).
+/// The probe application's binary (built by `scripts/test.sh` with `cargo
+/// build --example probe`).
 fn probe_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
@@ -22,7 +23,7 @@ fn probe_bin() -> PathBuf {
     assert!(
         bin.exists(),
         "{} is missing: build it with `cargo build --example probe` (scripts/test.sh \
-         runs `cargo test --workspace --all-targets`, which builds it)",
+         does; `cargo test --all-targets` builds examples only as test harnesses)",
         bin.display()
     );
     bin
