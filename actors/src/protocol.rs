@@ -117,6 +117,19 @@ impl OpReply {
         }
     }
 
+    /// The answer to a retried op id whose own answer is not kept: applied
+    /// before, nothing to repeat.
+    pub fn duplicate(id: u64, version: u64) -> Self {
+        OpReply {
+            id,
+            ok: true,
+            value: None,
+            version,
+            error: None,
+            duplicate: true,
+        }
+    }
+
     /// A failed result.
     pub fn err(id: u64, code: ErrorCode, message: impl Into<String>, version: u64) -> Self {
         OpReply {

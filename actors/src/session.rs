@@ -754,6 +754,11 @@ async fn guarded(
     }
 }
 
+/// An op's answer, ready now.
+fn answered(r: OpReply) -> ResponseActFuture<SessionActor, Result<OpReply, NotHere>> {
+    Box::pin(actix::fut::ready(Ok(r)))
+}
+
 /// A handler future after its first poll.
 enum Started {
     /// It finished (most handlers never wait).
@@ -803,17 +808,16 @@ impl SessionActor {
         msg: Op,
         ctx: &mut Context<Self>,
     ) -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
-        let done = |r: OpReply| -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
-            Box::pin(actix::fut::ready(Ok(r)))
-        };
         if self.phase != Phase::Live {
             return Box::pin(actix::fut::ready(Err(NotHere)));
         }
         if self.conn.as_ref().map(|a| a.conn.id()) != Some(msg.conn_id) {
-            return done(self.unavailable(msg.id, "this connection no longer holds the session"));
+            return answered(
+                self.unavailable(msg.id, "this connection no longer holds the session"),
+            );
         }
         let retry = match self.state.begin(msg.id) {
-            Begin::Answer(reply) => return done(reply),
+            Begin::Answer(reply) => return answered(reply),
             Begin::Run { retry } => retry,
         };
         let limits = self.host.limits();
@@ -871,9 +875,6 @@ impl SessionActor {
         outcome: Outcome,
         ctx: &mut Context<Self>,
     ) -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
-        let done = |r: OpReply| -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
-            Box::pin(actix::fut::ready(Ok(r)))
-        };
         let interval = self.host.cfg.durability == Durability::Interval;
         let Some(undo) = outcome.undo else {
             let reply = outcome.reply;
@@ -900,12 +901,12 @@ impl SessionActor {
             // Reads keep a session alive in the store too: refresh its time to
             // live now and then.
             if !self.stored() || self.last_saved.elapsed() <= self.host.cfg.touch_after {
-                return done(reply);
+                return answered(reply);
             }
             if interval {
                 self.unsaved_writes = true;
                 self.schedule_flush(ctx, Duration::ZERO);
-                return done(reply);
+                return answered(reply);
             }
             let fut = self.write(self.checkpoint_bytes());
             return Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
@@ -926,7 +927,7 @@ impl SessionActor {
             self.schedule_flush(ctx, self.host.cfg.checkpoint_interval);
             self.deliver(ctx);
             self.schedule_timer(ctx);
-            return done(outcome.reply);
+            return answered(outcome.reply);
         }
         let reply = outcome.reply;
         let bytes = match outcome.app_bytes {
@@ -984,19 +985,31 @@ impl SessionActor {
         if self.timer_attempts >= TIMER_ATTEMPTS {
             tracing::warn!(session = %self.id, timer = name, why, attempts = self.timer_attempts, "timer handler keeps failing: dropping this firing");
             metrics::counter!("berth_timers_dropped_total").increment(1);
-            if self.state.timers.get(name) == Some(&due) {
-                let before = self.state.timers.clone();
-                self.state.timers.remove(name);
-                self.state.version += 1;
-                let fut = self.write(self.checkpoint_bytes());
+            // The firing is committed with no effects: the timer is gone.
+            let nothing = Effects {
+                state: None,
+                events: Vec::new(),
+                timers: None,
+                reply: serde_json::Value::Null,
+            };
+            let limits = self.host.limits();
+            let committed = (self.state.timers.get(name) == Some(&due))
+                .then(|| {
+                    self.state
+                        .commit_timer(&*self.host.app, name, due, nothing, &limits)
+                })
+                .and_then(Result::ok);
+            if let Some((undo, bytes)) = committed {
+                let bytes = codec::encode(self.state.to_checkpoint_with(&*self.host.app, bytes));
+                let fut = self.write(bytes);
                 ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
                     match res {
                         Ok(epoch) => act.epoch = epoch,
-                        Err(StoreError::Fenced { stored, .. }) => act.superseded(stored, ctx),
-                        Err(_) => {
-                            act.state.timers = before;
-                            act.state.version -= 1;
+                        Err(StoreError::Fenced { stored, .. }) => {
+                            act.state.undo(undo);
+                            act.superseded(stored, ctx);
                         }
+                        Err(_) => act.state.undo(undo),
                     }
                     act.timer_attempts = 0;
                     act.timer_backoff = Duration::ZERO;

@@ -168,14 +168,7 @@ impl SessionState {
                 ..stored.clone()
             }),
             (None, true) => Begin::Run { retry: true },
-            _ => Begin::Answer(OpReply {
-                id,
-                ok: true,
-                value: None,
-                version: self.version,
-                error: None,
-                duplicate: true,
-            }),
+            _ => Begin::Answer(OpReply::duplicate(id, self.version)),
         }
     }
 
@@ -209,14 +202,7 @@ impl SessionState {
         };
         if retry {
             let mut reply = match result {
-                Ok(eff) if eff.writes() => OpReply {
-                    id,
-                    ok: true,
-                    value: None,
-                    version: self.version,
-                    error: None,
-                    duplicate: true,
-                },
+                Ok(eff) if eff.writes() => OpReply::duplicate(id, self.version),
                 Ok(eff) => OpReply::ok(id, eff.reply, self.version),
                 Err(e) => OpReply::err(id, e.code, e.message, self.version),
             };
