@@ -28,6 +28,7 @@ enum Op {
 impl Session for Notes {
     type State = State;
     type Op = Op;
+    type Message = berth::NoMessages;
 
     async fn on_op(&self, cx: &mut Cx<State>, op: Op) -> Result<Value, AppError> {
         match op {

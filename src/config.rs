@@ -242,6 +242,15 @@ pub struct LimitsConfig {
     /// Most timers one session may hold at once; setting one more answers
     /// `too_large`.
     pub max_timers: usize,
+    /// Most unacknowledged outgoing messages one actor holds; a handler's
+    /// `send` past it fails with `rate_limited`.
+    pub max_outgoing: usize,
+    /// Largest message between actors (JSON), in bytes; a larger `send`
+    /// fails with `too_large`.
+    pub max_message_bytes: usize,
+    /// Most senders' watermarks one actor keeps (the exactly-once table);
+    /// past it the least recently used are forgotten.
+    pub max_watermarks: usize,
     /// Most live sessions on this node; past it new sessions are refused
     /// (`unavailable`, close 1013).
     pub max_live_sessions: usize,
@@ -264,6 +273,9 @@ impl Default for LimitsConfig {
             max_emit_delay_ms: 24 * 3600 * 1000,
             max_checkpoint_bytes: 1024 * 1024,
             max_timers: 64,
+            max_outgoing: 1000,
+            max_message_bytes: 64 * 1024,
+            max_watermarks: 10_000,
             max_live_sessions: 100_000,
             connections_per_sec_per_source: 1000,
             connections_burst_per_source: 2000,
@@ -851,6 +863,12 @@ impl Config {
         )?;
         positive("limits.max_state_bytes", self.limits.max_state_bytes as u64)?;
         positive("limits.outbox_max", self.limits.outbox_max as u64)?;
+        positive("limits.max_outgoing", self.limits.max_outgoing as u64)?;
+        positive(
+            "limits.max_message_bytes",
+            self.limits.max_message_bytes as u64,
+        )?;
+        positive("limits.max_watermarks", self.limits.max_watermarks as u64)?;
         positive(
             "limits.max_checkpoint_bytes",
             self.limits.max_checkpoint_bytes as u64,
@@ -958,6 +976,10 @@ impl Config {
             max_emit_delay_ms: self.limits.max_emit_delay_ms,
             max_checkpoint_bytes: self.limits.max_checkpoint_bytes,
             max_timers: self.limits.max_timers,
+            max_outgoing: self.limits.max_outgoing,
+            max_message_bytes: self.limits.max_message_bytes,
+            max_watermarks: self.limits.max_watermarks,
+            watermark_ttl_ms: self.store.session_ttl_s.saturating_mul(1000),
             max_live_sessions: self.limits.max_live_sessions,
         }
     }

@@ -30,6 +30,7 @@
 //! impl Session for Notes {
 //!     type State = State;
 //!     type Op = Op;
+//!     type Message = berth::NoMessages;
 //!
 //!     async fn on_op(&self, cx: &mut Cx<State>, op: Op) -> Result<Value, AppError> {
 //!         match op {
@@ -93,7 +94,11 @@ mod route;
 pub mod server;
 mod telemetry;
 
-pub use berth_actors::app::{AppError, Cx, ErrorCode, MigrateError, Session, StateError};
+pub use berth_actors::address::{Address, AddressError, Sender};
+pub use berth_actors::app::{
+    AppError, Bounce, BounceReason, Cx, Entity, ErrorCode, MigrateError, NoMessages, Session,
+    StateError,
+};
 pub use berth_actors::kv::KvApp;
 pub use demo::KV_DEMO_PAGE;
 pub use server::{Server, ServerError};

@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+pub use crate::address::{Address, Sender};
 use crate::ops;
 pub use crate::protocol::ErrorCode;
 
@@ -131,6 +132,7 @@ pub type MigrateError = Box<dyn std::error::Error + Send + Sync>;
 /// impl Session for Counter {
 ///     type State = State;
 ///     type Op = Op;
+///     type Message = berth_actors::app::NoMessages;
 ///
 ///     async fn on_op(&self, cx: &mut Cx<State>, op: Op) -> Result<Value, AppError> {
 ///         match op {
@@ -163,6 +165,11 @@ pub trait Session: Send + Sync + Sized + 'static {
     /// (`name` is the variant, `args` its content).
     type Op: DeserializeOwned + 'static;
 
+    /// The messages other actors (and backends, through the backend API) may
+    /// send this session, decoded with serde from the sender's JSON. A
+    /// session that takes none says [`NoMessages`].
+    type Message: DeserializeOwned + 'static;
+
     /// The schema version of [`Session::State`], stored with every checkpoint.
     /// Raise it when the state's layout changes, and teach
     /// [`Session::migrate`] the older versions.
@@ -177,6 +184,38 @@ pub trait Session: Send + Sync + Sized + 'static {
     /// deadline overrun leaves the timer set: it is tried again a little later.
     async fn on_timer(&self, cx: &mut Cx<Self::State>, name: &str) -> Result<(), AppError> {
         let _ = (cx, name);
+        Ok(())
+    }
+
+    /// Runs for a message from `from`: exactly once per committed send, in
+    /// order per sender. Its effects and the message's receipt are committed
+    /// together. A "not applied" error (`unavailable`, `rate_limited`,
+    /// `internal`, a panic, a deadline overrun) commits nothing and the
+    /// sender delivers the message again later; any other error consumes the
+    /// message and is told to the sender's [`Session::on_undeliverable`].
+    async fn on_message(
+        &self,
+        cx: &mut Cx<Self::State>,
+        from: Sender,
+        msg: Self::Message,
+    ) -> Result<(), AppError> {
+        let _ = (cx, from, msg);
+        Err(AppError::new(
+            ErrorCode::UnknownOp,
+            "this actor takes no messages",
+        ))
+    }
+
+    /// Runs when a message this session sent cannot be delivered: its
+    /// receiver is a session that ended or expired, or it refused the
+    /// message. Committed with the message's removal from the outgoing
+    /// queue, so it runs once per message.
+    async fn on_undeliverable(
+        &self,
+        cx: &mut Cx<Self::State>,
+        bounce: Bounce,
+    ) -> Result<(), AppError> {
+        let _ = (cx, bounce);
         Ok(())
     }
 
@@ -203,6 +242,86 @@ pub trait Session: Send + Sync + Sized + 'static {
     }
 }
 
+/// An entity: a server-side actor addressed by `(kind, key)`, with no client
+/// of its own. It is placed on the ring, checkpointed, passivated, handed off
+/// and failed over exactly like a session, and made by the first message to
+/// it. Register it with the server under its kind.
+#[allow(async_fn_in_trait)] // the futures run on one thread by design: no Send bound
+pub trait Entity: Send + Sync + Sized + 'static {
+    /// One entity's state (a new entity starts from `Default`).
+    type State: Serialize + DeserializeOwned + Clone + Default + Send + Sync + 'static;
+
+    /// The messages it takes.
+    type Message: DeserializeOwned + 'static;
+
+    /// The schema version of [`Entity::State`].
+    const STATE_VERSION: u32 = 1;
+
+    /// Runs for a message; see [`Session::on_message`].
+    async fn on_message(
+        &self,
+        cx: &mut Cx<Self::State>,
+        from: Sender,
+        msg: Self::Message,
+    ) -> Result<(), AppError>;
+
+    /// Runs when the timer `name` falls due; see [`Session::on_timer`].
+    async fn on_timer(&self, cx: &mut Cx<Self::State>, name: &str) -> Result<(), AppError> {
+        let _ = (cx, name);
+        Ok(())
+    }
+
+    /// Runs when a message it sent cannot be delivered; see
+    /// [`Session::on_undeliverable`].
+    async fn on_undeliverable(
+        &self,
+        cx: &mut Cx<Self::State>,
+        bounce: Bounce,
+    ) -> Result<(), AppError> {
+        let _ = (cx, bounce);
+        Ok(())
+    }
+
+    /// Migrates an older stored state; see [`Session::migrate`].
+    fn migrate(&self, from: u32, old: Value) -> Result<Self::State, MigrateError> {
+        let _ = old;
+        Err(format!(
+            "no migration from schema version {from} to {}",
+            Self::STATE_VERSION
+        )
+        .into())
+    }
+}
+
+/// The message type of an actor that takes no messages: nothing decodes
+/// into it, so every message to it is refused (`unknown_op`) and bounces to
+/// its sender.
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+pub enum NoMessages {}
+
+/// A message that could not be delivered, handed back to its sender.
+#[derive(Debug, Clone)]
+pub struct Bounce {
+    /// Where it was going.
+    pub to: Address,
+    /// The message, as sent.
+    pub message: Value,
+    /// Why it came back.
+    pub why: BounceReason,
+}
+
+/// Why a message came back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BounceReason {
+    /// The receiver is a session that ended, expired or never existed.
+    Gone,
+    /// The receiver is an entity of a kind this application did not register.
+    UnknownKind,
+    /// The receiver's handler refused it with this final error (or the
+    /// message does not decode as the receiver's message type: `bad_args`).
+    Refused(AppError),
+}
+
 /// What a handler may touch: the session's state, its client's events, its
 /// timers. Everything done through it is committed together when the handler
 /// returns `Ok`, or forgotten.
@@ -213,6 +332,7 @@ pub struct Cx<S> {
     events: Vec<(Value, u64)>,
     timers: Timers,
     timers_changed: bool,
+    sends: Vec<(Address, Value)>,
 }
 
 /// What the session hands a handler besides its state (made by the session
@@ -220,7 +340,10 @@ pub struct Cx<S> {
 #[derive(Debug, Clone)]
 pub struct Env {
     pub(crate) session: Arc<str>,
+    pub(crate) user: Option<Arc<str>>,
     pub(crate) run: Invocation,
+    pub(crate) out_room: usize,
+    pub(crate) max_message_bytes: usize,
     pub(crate) now_ms: u64,
     pub(crate) next_seq: u64,
     pub(crate) outbox_len: usize,
@@ -236,6 +359,10 @@ pub enum Invocation {
     Op(u64),
     /// A firing of the timer with this name, due at this time.
     Timer(String, u64),
+    /// The message from this sender, of this incarnation and sequence number.
+    Message(Sender, u64, u64),
+    /// The bounce of this actor's own message with this sequence number.
+    Bounce(u64),
 }
 
 /// A session's timers: name -> due time (ms since the Unix epoch).
@@ -253,6 +380,7 @@ impl<S: Clone> Cx<S> {
             events: Vec::new(),
             timers,
             timers_changed: false,
+            sends: Vec::new(),
         }
     }
 
@@ -274,10 +402,64 @@ impl<S: Clone> Cx<S> {
         self.working.is_some()
     }
 
-    /// The handler's effects: the changed state, the events, the timers if changed.
-    pub(crate) fn into_parts(self) -> (Option<S>, Vec<(Value, u64)>, Option<Timers>) {
+    /// The handler's effects: the changed state, the events, the timers if
+    /// changed, the messages sent, and the time it ran at.
+    pub(crate) fn into_parts(self) -> Parts<S> {
         let timers = self.timers_changed.then_some(self.timers);
-        (self.working, self.events, timers)
+        Parts {
+            state: self.working,
+            events: self.events,
+            timers,
+            sends: self.sends,
+            now_ms: self.env.now_ms,
+        }
+    }
+
+    /// Sends `msg` to the actor at `to`: delivered to its `on_message`
+    /// exactly once, after this handler's commit, in order with this actor's
+    /// other messages to `to`. Fails (and sends nothing) when the message
+    /// does not encode, is larger than `limits.max_message_bytes`
+    /// (`too_large`), or when this actor already holds
+    /// `limits.max_outgoing` unacknowledged messages (`rate_limited`: the
+    /// handler may give up, or return the error so the op is retried).
+    pub fn send(&mut self, to: &Address, msg: &impl Serialize) -> Result<(), AppError> {
+        let body = serde_json::to_value(msg).map_err(|e| {
+            AppError::new(
+                ErrorCode::Internal,
+                format!("the message does not serialize: {e}"),
+            )
+        })?;
+        let len = crate::outbox::body_len(&body);
+        if len > self.env.max_message_bytes {
+            return Err(AppError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the message is {len} bytes, over the limit of {}",
+                    self.env.max_message_bytes
+                ),
+            ));
+        }
+        if self.sends.len() >= self.env.out_room {
+            return Err(AppError::new(
+                ErrorCode::RateLimited,
+                "the outgoing queue is full (limits.max_outgoing unacknowledged messages): retry later",
+            ));
+        }
+        self.sends.push((to.clone(), body));
+        Ok(())
+    }
+
+    /// The authenticated user (the subject of the credential the session
+    /// was created with), if any. Always `None` for an entity.
+    pub fn user(&self) -> Option<&str> {
+        self.env.user.as_deref()
+    }
+
+    /// This actor's address.
+    pub fn address(&self) -> Address {
+        Address::of_actor(&crate::ids::SessionId::from_checked(
+            self.env.session.to_string(),
+        ))
     }
 
     /// Schedules an event to the session's client now; returns its `seq`.
@@ -371,7 +553,7 @@ impl<S: Clone> Cx<S> {
         self.env.now_ms
     }
 
-    /// The session's id.
+    /// The session's id (for an entity: `kind/key`).
     pub fn session_id(&self) -> &str {
         &self.env.session
     }
@@ -382,9 +564,21 @@ impl<S: Clone> Cx<S> {
     /// A handler's outside call can run again if the node dies before the
     /// handler's commit; berth cannot make someone else's API exactly once.
     pub fn idempotency_key(&self) -> String {
+        let me = &self.env.session;
         match &self.env.run {
-            Invocation::Op(id) => format!("{}:op:{id}", self.env.session),
-            Invocation::Timer(name, due) => format!("{}:timer:{name}:{due}", self.env.session),
+            Invocation::Op(id) => format!("{me}:op:{id}"),
+            Invocation::Timer(name, due) => format!("{me}:timer:{name}:{due}"),
+            Invocation::Message(from, inc, seq) => format!("{me}:msg:{from}:{inc}:{seq}"),
+            Invocation::Bounce(seq) => format!("{me}:bounce:{seq}"),
         }
     }
+}
+
+/// A committed handler's effects, still typed.
+pub(crate) struct Parts<S> {
+    pub(crate) state: Option<S>,
+    pub(crate) events: Vec<(Value, u64)>,
+    pub(crate) timers: Option<Timers>,
+    pub(crate) sends: Vec<(Address, Value)>,
+    pub(crate) now_ms: u64,
 }

@@ -1,11 +1,12 @@
 //! The checkpoint codec: the bytes stored for a session.
 //!
 //! A checkpoint is a bincode 2.0.1 envelope: a `u16` format version, then the
-//! body of that version: [`FORMAT_V1`], or [`FORMAT_V2`] (format 1 plus the
-//! application's state schema version and the session's timers). A checkpoint
-//! with nothing format 2 adds (schema version 1, no timer) is still written as
-//! format 1, so nodes of the previous release read it during a rolling
-//! upgrade. A reader that meets a
+//! body of that version: [`FORMAT_V1`], [`FORMAT_V2`] (format 1 plus the
+//! application's state schema version and the session's timers) or
+//! [`FORMAT_V3`] (format 2 plus the user and the messaging state). Each
+//! checkpoint is written in the oldest format that holds it (a kv session
+//! with no timer, user or message is still format 1), so nodes of an earlier
+//! release read what they can during a rolling upgrade. A reader that meets a
 //! version it does not know answers [`CodecError::UnknownFormat`] instead of
 //! guessing; a future format adds a new body type and a migration here
 //! (garage's `util/migrate.rs` pattern).
@@ -16,6 +17,10 @@ use bincode::{Decode, Encode};
 pub const FORMAT_V1: u16 = 1;
 /// Format 1 plus the application state's schema version and the timers.
 pub const FORMAT_V2: u16 = 2;
+/// Format 2 plus the session's user (the subject of its credential) and the
+/// actor's messaging: incarnation, last sequence number, outgoing queue and
+/// senders' watermarks.
+pub const FORMAT_V3: u16 = 3;
 
 /// The most bytes decoding one checkpoint may claim (bincode's limit, about
 /// the memory the decoded checkpoint takes). Far above any checkpoint berth
@@ -39,15 +44,15 @@ fn config() -> Config {
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     /// The envelope names a format this build does not know.
-    #[error(
-        "unknown checkpoint format version {0} (this build reads {FORMAT_V1} and {FORMAT_V2})"
-    )]
+    #[error("unknown checkpoint format version {0} (this build reads {FORMAT_V1} to {FORMAT_V3})")]
     UnknownFormat(u16),
     /// The bytes are not a valid envelope or body.
     #[error("corrupt checkpoint: {0}")]
     Corrupt(String),
 }
 
+use crate::address::Address;
+pub use crate::mail::{Mark, OutMsg};
 pub use crate::outbox::StoredEvent;
 
 /// A session's checkpoint.
@@ -71,6 +76,16 @@ pub struct Checkpoint {
     pub events: Vec<StoredEvent>,
     /// Timers: name and due time (ms since the Unix epoch); none in format 1.
     pub timers: Vec<(String, u64)>,
+    /// The subject of the credential the session was created with (format 3).
+    pub user: Option<String>,
+    /// Messaging: the incarnation and the last `seq` sent (format 3).
+    pub mail_inc: u64,
+    /// The last message `seq` given out.
+    pub mail_seq: u64,
+    /// Unacknowledged outgoing messages.
+    pub outgoing: Vec<OutMsg>,
+    /// Senders' watermarks, by sender.
+    pub marks: Vec<(String, Mark)>,
 }
 
 /// Wire shape of [`StoredEvent`] (event bodies are stored as JSON text).
@@ -101,8 +116,37 @@ struct CheckpointV2 {
     timers: Vec<(String, u64)>,
 }
 
-/// Encodes a checkpoint (consumes it: no byte is copied twice): format 1 when
-/// it fits (schema version 1, no timer), else format 2.
+/// Wire shape of [`OutMsg`].
+#[derive(Encode, Decode)]
+struct MsgV3 {
+    seq: u64,
+    to: String,
+    body: Vec<u8>,
+    at_ms: u64,
+}
+
+/// Wire shape of a watermark row.
+#[derive(Encode, Decode)]
+struct MarkV3 {
+    from: String,
+    inc: u64,
+    seq: u64,
+    at_ms: u64,
+}
+
+/// Wire shape of [`Checkpoint`], format 3.
+#[derive(Encode, Decode)]
+struct CheckpointV3 {
+    v2: CheckpointV2,
+    user: Option<String>,
+    mail_inc: u64,
+    mail_seq: u64,
+    outgoing: Vec<MsgV3>,
+    marks: Vec<MarkV3>,
+}
+
+/// Encodes a checkpoint (consumes it: no byte is copied twice) in the oldest
+/// format that holds it.
 pub fn encode(ck: Checkpoint) -> Vec<u8> {
     let v1 = CheckpointV1 {
         app: ck.app,
@@ -122,16 +166,46 @@ pub fn encode(ck: Checkpoint) -> Vec<u8> {
             .collect(),
     };
     // Encoding plain owned data into a Vec cannot fail.
-    if ck.app_version == 1 && ck.timers.is_empty() {
-        bincode::encode_to_vec((FORMAT_V1, v1), config()).unwrap_or_default()
-    } else {
-        let body = CheckpointV2 {
-            v1,
-            app_version: ck.app_version,
-            timers: ck.timers,
-        };
-        bincode::encode_to_vec((FORMAT_V2, body), config()).unwrap_or_default()
+    let v3 =
+        ck.user.is_some() || ck.mail_inc != 0 || !ck.outgoing.is_empty() || !ck.marks.is_empty();
+    if !v3 && ck.app_version == 1 && ck.timers.is_empty() {
+        return bincode::encode_to_vec((FORMAT_V1, v1), config()).unwrap_or_default();
     }
+    let v2 = CheckpointV2 {
+        v1,
+        app_version: ck.app_version,
+        timers: ck.timers,
+    };
+    if !v3 {
+        return bincode::encode_to_vec((FORMAT_V2, v2), config()).unwrap_or_default();
+    }
+    let body = CheckpointV3 {
+        v2,
+        user: ck.user,
+        mail_inc: ck.mail_inc,
+        mail_seq: ck.mail_seq,
+        outgoing: ck
+            .outgoing
+            .into_iter()
+            .map(|m| MsgV3 {
+                seq: m.seq,
+                to: m.to.to_string(),
+                body: serde_json::to_vec(&m.body).unwrap_or_default(),
+                at_ms: m.at_ms,
+            })
+            .collect(),
+        marks: ck
+            .marks
+            .into_iter()
+            .map(|(from, m)| MarkV3 {
+                from,
+                inc: m.inc,
+                seq: m.seq,
+                at_ms: m.at_ms,
+            })
+            .collect(),
+    };
+    bincode::encode_to_vec((FORMAT_V3, body), config()).unwrap_or_default()
 }
 
 /// Decodes a checkpoint of any known format.
@@ -140,19 +214,56 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, CodecError> {
     let (format, used): (u16, usize) =
         bincode::decode_from_slice(bytes, config()).map_err(|e| corrupt(&e))?;
     let body = &bytes[used..];
-    let (b, app_version, timers) = match format {
+    let v2_of = |v1| CheckpointV2 {
+        v1,
+        app_version: 1,
+        timers: Vec::new(),
+    };
+    let v3 = match format {
         FORMAT_V1 => {
             let (b, _): (CheckpointV1, usize) =
                 bincode::decode_from_slice(body, config()).map_err(|e| corrupt(&e))?;
-            (b, 1, Vec::new())
+            CheckpointV3::of(v2_of(b))
         }
         FORMAT_V2 => {
             let (b, _): (CheckpointV2, usize) =
                 bincode::decode_from_slice(body, config()).map_err(|e| corrupt(&e))?;
-            (b.v1, b.app_version, b.timers)
+            CheckpointV3::of(b)
+        }
+        FORMAT_V3 => {
+            let (b, _): (CheckpointV3, usize) =
+                bincode::decode_from_slice(body, config()).map_err(|e| corrupt(&e))?;
+            b
         }
         other => return Err(CodecError::UnknownFormat(other)),
     };
+    let (b, app_version, timers) = (v3.v2.v1, v3.v2.app_version, v3.v2.timers);
+    let outgoing = v3
+        .outgoing
+        .into_iter()
+        .map(|m| {
+            Ok(OutMsg {
+                seq: m.seq,
+                to: m.to.parse::<Address>().map_err(|e| corrupt(&e))?,
+                body: serde_json::from_slice(&m.body).map_err(|e| corrupt(&e))?,
+                at_ms: m.at_ms,
+            })
+        })
+        .collect::<Result<_, CodecError>>()?;
+    let marks = v3
+        .marks
+        .into_iter()
+        .map(|m| {
+            (
+                m.from,
+                Mark {
+                    inc: m.inc,
+                    seq: m.seq,
+                    at_ms: m.at_ms,
+                },
+            )
+        })
+        .collect();
     {
         {
             let events = b
@@ -176,7 +287,26 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, CodecError> {
                 next_seq: b.next_seq,
                 events,
                 timers,
+                user: v3.user,
+                mail_inc: v3.mail_inc,
+                mail_seq: v3.mail_seq,
+                outgoing,
+                marks,
             })
+        }
+    }
+}
+
+impl CheckpointV3 {
+    /// An older format's body, with nothing format 3 adds.
+    fn of(v2: CheckpointV2) -> Self {
+        CheckpointV3 {
+            v2,
+            user: None,
+            mail_inc: 0,
+            mail_seq: 0,
+            outgoing: Vec::new(),
+            marks: Vec::new(),
         }
     }
 }
@@ -202,7 +332,41 @@ mod tests {
                 body: json!({"hi": [1, 2]}),
             }],
             timers: Vec::new(),
+            user: None,
+            mail_inc: 0,
+            mail_seq: 0,
+            outgoing: Vec::new(),
+            marks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_user_or_messages_make_format_3_and_round_trip() {
+        let ck = Checkpoint {
+            timers: vec![("t".into(), 5)],
+            user: Some("alice".into()),
+            mail_inc: 77,
+            mail_seq: 9,
+            outgoing: vec![OutMsg {
+                seq: 9,
+                to: Address::entity("room", "lobby").unwrap(),
+                body: json!({"say": "hi"}),
+                at_ms: 3,
+            }],
+            marks: vec![(
+                "room/lobby".into(),
+                Mark {
+                    inc: 5,
+                    seq: 2,
+                    at_ms: 4,
+                },
+            )],
+            ..sample()
+        };
+        let bytes = encode(ck.clone());
+        let (v, _): (u16, usize) = bincode::decode_from_slice(&bytes, config()).unwrap();
+        assert_eq!(v, FORMAT_V3);
+        assert_eq!(decode(&bytes).unwrap(), ck);
     }
 
     #[test]
@@ -347,6 +511,7 @@ mod tests {
         ) {
             let ck = Checkpoint {
                 app, app_version: 1, version, last_op, last_reply: reply, token_hash: [1; 32], next_seq: 5, timers: Vec::new(),
+                user: None, mail_inc: 0, mail_seq: 0, outgoing: Vec::new(), marks: Vec::new(),
                 events: seqs.into_iter().map(|(seq, due_ms, b)| StoredEvent { seq, due_ms, body: json!(b) }).collect(),
             };
             prop_assert_eq!(decode(&encode(ck.clone())).unwrap(), ck);

@@ -38,6 +38,27 @@ impl SessionId {
             .then(|| SessionId(s.to_owned()))
     }
 
+    /// An actor id already checked by its maker ([`crate::address::Address`]).
+    pub(crate) fn from_checked(s: String) -> Self {
+        SessionId(s)
+    }
+
+    /// Parses a stored actor id: a session id or an entity's `kind/key`
+    /// (what the store's timer index holds). Clients' ids go through
+    /// [`SessionId::parse`], which refuses entity ids.
+    pub fn parse_actor(s: &str) -> Option<Self> {
+        Self::parse(s).or_else(|| {
+            s.parse::<crate::address::Address>()
+                .ok()
+                .map(|a| a.actor_id())
+        })
+    }
+
+    /// Whether this id names an entity (`kind/key`), not a session.
+    pub fn is_entity(&self) -> bool {
+        self.0.contains('/')
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0

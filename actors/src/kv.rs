@@ -109,6 +109,7 @@ fn optional<T>(
 impl Session for KvApp {
     type State = KvState;
     type Op = KvOp;
+    type Message = crate::app::NoMessages;
 
     fn decode_op(&self, name: &str, mut args: Value) -> Result<KvOp, AppError> {
         Ok(match name {

@@ -8,6 +8,8 @@
 //!
 //! # Layout
 //! - [`protocol`]: client <-> server message types, error codes, close codes.
+//! - [`address`]: actor addresses (a session, or an entity `kind/key`) and
+//!   message senders.
 //! - [`ids`]: session ids and resume tokens (random, hashed, constant-time compare).
 //! - [`app`]: the application API: the [`app::Session`] trait (typed state
 //!   and ops, async handlers, timers) and the handler's [`app::Cx`].
@@ -15,6 +17,7 @@
 //! - [`runtime`]: the application, type-erased for the actor and the host.
 //! - [`kv`]: the built-in `kv` application, written on [`app`].
 //! - [`outbox`]: a session's unacknowledged events.
+//! - [`mail`]: messages between actors: the outgoing queue and the senders' watermarks (exactly once, in order).
 //! - [`state`]: [`state::SessionState`], the pure rules of a session (dedupe,
 //!   versions, commits and their undo, size limits), tested without actix.
 //! - [`codec`]: the versioned checkpoint envelope (bincode 2.0.1).
@@ -45,12 +48,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod address;
 pub mod app;
 pub mod codec;
 pub mod conn;
 pub mod host;
 pub mod ids;
 pub mod kv;
+pub mod mail;
 pub mod ops;
 pub mod outbox;
 pub mod protocol;

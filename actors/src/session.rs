@@ -986,12 +986,7 @@ impl SessionActor {
             tracing::warn!(session = %self.id, timer = name, why, attempts = self.timer_attempts, "timer handler keeps failing: dropping this firing");
             metrics::counter!("berth_timers_dropped_total").increment(1);
             // The firing is committed with no effects: the timer is gone.
-            let nothing = Effects {
-                state: None,
-                events: Vec::new(),
-                timers: None,
-                reply: serde_json::Value::Null,
-            };
+            let nothing = Effects::none(now_ms());
             let limits = self.host.limits();
             let committed = (self.state.timers.get(name) == Some(&due))
                 .then(|| {

@@ -21,9 +21,11 @@
 
 use std::sync::Arc;
 
+use crate::address::Sender;
 use crate::app::{AppError, Env, Invocation, Timers};
 use crate::codec::Checkpoint;
 use crate::ids::TokenHash;
+use crate::mail::{Post, PostUndo, Seen};
 use crate::outbox::Outbox;
 use crate::protocol::{ErrorCode, OpReply};
 use crate::runtime::{AnyState, Effects, Runtime};
@@ -44,6 +46,16 @@ pub struct Limits {
     pub max_checkpoint_bytes: usize,
     /// Most timers one session may hold at once.
     pub max_timers: usize,
+    /// Most unacknowledged outgoing messages one actor holds (a handler's
+    /// `send` beyond it fails).
+    pub max_outgoing: usize,
+    /// Largest message body, in bytes of JSON.
+    pub max_message_bytes: usize,
+    /// Most senders' watermarks one actor keeps (the oldest are forgotten
+    /// first beyond it).
+    pub max_watermarks: usize,
+    /// Watermarks unused this long are forgotten (the store's time to live).
+    pub watermark_ttl_ms: u64,
     /// Most live sessions on one node: above it new sessions are refused
     /// (`unavailable`, close 1013); resumes of existing ones are not.
     pub max_live_sessions: usize,
@@ -57,6 +69,10 @@ impl Default for Limits {
             max_emit_delay_ms: 24 * 3600 * 1000,
             max_checkpoint_bytes: 1024 * 1024,
             max_timers: 64,
+            max_outgoing: 1000,
+            max_message_bytes: 64 * 1024,
+            max_watermarks: 10_000,
+            watermark_ttl_ms: 24 * 3600 * 1000,
             max_live_sessions: 100_000,
         }
     }
@@ -91,6 +107,7 @@ pub struct Undo {
     last_reply: Option<OpReply>,
     seq_from: u64,
     timers: Option<Timers>,
+    post: PostUndo,
 }
 
 /// The result of [`SessionState::commit_op`].
@@ -104,6 +121,29 @@ pub struct Outcome {
     /// The encoded application state after a change (measured for the size
     /// limit; handed on so the checkpoint does not encode it again).
     pub app_bytes: Option<Vec<u8>>,
+}
+
+/// Which message: its sender, the sender's incarnation and sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MsgId {
+    /// Who sent it.
+    pub from: Sender,
+    /// The sender's incarnation.
+    pub inc: u64,
+    /// The sender's sequence number.
+    pub seq: u64,
+}
+
+/// A committed message: how to take it back, the encoded state, and the
+/// final error the handler answered (committed as applied, with no effects).
+#[derive(Debug)]
+pub struct Delivered {
+    /// How to take the commit back if its checkpoint fails.
+    pub undo: Undo,
+    /// The encoded application state, for the checkpoint.
+    pub app_bytes: Vec<u8>,
+    /// The handler's final error, told to the sender.
+    pub refused: Option<AppError>,
 }
 
 /// One session: application state, version, op-id watermark, outbox, timers,
@@ -125,6 +165,10 @@ pub struct SessionState {
     pub timers: Timers,
     /// Hash of the resume token.
     pub token_hash: TokenHash,
+    /// The subject of the credential the session was created with.
+    pub user: Option<Arc<str>>,
+    /// Outgoing messages and senders' watermarks.
+    pub post: Post,
 }
 
 impl std::fmt::Debug for SessionState {
@@ -134,6 +178,7 @@ impl std::fmt::Debug for SessionState {
             .field("last_op", &self.last_op)
             .field("outbox", &self.outbox.len())
             .field("timers", &self.timers)
+            .field("outgoing", &self.post.queued())
             .finish_non_exhaustive()
     }
 }
@@ -149,6 +194,8 @@ impl SessionState {
             outbox: Outbox::default(),
             timers: Timers::new(),
             token_hash,
+            user: None,
+            post: Post::default(),
         }
     }
 
@@ -176,7 +223,10 @@ impl SessionState {
     pub fn env(&self, session: Arc<str>, run: Invocation, now_ms: u64, limits: &Limits) -> Env {
         Env {
             session,
+            user: self.user.clone(),
             run,
+            out_room: limits.max_outgoing.saturating_sub(self.post.queued()),
+            max_message_bytes: limits.max_message_bytes,
             now_ms,
             next_seq: self.outbox.next_seq(),
             outbox_len: self.outbox.len(),
@@ -266,6 +316,60 @@ impl SessionState {
         self.apply_effects(rt, eff, limits)
     }
 
+    /// Whether message `seq` of incarnation `inc` from `from` was applied.
+    pub fn seen(&self, from: &Sender, inc: u64, seq: u64) -> Seen {
+        self.post.seen(&from.mark_key(), inc, seq)
+    }
+
+    /// Commits what the handler of message `seq` (incarnation `inc`) from
+    /// `from` did, with the sender's new watermark. A handler that failed
+    /// with a final error (one that consumes an op id) is committed as
+    /// applied with no effects, and the error is answered to the sender; one
+    /// that failed with a "not applied" error changes nothing and is
+    /// answered so (the sender retries).
+    pub fn commit_message(
+        &mut self,
+        rt: &dyn Runtime,
+        msg: &MsgId,
+        result: Result<Effects, AppError>,
+        now_ms: u64,
+        limits: &Limits,
+    ) -> Result<Delivered, AppError> {
+        let (eff, refused) = match result {
+            Ok(eff) => (eff, None),
+            Err(e) if e.code.consumes_op_id() => (Effects::none(now_ms), Some(e)),
+            Err(e) => return Err(e),
+        };
+        // Over a limit: not applied (the sender retries later).
+        let (mut undo, bytes) = self.apply_effects(rt, eff, limits)?;
+        self.post.record(
+            msg.from.mark_key(),
+            msg.inc,
+            msg.seq,
+            now_ms,
+            &mut undo.post,
+        );
+        Ok(Delivered {
+            undo,
+            app_bytes: bytes,
+            refused,
+        })
+    }
+
+    /// Commits what `on_undeliverable` did for the bounced message `seq`: the
+    /// message leaves the outgoing queue in the same commit.
+    pub fn commit_bounce(
+        &mut self,
+        rt: &dyn Runtime,
+        seq: u64,
+        eff: Effects,
+        limits: &Limits,
+    ) -> Result<(Undo, Vec<u8>), AppError> {
+        let (mut undo, bytes) = self.apply_effects(rt, eff, limits)?;
+        self.post.remove(seq, &mut undo.post);
+        Ok((undo, bytes))
+    }
+
     /// The timers a handler of a firing of `name` starts from (without it).
     pub fn timers_without(&self, name: &str) -> Timers {
         let mut t = self.timers.clone();
@@ -281,6 +385,15 @@ impl SessionState {
         eff: Effects,
         limits: &Limits,
     ) -> Result<(Undo, Vec<u8>), AppError> {
+        if self.post.queued() + eff.sends.len() > limits.max_outgoing {
+            return Err(AppError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "the actor holds {} unacknowledged outgoing messages: retry later",
+                    self.post.queued()
+                ),
+            ));
+        }
         if self.outbox.len() + eff.events.len() > limits.outbox_max {
             return Err(AppError::new(
                 ErrorCode::RateLimited,
@@ -297,6 +410,7 @@ impl SessionState {
             last_reply: self.last_reply.clone(),
             seq_from: self.outbox.next_seq(),
             timers: eff.timers.as_ref().map(|_| self.timers.clone()),
+            post: self.post.begin(),
         };
         let (bytes, state_changed) = match eff.state {
             Some((state, bytes)) => {
@@ -310,6 +424,9 @@ impl SessionState {
         }
         if let Some(t) = eff.timers {
             self.timers = t;
+        }
+        for (to, body) in eff.sends {
+            self.post.enqueue(to, body, eff.now_ms);
         }
         let size = bytes.len();
         let checkpoint = self.checkpoint_estimate(size);
@@ -346,6 +463,7 @@ impl SessionState {
         if let Some(t) = undo.timers {
             self.timers = t;
         }
+        self.post.undo(undo.post);
     }
 
     /// When the earliest timer falls due, and its name.
@@ -363,6 +481,8 @@ impl SessionState {
             + self.outbox.checkpoint_bytes()
             + self.last_reply.as_ref().map_or(0, reply_len)
             + self.timers.keys().map(|k| k.len() + 16).sum::<usize>()
+            + self.post.checkpoint_bytes()
+            + self.user.as_ref().map_or(0, |u| u.len())
             + CHECKPOINT_OVERHEAD
     }
 
@@ -387,6 +507,16 @@ impl SessionState {
             next_seq: self.outbox.next_seq,
             events: self.outbox.events.iter().cloned().collect(),
             timers: self.timers.iter().map(|(n, d)| (n.clone(), *d)).collect(),
+            user: self.user.as_deref().map(str::to_owned),
+            mail_inc: self.post.inc,
+            mail_seq: self.post.last_seq,
+            outgoing: self.post.out.iter().cloned().collect(),
+            marks: self
+                .post
+                .marks
+                .iter()
+                .map(|(k, m)| (k.clone(), *m))
+                .collect(),
         }
     }
 
@@ -407,6 +537,8 @@ impl SessionState {
             outbox: Outbox::from_parts(ck.events, ck.next_seq),
             timers: ck.timers.into_iter().collect(),
             token_hash: TokenHash(ck.token_hash),
+            user: ck.user.map(Arc::from),
+            post: Post::from_parts(ck.mail_inc, ck.mail_seq, ck.outgoing, ck.marks),
         })
     }
 }

@@ -32,6 +32,7 @@ enum OpV1 {
 impl Session for ProbeV1 {
     type State = StateV1;
     type Op = OpV1;
+    type Message = berth::NoMessages;
 
     async fn on_op(&self, cx: &mut Cx<StateV1>, op: OpV1) -> Result<Value, AppError> {
         match op {
@@ -106,6 +107,7 @@ impl Probe {
 impl Session for Probe {
     type State = State;
     type Op = Op;
+    type Message = berth::NoMessages;
     const STATE_VERSION: u32 = 2;
 
     async fn on_op(&self, cx: &mut Cx<State>, op: Op) -> Result<Value, AppError> {
@@ -176,6 +178,7 @@ struct ProbeV3;
 impl Session for ProbeV3 {
     type State = State;
     type Op = Op;
+    type Message = berth::NoMessages;
     const STATE_VERSION: u32 = 3;
 
     async fn on_op(&self, cx: &mut Cx<State>, op: Op) -> Result<Value, AppError> {

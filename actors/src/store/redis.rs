@@ -531,7 +531,10 @@ impl CheckpointStore for RedisStore {
             )
             .await
             .inspect_err(|_| primary.failed())?;
-            Ok(ids.iter().filter_map(|s| SessionId::parse(s)).collect())
+            Ok(ids
+                .iter()
+                .filter_map(|s| SessionId::parse_actor(s))
+                .collect())
         }
         .boxed()
     }
