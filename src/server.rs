@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::{web, App, HttpServer};
-use berth_actors::app::Session;
+use berth_actors::app::{Entity, Session};
 use berth_actors::host::{Durability, Host, HostConfig};
 use berth_actors::protocol::CloseCode;
 use berth_actors::store::memory::MemoryStore;
@@ -84,7 +84,11 @@ pub struct Server<A: Session> {
     app: A,
     config: Option<PathBuf>,
     page: Option<&'static str>,
+    entities: Vec<Registration>,
 }
+
+/// Registers one entity kind on a node's host.
+type Registration = Box<dyn FnOnce(&Host) + Send>;
 
 impl<A: Session> Server<A> {
     /// A node for `app`, configured as the binary is: defaults, then the
@@ -95,6 +99,7 @@ impl<A: Session> Server<A> {
             app,
             config: None,
             page: None,
+            entities: Vec::new(),
         }
     }
 
@@ -103,6 +108,26 @@ impl<A: Session> Server<A> {
     /// Without it, those paths answer 404.
     pub fn page(mut self, html: &'static str) -> Self {
         self.page = Some(html);
+        self
+    }
+
+    /// Registers the entity `kind`, run by `app`: actors addressed
+    /// `kind/key`, made by the first message to them.
+    ///
+    /// # Panics
+    /// When `kind` is not 1 to 32 bytes of `[a-z0-9_-]` (a programming
+    /// error, found at start-up).
+    pub fn entity<E: Entity>(mut self, kind: &str, app: E) -> Self {
+        assert!(
+            berth_actors::address::valid_kind(kind),
+            "entity kind {kind:?}: {}",
+            berth_actors::address::AddressError::BadKind
+        );
+        let kind = kind.to_owned();
+        self.entities.push(Box::new(move |host: &Host| {
+            // Checked above.
+            let _ = host.register_entity(&kind, app);
+        }));
         self
     }
 
@@ -151,8 +176,13 @@ impl<A: Session> Server<A> {
     /// drain; answers once it has shut down.
     pub fn run(self) -> Result<(), ServerError> {
         let loaded = self.load()?;
-        let Server { app, config, page } = self;
-        actix_web::rt::System::new().block_on(run(app, config, page, loaded))
+        let Server {
+            app,
+            config,
+            page,
+            entities,
+        } = self;
+        actix_web::rt::System::new().block_on(run(app, entities, config, page, loaded))
     }
 
     fn load(&self) -> Result<config::Loaded, ServerError> {
@@ -205,6 +235,7 @@ fn build_store(cfg: &Config) -> Result<Arc<dyn CheckpointStore>, ServerError> {
 /// within the deadline.
 pub(crate) async fn run<A: Session>(
     app: A,
+    entities: Vec<Registration>,
     config_path: Option<PathBuf>,
     page: Option<&'static str>,
     loaded: config::Loaded,
@@ -243,6 +274,9 @@ pub(crate) async fn run<A: Session>(
         },
         cfg.session_limits(),
     );
+    for register in entities {
+        register(&host);
+    }
     let workers = if cfg.server.workers == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {

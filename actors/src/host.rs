@@ -11,21 +11,60 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures_util::future::join_all;
+use futures_util::future::{join_all, BoxFuture};
 
-use crate::app::Session;
+use crate::address::{Address, AddressError};
+use crate::app::{Entity, Session};
 use crate::ids::{new_token, SessionId};
 use crate::protocol::CloseCode;
-use crate::runtime::{Runtime, Typed};
-use crate::session::{Init, SessionActor, Shutdown};
+use crate::runtime::{Runtime, Typed, TypedEntity};
+use crate::session::{Deliver, DeliverAck, DeliverError, Init, SessionActor, Shutdown};
 use crate::shared::HostShared;
+pub use crate::shared::Postman;
 pub use crate::shared::{Durability, HostConfig};
 use crate::state::Limits;
 use crate::store::CheckpointStore;
+
+/// A [`Host`] that does not keep it alive.
+#[derive(Clone)]
+pub struct WeakHost {
+    shared: Weak<HostShared>,
+    sessions: Weak<Mutex<Registry>>,
+    next_gen: Weak<AtomicU64>,
+    closing: Weak<AtomicBool>,
+}
+
+impl WeakHost {
+    /// The host, if it still exists.
+    pub fn upgrade(&self) -> Option<Host> {
+        Some(Host {
+            shared: self.shared.upgrade()?,
+            sessions: self.sessions.upgrade()?,
+            next_gen: self.next_gen.upgrade()?,
+            closing: self.closing.upgrade()?,
+        })
+    }
+}
+
+/// The postman of a node alone: every actor is on this host.
+struct LocalPost(WeakHost);
+
+impl Postman for LocalPost {
+    fn deliver(
+        &self,
+        to: Address,
+        batch: Deliver,
+    ) -> BoxFuture<'static, Result<DeliverAck, DeliverError>> {
+        match self.0.upgrade() {
+            Some(host) => host.deliver(&to, batch),
+            None => Box::pin(async { Err(DeliverError::Retry("node stopped".into())) }),
+        }
+    }
+}
 
 /// Live actors by session id, with the generation that registered each.
 type Registry = HashMap<SessionId, (u64, Addr<SessionActor>)>;
@@ -80,9 +119,11 @@ impl Host {
                 }
             }
         });
-        Host {
+        let host = Host {
             shared: Arc::new(HostShared {
                 app,
+                entities: RwLock::default(),
+                postman: RwLock::default(),
                 store,
                 cfg,
                 limits: RwLock::new(Arc::new(limits)),
@@ -91,7 +132,66 @@ impl Host {
             sessions,
             next_gen: Arc::new(AtomicU64::new(1)),
             closing: Arc::default(),
+        };
+        host.set_postman(Arc::new(LocalPost(host.downgrade())));
+        host
+    }
+
+    /// Registers the entity `kind`, run by `app`.
+    pub fn register_entity<E: Entity>(&self, kind: &str, app: E) -> Result<(), AddressError> {
+        if !crate::address::valid_kind(kind) {
+            return Err(AddressError::BadKind);
         }
+        self.shared
+            .entities
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(kind.to_owned(), Arc::new(TypedEntity::new(app)));
+        Ok(())
+    }
+
+    /// Who carries this node's actors' messages from now on (the router of
+    /// a cluster; by default, this host alone).
+    pub fn set_postman(&self, postman: Arc<dyn Postman>) {
+        *self
+            .shared
+            .postman
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(postman);
+    }
+
+    /// A handle that does not keep the host alive.
+    pub fn downgrade(&self) -> WeakHost {
+        WeakHost {
+            shared: Arc::downgrade(&self.shared),
+            sessions: Arc::downgrade(&self.sessions),
+            next_gen: Arc::downgrade(&self.next_gen),
+            closing: Arc::downgrade(&self.closing),
+        }
+    }
+
+    /// Delivers `batch` to the actor at `to` on this node, activating it
+    /// (an entity that does not exist yet is made). Must be called inside
+    /// an actix system.
+    pub fn deliver(
+        &self,
+        to: &Address,
+        batch: Deliver,
+    ) -> BoxFuture<'static, Result<DeliverAck, DeliverError>> {
+        let id = to.actor_id();
+        if self.shared.runtime_for(&id).is_none() {
+            return Box::pin(async { Err(DeliverError::UnknownKind) });
+        }
+        if self.closing.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(DeliverError::Retry("node shutting down".into())) });
+        }
+        let addr = self.session(&id);
+        Box::pin(async move {
+            match addr.send(batch).await {
+                Ok(r) => r,
+                Err(_) => Err(DeliverError::Retry("the actor stopped".into())),
+            }
+        })
     }
 
     /// Starts a brand-new session; returns its id, its token (never stored in

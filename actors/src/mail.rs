@@ -208,6 +208,30 @@ impl Post {
         gone
     }
 
+    /// Like [`Post::ack`], but the messages in `keep` stay queued (they were
+    /// refused: their bounce removes them, in its own commit).
+    pub fn ack_except(
+        &mut self,
+        to: &Address,
+        upto: u64,
+        keep: &std::collections::HashSet<u64>,
+    ) -> Vec<OutMsg> {
+        let mut gone = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.out.len());
+        for m in self.out.drain(..) {
+            if &m.to == to && m.seq <= upto && !keep.contains(&m.seq) {
+                gone.push(m);
+            } else {
+                kept.push_back(m);
+            }
+        }
+        self.out = kept;
+        for m in &gone {
+            self.out_bytes -= msg_bytes(&m.to, &m.body);
+        }
+        gone
+    }
+
     /// The queued message `seq`, if it is still queued.
     pub fn queued_msg(&self, seq: u64) -> Option<&OutMsg> {
         self.out.iter().find(|m| m.seq == seq)

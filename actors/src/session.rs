@@ -24,14 +24,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use serde_json::Value;
 
-use crate::app::{AppError, Invocation};
+use std::collections::HashSet;
+
+use crate::address::{Address, Sender};
+use crate::app::{AppError, Bounce, BounceReason, Invocation};
 use crate::codec;
 use crate::conn::ConnHandle;
 use crate::ids::{SessionId, TokenHash};
+use crate::mail::Seen;
 use crate::protocol::{CloseCode, ErrorCode, OpReply, Welcome};
+use crate::runtime::Runtime;
 use crate::runtime::{Effects, HandlerFuture};
 use crate::shared::{Durability, HostShared};
-use crate::state::{Begin, Limits, Outcome, SessionState};
+use crate::state::{Begin, Limits, MsgId, Outcome, SessionState};
 use crate::store::{StoreError, Wake};
 
 /// Largest number of messages queued for one session before senders wait.
@@ -240,9 +245,66 @@ pub struct Shutdown {
     pub code: CloseCode,
 }
 
+/// A batch of messages from one sender to one actor, in `seq` order: the
+/// receiver applies them in order, skips those it applied before, and stops
+/// at the first it cannot apply now.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<DeliverAck, DeliverError>")]
+pub struct Deliver {
+    /// Who sent them.
+    pub from: Sender,
+    /// The sender's incarnation.
+    pub inc: u64,
+    /// The messages: sequence number, body, and when the sender committed it
+    /// (ms since the Unix epoch).
+    pub msgs: Vec<(u64, Value, u64)>,
+}
+
+/// What a receiver did with a [`Deliver`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DeliverAck {
+    /// Every message up to this `seq` is done with: applied now or before,
+    /// or refused (below). 0: none.
+    pub upto: u64,
+    /// Messages the receiver's handler refused for good, with its error.
+    pub refused: Vec<(u64, AppError)>,
+    /// Why the receiver stopped before the end of the batch, if it did
+    /// (the rest is to be sent again later).
+    pub stalled: Option<String>,
+}
+
+/// Why a batch could not be delivered at all.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeliverError {
+    /// The receiver is a session that ended, expired or never existed.
+    #[error("the session ended or does not exist")]
+    Gone,
+    /// The receiver is an entity of a kind nobody registered.
+    #[error("no such entity kind")]
+    UnknownKind,
+    /// Not now (moving, loading, store down, owner unreachable): send again later.
+    #[error("not delivered, try again: {0}")]
+    Retry(String),
+}
+
+/// Most messages sent to one destination in one batch.
+const BATCH_MAX: usize = 64;
+/// Longest wait between attempts to deliver to an unreachable actor.
+const MAX_RESEND: Duration = Duration::from_secs(5);
+
 /// One live session.
 pub struct SessionActor {
     id: SessionId,
+    /// The application running this actor (the session application, or its
+    /// entity kind's).
+    rt: Arc<dyn Runtime>,
+    /// Destinations with a batch in flight (at most one each: the order rule).
+    inflight: HashSet<Address>,
+    /// Queued messages being handed back to `on_undeliverable`.
+    bouncing: HashSet<u64>,
+    /// The resend wake-up, and how many resends in a row failed.
+    resend_timer: Option<SpawnHandle>,
+    resend_fails: u32,
     /// The id, shared with every handler run.
     name: Arc<str>,
     gen: u64,
@@ -289,8 +351,15 @@ pub struct SessionActor {
 
 impl SessionActor {
     pub(crate) fn new(id: SessionId, gen: u64, host: Arc<HostShared>, init: Init) -> Self {
-        let state = SessionState::new(&*host.app, TokenHash([0; 32]));
+        // The host starts an entity only when its kind is registered.
+        let rt = host.runtime_for(&id).unwrap_or_else(|| host.app.clone());
+        let state = SessionState::new(&*rt, TokenHash([0; 32]));
         SessionActor {
+            rt,
+            inflight: HashSet::new(),
+            bouncing: HashSet::new(),
+            resend_timer: None,
+            resend_fails: 0,
             name: Arc::from(id.as_str()),
             id,
             gen,
@@ -337,7 +406,16 @@ impl SessionActor {
         let (store, id, epoch) = (self.host.store.clone(), self.id.clone(), self.epoch);
         // Sessions that never had a timer leave the index alone (no cost on
         // the hot path); the others state their earliest due time each write.
-        let next = self.state.next_timer().map(|(_, due)| due);
+        // An actor with messages to deliver is woken too, should its node
+        // die: the new owner resends them.
+        let resend = (self.state.post.queued() > 0).then(|| now_ms() + 2_000);
+        let next = self
+            .state
+            .next_timer()
+            .map(|(_, due)| due)
+            .into_iter()
+            .chain(resend)
+            .min();
         let wake = match next {
             Some(at) => Wake::At(at),
             None if self.timer_user || !self.state.timers.is_empty() => Wake::Never,
@@ -356,7 +434,7 @@ impl SessionActor {
     }
 
     fn checkpoint_bytes(&self) -> Vec<u8> {
-        codec::encode(self.state.to_checkpoint(&*self.host.app))
+        codec::encode(self.state.to_checkpoint(&*self.rt))
     }
 
     fn go_live(&mut self, epoch: u64, ctx: &mut Context<Self>) {
@@ -367,8 +445,9 @@ impl SessionActor {
         metrics::gauge!("berth_sessions_live").increment(1.0);
         // Nobody attached yet: if nobody does, passivate like a detached session.
         self.schedule_passivation(ctx);
-        self.timer_user = !self.state.timers.is_empty();
+        self.timer_user = !self.state.timers.is_empty() || self.state.post.queued() > 0;
         self.schedule_timer(ctx);
+        self.pump(ctx);
     }
 
     /// Leaves service: answers everything still queued with `reason`, then stops.
@@ -411,6 +490,11 @@ impl SessionActor {
     }
 
     fn passivate(&mut self, ctx: &mut Context<Self>) {
+        if self.state.post.queued() > 0 {
+            // Messages still to deliver: stay live and keep sending.
+            self.schedule_passivation(ctx);
+            return;
+        }
         if !self.stored() {
             // Never written: nothing in the store to keep, nothing to lose.
             tracing::debug!(session = %self.id, "passivated (never written)");
@@ -496,6 +580,7 @@ impl SessionActor {
                 act.epoch = epoch;
                 act.flush_inflight = false;
                 act.flush_failing = false;
+                act.pump(ctx);
                 act.last_saved = Instant::now();
                 if !act.unsaved_writes {
                     act.dirty = false;
@@ -526,7 +611,7 @@ impl Actor for SessionActor {
         let id = self.id.clone();
         match self.init.take() {
             Some(Init::New(hash)) => {
-                self.state = SessionState::new(&*self.host.app, hash);
+                self.state = SessionState::new(&*self.rt, hash);
                 // A new session costs nothing in the store until its first
                 // state-changing op (then it is created, takes its first
                 // epoch, and is written before that op is answered): a flood
@@ -550,7 +635,7 @@ impl Actor for SessionActor {
                     Ok(Some(a)) => {
                         let decoded = codec::decode(&a.checkpoint)
                             .map_err(|e| e.to_string())
-                            .and_then(|ck| SessionState::from_checkpoint(&*act.host.app, ck));
+                            .and_then(|ck| SessionState::from_checkpoint(&*act.rt, ck));
                         match decoded {
                             Ok(state) => {
                                 // Re-activation from the store: after passivation,
@@ -565,6 +650,8 @@ impl Actor for SessionActor {
                             }
                         }
                     }
+                    // An entity is made by the first message to it.
+                    Ok(None) if act.id.is_entity() => act.go_live(0, ctx),
                     Ok(None) => act.gone(AttachError::NotFound, ctx),
                     Err(e) => act.gone(AttachError::Unavailable(e.to_string()), ctx),
                 }));
@@ -825,7 +912,7 @@ impl SessionActor {
         let env = self
             .state
             .env(self.name.clone(), Invocation::Op(id), now_ms(), &limits);
-        let fut = self.host.app.clone().run_op(
+        let fut = self.rt.clone().run_op(
             self.state.app_state(),
             env,
             self.state.timers.clone(),
@@ -862,9 +949,7 @@ impl SessionActor {
                 self.unavailable(id, "checkpoint store unreachable: retry")
             )));
         }
-        let outcome = self
-            .state
-            .commit_op(&*self.host.app, id, retry, result, limits);
+        let outcome = self.state.commit_op(&*self.rt, id, retry, result, limits);
         self.after_commit(outcome, ctx)
     }
 
@@ -931,7 +1016,7 @@ impl SessionActor {
         }
         let reply = outcome.reply;
         let bytes = match outcome.app_bytes {
-            Some(app) => codec::encode(self.state.to_checkpoint_with(&*self.host.app, app)),
+            Some(app) => codec::encode(self.state.to_checkpoint_with(&*self.rt, app)),
             None => self.checkpoint_bytes(),
         };
         let fut = self.write(bytes);
@@ -943,6 +1028,7 @@ impl SessionActor {
                 act.last_confirmed = act.last_saved;
                 act.deliver(ctx);
                 act.schedule_timer(ctx);
+                act.pump(ctx);
                 Ok(reply)
             }
             Err(StoreError::Fenced { stored, .. }) => {
@@ -991,11 +1077,11 @@ impl SessionActor {
             let committed = (self.state.timers.get(name) == Some(&due))
                 .then(|| {
                     self.state
-                        .commit_timer(&*self.host.app, name, due, nothing, &limits)
+                        .commit_timer(&*self.rt, name, due, nothing, &limits)
                 })
                 .and_then(Result::ok);
             if let Some((undo, bytes)) = committed {
-                let bytes = codec::encode(self.state.to_checkpoint_with(&*self.host.app, bytes));
+                let bytes = codec::encode(self.state.to_checkpoint_with(&*self.rt, bytes));
                 let fut = self.write(bytes);
                 ctx.wait(fut.into_actor(self).map(move |res, act, ctx| {
                     match res {
@@ -1049,7 +1135,7 @@ impl Handler<FireTimer> for SessionActor {
             now,
             &limits,
         );
-        let fut = self.host.app.clone().run_timer(
+        let fut = self.rt.clone().run_timer(
             self.state.app_state(),
             env,
             self.state.timers_without(&name),
@@ -1058,10 +1144,8 @@ impl Handler<FireTimer> for SessionActor {
         let fut = guarded(fut, self.host.cfg.handler_timeout, "timer");
         AtomicResponse::new(Box::pin(fut.into_actor(self).then(
             move |result, act, ctx| {
-                let committed = result.and_then(|eff| {
-                    act.state
-                        .commit_timer(&*act.host.app, &name, due, eff, &limits)
-                });
+                let committed = result
+                    .and_then(|eff| act.state.commit_timer(&*act.rt, &name, due, eff, &limits));
                 let (undo, bytes) = match committed {
                     Ok(c) => c,
                     Err(e) => {
@@ -1085,7 +1169,7 @@ impl Handler<FireTimer> for SessionActor {
                     act.schedule_timer(ctx);
                     return Box::pin(actix::fut::ready(()));
                 }
-                let bytes = codec::encode(act.state.to_checkpoint_with(&*act.host.app, bytes));
+                let bytes = codec::encode(act.state.to_checkpoint_with(&*act.rt, bytes));
                 let fut = act.write(bytes);
                 Box::pin(fut.into_actor(act).map(move |res, act, ctx| match res {
                     Ok(epoch) => {
@@ -1098,6 +1182,7 @@ impl Handler<FireTimer> for SessionActor {
                         act.timer_backoff = Duration::ZERO;
                         act.deliver(ctx);
                         act.schedule_timer(ctx);
+                        act.pump(ctx);
                     }
                     Err(StoreError::Fenced { stored, .. }) => {
                         act.state.undo(undo);
@@ -1228,5 +1313,325 @@ impl Handler<Shutdown> for SessionActor {
             act.close_conn(msg.code, "node going away: resume");
             act.gone(AttachError::ShuttingDown, ctx);
         })
+    }
+}
+
+/// Hand the queued message `seq` back to this actor's `on_undeliverable`
+/// (sent by the actor to itself, so it waits its turn behind queued work).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RunBounce {
+    seq: u64,
+    why: BounceReason,
+}
+
+impl SessionActor {
+    /// Sends every destination with queued messages and no batch in flight
+    /// its oldest messages (one batch in flight per destination).
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        if self.phase != Phase::Live || self.resend_timer.is_some() {
+            return;
+        }
+        let Some(postman) = self.host.postman() else {
+            return;
+        };
+        let me = Sender::Actor(Address::of_actor(&self.id));
+        for to in self.state.post.destinations() {
+            if self.inflight.contains(&to) {
+                continue;
+            }
+            let msgs: Vec<(u64, Value, u64)> = self
+                .state
+                .post
+                .pending_for(&to, BATCH_MAX + self.bouncing.len())
+                .into_iter()
+                .take_while(|m| !self.bouncing.contains(&m.seq))
+                .take(BATCH_MAX)
+                .map(|m| (m.seq, m.body, m.at_ms))
+                .collect();
+            let Some(first) = msgs.first().map(|m| m.0) else {
+                continue;
+            };
+            self.inflight.insert(to.clone());
+            let batch = Deliver {
+                from: me.clone(),
+                inc: self.state.post.inc(),
+                msgs,
+            };
+            let fut = postman.deliver(to.clone(), batch);
+            ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+                act.inflight.remove(&to);
+                act.delivered(to, first, res, ctx);
+            }));
+        }
+    }
+
+    /// What came of a batch to `to` whose first message was `first`.
+    fn delivered(
+        &mut self,
+        to: Address,
+        first: u64,
+        res: Result<DeliverAck, DeliverError>,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.phase != Phase::Live {
+            return;
+        }
+        match res {
+            Ok(ack) => {
+                let refused: HashSet<u64> = ack.refused.iter().map(|(s, _)| *s).collect();
+                let now = now_ms();
+                let done = self.state.post.ack_except(&to, ack.upto, &refused);
+                if !done.is_empty() {
+                    self.dirty = true;
+                    metrics::counter!("berth_messages_delivered_total")
+                        .increment(done.len() as u64);
+                    for m in &done {
+                        metrics::histogram!("berth_message_delivery_seconds")
+                            .record(now.saturating_sub(m.at_ms) as f64 / 1000.0);
+                    }
+                }
+                for (seq, err) in ack.refused {
+                    self.bounce(seq, BounceReason::Refused(err), ctx);
+                }
+                if ack.upto < first || ack.stalled.is_some() {
+                    self.resend_later(ctx);
+                } else {
+                    self.resend_fails = 0;
+                    self.pump(ctx);
+                }
+            }
+            Err(DeliverError::Gone) | Err(DeliverError::UnknownKind) => {
+                let why = if matches!(res, Err(DeliverError::Gone)) {
+                    BounceReason::Gone
+                } else {
+                    BounceReason::UnknownKind
+                };
+                for m in self.state.post.pending_for(&to, usize::MAX) {
+                    self.bounce(m.seq, why.clone(), ctx);
+                }
+            }
+            Err(DeliverError::Retry(why)) => {
+                tracing::debug!(actor = %self.id, to = %to, why, "delivery failed; sending again later");
+                self.resend_later(ctx);
+            }
+        }
+    }
+
+    /// Sends again after a backoff (100 ms, doubling, at most [`MAX_RESEND`]).
+    fn resend_later(&mut self, ctx: &mut Context<Self>) {
+        if self.resend_timer.is_some() {
+            return;
+        }
+        self.resend_fails += 1;
+        metrics::counter!("berth_messages_redelivered_total").increment(1);
+        let wait = Duration::from_millis(100 << self.resend_fails.min(6)).min(MAX_RESEND);
+        self.resend_timer = Some(ctx.run_later(wait, |act, ctx| {
+            act.resend_timer = None;
+            act.pump(ctx);
+        }));
+    }
+
+    fn bounce(&mut self, seq: u64, why: BounceReason, ctx: &mut Context<Self>) {
+        if self.bouncing.insert(seq) {
+            metrics::counter!("berth_messages_undeliverable_total").increment(1);
+            ctx.notify(RunBounce { seq, why });
+        }
+    }
+}
+
+impl Handler<RunBounce> for SessionActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: RunBounce, _ctx: &mut Context<Self>) -> Self::Result {
+        let nothing = || AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        if self.phase != Phase::Live {
+            return nothing();
+        }
+        let Some(m) = self.state.post.queued_msg(msg.seq).cloned() else {
+            self.bouncing.remove(&msg.seq);
+            return nothing();
+        };
+        let limits = self.host.limits();
+        let now = now_ms();
+        let env = self
+            .state
+            .env(self.name.clone(), Invocation::Bounce(msg.seq), now, &limits);
+        let bounce = Bounce {
+            to: m.to.clone(),
+            message: m.body.clone(),
+            why: msg.why.clone(),
+        };
+        let fut = self.rt.clone().run_bounce(
+            self.state.app_state(),
+            env,
+            self.state.timers.clone(),
+            bounce,
+        );
+        let fut = guarded(fut, self.host.cfg.handler_timeout, "bounce");
+        let seq = msg.seq;
+        AtomicResponse::new(Box::pin(fut.into_actor(self).then(
+            move |result, act, _ctx| {
+                let eff = result.unwrap_or_else(|e| {
+                    // The bounce is dropped with its handler's effects: a
+                    // handler that keeps failing must not hold the queue.
+                    tracing::warn!(actor = %act.id, seq, error = %e, "on_undeliverable failed: the message is dropped");
+                    crate::runtime::Effects::none(now)
+                });
+                let committed = act.state.commit_bounce(&*act.rt, seq, eff, &limits).or_else(|_| {
+                    act.state
+                        .commit_bounce(&*act.rt, seq, crate::runtime::Effects::none(now), &limits)
+                });
+                let Ok((undo, bytes)) = committed else {
+                    act.bouncing.remove(&seq);
+                    return Box::pin(actix::fut::ready(())) as ResponseActFuture<Self, ()>;
+                };
+                let bytes = codec::encode(act.state.to_checkpoint_with(&*act.rt, bytes));
+                let fut = act.write(bytes);
+                Box::pin(fut.into_actor(act).map(move |res, act, ctx| {
+                    act.bouncing.remove(&seq);
+                    match res {
+                        Ok(epoch) => {
+                            act.epoch = epoch;
+                            act.last_saved = Instant::now();
+                            act.deliver(ctx);
+                            act.schedule_timer(ctx);
+                            act.pump(ctx);
+                        }
+                        Err(StoreError::Fenced { stored, .. }) => {
+                            act.state.undo(undo);
+                            act.superseded(stored, ctx);
+                        }
+                        Err(_) => {
+                            act.state.undo(undo);
+                            let why = msg.why;
+                            ctx.run_later(RETRY_SAVE, move |act, ctx| act.bounce(seq, why, ctx));
+                        }
+                    }
+                }))
+            },
+        )))
+    }
+}
+
+impl Handler<Deliver> for SessionActor {
+    type Result = AtomicResponse<Self, Result<DeliverAck, DeliverError>>;
+
+    fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) -> Self::Result {
+        let now_r = |r| AtomicResponse::new(Box::pin(actix::fut::ready(r)));
+        match &self.phase {
+            Phase::Live => {}
+            Phase::Gone(AttachError::NotFound) if !self.id.is_entity() => {
+                return now_r(Err(DeliverError::Gone))
+            }
+            Phase::Gone(r) => return now_r(Err(DeliverError::Retry(r.to_string()))),
+            Phase::Loading => return now_r(Err(DeliverError::Retry("loading".into()))),
+        }
+        let Deliver { from, inc, msgs } = msg;
+        let mut ack = DeliverAck::default();
+        let mut fresh = None;
+        for (seq, body, at_ms) in msgs {
+            if self.state.seen(&from, inc, seq) == Seen::Duplicate {
+                metrics::counter!("berth_messages_duplicates_total").increment(1);
+                ack.upto = seq;
+                continue;
+            }
+            fresh = Some((seq, body, at_ms));
+            break;
+        }
+        // One fresh message per batch: its commit and checkpoint come before
+        // the answer (the sender sends the rest next).
+        let Some((seq, body, _at_ms)) = fresh else {
+            return now_r(Ok(ack));
+        };
+        let limits = self.host.limits();
+        let now = now_ms();
+        let id = MsgId { from, inc, seq };
+        let env = self.state.env(
+            self.name.clone(),
+            Invocation::Message(id.from.clone(), inc, seq),
+            now,
+            &limits,
+        );
+        let fut = self.rt.clone().run_message(
+            self.state.app_state(),
+            env,
+            self.state.timers.clone(),
+            id.from.clone(),
+            body,
+        );
+        let fut = match poll_once(fut, "message") {
+            Started::Done(result) => {
+                return AtomicResponse::new(self.commit_message(id, result, now, ack, &limits, ctx))
+            }
+            Started::Waiting(fut) => guarded(fut, self.host.cfg.handler_timeout, "message"),
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).then(
+            move |result, act, ctx| {
+                if act.phase != Phase::Live {
+                    return Box::pin(actix::fut::ready(Err(DeliverError::Retry("moved".into()))))
+                        as ResponseActFuture<Self, Result<DeliverAck, DeliverError>>;
+                }
+                act.commit_message(id, result, now, ack, &limits, ctx)
+            },
+        )))
+    }
+}
+
+impl SessionActor {
+    /// Commits a message's handler with its watermark, and makes it durable
+    /// before the acknowledgement leaves (whatever the durability mode: an
+    /// acknowledged message is never applied twice).
+    fn commit_message(
+        &mut self,
+        id: MsgId,
+        result: Result<crate::runtime::Effects, AppError>,
+        now: u64,
+        mut ack: DeliverAck,
+        limits: &Limits,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<DeliverAck, DeliverError>> {
+        let seq = id.seq;
+        let done = match self
+            .state
+            .commit_message(&*self.rt, &id, result, now, limits)
+        {
+            Ok(d) => d,
+            Err(e) => {
+                ack.stalled = Some(e.to_string());
+                return Box::pin(actix::fut::ready(Ok(ack)));
+            }
+        };
+        let _ = ctx;
+        let bytes = codec::encode(self.state.to_checkpoint_with(&*self.rt, done.app_bytes));
+        let (undo, refused) = (done.undo, done.refused);
+        let fut = self.write(bytes);
+        Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(epoch) => {
+                act.epoch = epoch;
+                act.dirty = false;
+                act.last_saved = Instant::now();
+                act.last_confirmed = act.last_saved;
+                ack.upto = seq;
+                if let Some(e) = refused {
+                    metrics::counter!("berth_messages_refused_total").increment(1);
+                    ack.refused.push((seq, e));
+                }
+                act.deliver(ctx);
+                act.schedule_timer(ctx);
+                act.pump(ctx);
+                Ok(ack)
+            }
+            Err(StoreError::Fenced { stored, .. }) => {
+                act.state.undo(undo);
+                act.superseded(stored, ctx);
+                Err(DeliverError::Retry("the actor moved".into()))
+            }
+            Err(e) => {
+                act.state.undo(undo);
+                ack.stalled = Some(format!("not applied: {e}"));
+                Ok(ack)
+            }
+        }))
     }
 }

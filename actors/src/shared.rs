@@ -2,7 +2,13 @@
 //! the settings and the limits. The host ([`crate::host`]) makes it; the
 //! actors ([`crate::session`]) read it. It names neither.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+
+use futures_util::future::BoxFuture;
+
+use crate::address::Address;
+use crate::session::{Deliver, DeliverAck, DeliverError};
 use std::time::Duration;
 
 use crate::ids::SessionId;
@@ -51,8 +57,24 @@ pub struct HostConfig {
 /// Called by an actor when it stops: its id and generation.
 pub(crate) type OnStop = Box<dyn Fn(&SessionId, u64) + Send + Sync>;
 
+/// Carries a batch of messages to the actor at an address, wherever it
+/// lives: this node's host (the default), or the owner node over a peer link
+/// (the cluster's router installs itself with `Host::set_postman`).
+pub trait Postman: Send + Sync + 'static {
+    /// Delivers `batch` to `to`; answers the receiver's acknowledgement.
+    fn deliver(
+        &self,
+        to: Address,
+        batch: Deliver,
+    ) -> BoxFuture<'static, Result<DeliverAck, DeliverError>>;
+}
+
 pub(crate) struct HostShared {
     pub(crate) app: Arc<dyn Runtime>,
+    /// Entity kinds and their applications.
+    pub(crate) entities: RwLock<HashMap<String, Arc<dyn Runtime>>>,
+    /// Who carries this node's actors' messages.
+    pub(crate) postman: RwLock<Option<Arc<dyn Postman>>>,
     pub(crate) store: Arc<dyn CheckpointStore>,
     pub(crate) cfg: HostConfig,
     pub(crate) limits: RwLock<Arc<Limits>>,
@@ -62,6 +84,27 @@ pub(crate) struct HostShared {
 impl HostShared {
     pub(crate) fn limits(&self) -> Arc<Limits> {
         self.limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The application of the actor `id`: the session application, or the
+    /// entity kind's; `None` for an entity of a kind nobody registered.
+    pub(crate) fn runtime_for(&self, id: &SessionId) -> Option<Arc<dyn Runtime>> {
+        match Address::of_actor(id) {
+            Address::Session(_) => Some(self.app.clone()),
+            Address::Entity { kind, .. } => self
+                .entities
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&kind)
+                .cloned(),
+        }
+    }
+
+    pub(crate) fn postman(&self) -> Option<Arc<dyn Postman>> {
+        self.postman
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()

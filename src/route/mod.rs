@@ -24,6 +24,8 @@
 //! - [`wire`]: the bodies of requests, answers and pushes.
 //! - [`edge_side`]: this node as the edge: attach, op, ack, detach and bye
 //!   sent to an owner, and the owner's pushes back to the connection.
+//! - [`messages`]: messages between actors across nodes (the router is the
+//!   host's postman).
 //! - [`owner_side`]: this node as the owner: remote attaches served by
 //!   proxies, and the edge's ops, acks, detaches and byes for them.
 //! - In `berth_cluster`: placement (`routing::Ownership`: the view, its ring,
@@ -53,6 +55,7 @@ use self::owner_side::OwnerSide;
 use self::wire::{dec, enc, PeerPush, PeerReq, PeerResp};
 
 mod edge_side;
+mod messages;
 mod owner_side;
 mod wire;
 
@@ -141,7 +144,7 @@ impl Router {
         view: Arc<View>,
         arbiters: Vec<actix::ArbiterHandle>,
     ) -> Arc<Router> {
-        Arc::new_cyclic(|me| Router {
+        let router = Arc::new_cyclic(|me| Router {
             ownership: Ownership::new(cfg.me.clone(), cfg.clustered, cfg.vnodes, view),
             pool: Pool::new(
                 cfg.me.clone(),
@@ -153,7 +156,12 @@ impl Router {
             edge: EdgeSide::new(),
             owner: OwnerSide::new(arbiters),
             handoffs_in_flight: AtomicUsize::new(0),
-        })
+        });
+        // Messages between actors go where the ring says.
+        router
+            .host
+            .set_postman(Arc::new(messages::RouterPost(Arc::downgrade(&router))));
+        router
     }
 
     /// The current ring.
@@ -463,6 +471,7 @@ impl PeerHandler for LinkHandler {
                 };
                 futures_util::future::ready(enc(&resp)).boxed()
             }
+            Some(PeerReq::Deliver(req)) => r.serve_deliver(req),
             Some(PeerReq::Sees { member }) => {
                 let resp = PeerResp::Sees {
                     present: r.view().get(&MemberId(member)).is_some(),

@@ -72,7 +72,10 @@ impl OwnerSide {
         lock(&self.proxies).len()
     }
 
-    fn spawn_on_arbiter(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+    pub(super) fn spawn_on_arbiter(
+        &self,
+        fut: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         let i = self.next_arbiter.fetch_add(1, Ordering::Relaxed);
         match self.arbiters.get(i % self.arbiters.len().max(1)) {
             Some(a) => {

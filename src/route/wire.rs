@@ -37,6 +37,20 @@ pub(super) enum PeerReq {
     Sees {
         member: String,
     },
+    /// Deliver messages to an actor the receiver owns.
+    Deliver(DeliverReq),
+}
+
+/// A batch of messages for an actor (see `berth_actors::session::Deliver`).
+#[derive(Debug, Encode, Decode)]
+pub(super) struct DeliverReq {
+    /// The receiver's address (`Address`'s text).
+    pub to: String,
+    /// The sender (`Sender` as JSON).
+    pub from: String,
+    pub inc: u64,
+    /// Sequence number, body (JSON text), commit time (ms).
+    pub msgs: Vec<(u64, String, u64)>,
 }
 
 /// Attach an edge connection to a session hosted by the receiver.
@@ -58,13 +72,34 @@ pub(super) struct AttachReq {
 /// Answers of an owner.
 #[derive(Debug, Encode, Decode)]
 pub(super) enum PeerResp {
-    Welcome { json: String, claim: Claim },
+    Welcome {
+        json: String,
+        claim: Claim,
+    },
     AttachErr(Refusal),
     NotOwner,
     Reply(String),
     Moved,
-    Stats { sessions: u64, proxied: u64 },
-    Sees { present: bool },
+    Stats {
+        sessions: u64,
+        proxied: u64,
+    },
+    Sees {
+        present: bool,
+    },
+    /// What the receiver did with a `Deliver`: done up to `upto`; refused
+    /// ones with their error (`AppError`'s code as JSON, and message); why it
+    /// stopped early.
+    Delivered {
+        upto: u64,
+        refused: Vec<(u64, String, String)>,
+        stalled: Option<String>,
+    },
+    /// A `Deliver` that reached nobody: 0 gone, 1 unknown kind, 2 retry.
+    Undelivered {
+        kind: u8,
+        why: String,
+    },
 }
 
 /// One-way messages, both directions.

@@ -88,6 +88,73 @@ enum Op {
     },
     /// The timer firings so far.
     Fired,
+    /// Send `n` messages `count {i}` (i = `from`..`from + n`) to `to`; the
+    /// last one asks for a report.
+    Tell {
+        to: String,
+        from: u64,
+        n: u64,
+    },
+}
+
+/// What probes send each other.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Msg {
+    /// The `i`th message of a sender; `report`: answer with a tally.
+    Count { i: u64, report: bool },
+    /// A tally's answer: messages counted from this sender, the last `i`,
+    /// and how many arrived out of order or twice.
+    Tally {
+        total: u64,
+        last: u64,
+        disorder: u64,
+    },
+}
+
+/// `tally/KEY`: counts the messages of each sender, checking their order.
+struct Tally;
+
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct TallyState {
+    /// Per sender: messages counted, last `i`, out-of-order or repeated ones.
+    by: std::collections::BTreeMap<String, (u64, u64, u64)>,
+}
+
+impl berth::Entity for Tally {
+    type State = TallyState;
+    type Message = Msg;
+
+    async fn on_message(
+        &self,
+        cx: &mut Cx<TallyState>,
+        from: berth::Sender,
+        msg: Msg,
+    ) -> Result<(), AppError> {
+        let Msg::Count { i, report } = msg else {
+            return Err(AppError::bad_args("a tally takes count messages"));
+        };
+        let row = cx.state_mut().by.entry(from.to_string()).or_default();
+        if i != row.1 + 1 {
+            row.2 += 1;
+        }
+        row.0 += 1;
+        row.1 = i;
+        let (total, last, disorder) = *row;
+        if report {
+            if let berth::Sender::Actor(to) = &from {
+                cx.send(
+                    to,
+                    &Msg::Tally {
+                        total,
+                        last,
+                        disorder,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Probe {
@@ -107,7 +174,35 @@ impl Probe {
 impl Session for Probe {
     type State = State;
     type Op = Op;
-    type Message = berth::NoMessages;
+    type Message = Msg;
+
+    async fn on_message(
+        &self,
+        cx: &mut Cx<State>,
+        from: berth::Sender,
+        msg: Msg,
+    ) -> Result<(), AppError> {
+        match msg {
+            Msg::Tally {
+                total,
+                last,
+                disorder,
+            } => {
+                cx.emit(json!({"from": from.to_string(), "total": total, "last": last, "disorder": disorder}))?;
+                Ok(())
+            }
+            Msg::Count { .. } => Err(AppError::bad_args("a probe session takes tallies")),
+        }
+    }
+
+    async fn on_undeliverable(
+        &self,
+        cx: &mut Cx<State>,
+        bounce: berth::Bounce,
+    ) -> Result<(), AppError> {
+        cx.emit(json!({"bounced": bounce.to.to_string(), "why": format!("{:?}", bounce.why)}))?;
+        Ok(())
+    }
     const STATE_VERSION: u32 = 2;
 
     async fn on_op(&self, cx: &mut Cx<State>, op: Op) -> Result<Value, AppError> {
@@ -146,6 +241,16 @@ impl Session for Probe {
             }
             Op::Cancel { name } => Ok(json!(cx.cancel_timer(&name))),
             Op::Fired => Ok(json!(cx.state().fired)),
+            Op::Tell { to, from, n } => {
+                let to: berth::Address = to
+                    .parse()
+                    .map_err(|e: berth::AddressError| AppError::bad_args(e.to_string()))?;
+                for i in from..from + n {
+                    let report = i + 1 == from + n;
+                    cx.send(&to, &Msg::Count { i, report })?;
+                }
+                Ok(json!(n))
+            }
         }
     }
 
@@ -190,6 +295,6 @@ fn main() {
     match std::env::var("PROBE_SCHEMA").as_deref() {
         Ok("1") => Server::new(ProbeV1).main(),
         Ok("3") => Server::new(ProbeV3).main(),
-        _ => Server::new(Probe).main(),
+        _ => Server::new(Probe).entity("tally", Tally).main(),
     }
 }

@@ -16,7 +16,7 @@ use crate::common::*;
 
 /// The probe application's binary (built by `scripts/test.sh` with `cargo
 /// build --example probe`).
-fn probe_bin() -> PathBuf {
+pub(crate) fn probe_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("examples").join("probe");
@@ -29,11 +29,11 @@ fn probe_bin() -> PathBuf {
     bin
 }
 
-fn probe(env: &[(String, String)]) -> Berth {
+pub(crate) fn probe(env: &[(String, String)]) -> Berth {
     Berth::start_bin(&probe_bin(), env, &[])
 }
 
-fn probe_schema(redis: &Redis, schema: &str, extra: &[(&str, &str)]) -> Berth {
+pub(crate) fn probe_schema(redis: &Redis, schema: &str, extra: &[(&str, &str)]) -> Berth {
     let mut env = env_with(redis, extra);
     env.push(("PROBE_SCHEMA".into(), schema.into()));
     probe(&env)

@@ -109,6 +109,11 @@ impl Client {
         self.ws.send(Message::text(s.to_owned())).await.unwrap();
     }
 
+    /// Sends a frame; answers whether the connection took it.
+    pub async fn ws_send(&mut self, v: Value) -> bool {
+        self.ws.send(Message::text(v.to_string())).await.is_ok()
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.send_text(&v.to_string()).await;
     }

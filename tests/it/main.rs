@@ -10,6 +10,7 @@
 //! - `abuse`: what one anonymous client can cost (session cap, lazy store,
 //!   per-source connection rate, checkpoint bound).
 //! - `cluster`, `loadtest`: several nodes, Consul, berth-loadtest.
+//! - `messages`: messages between actors, exactly once, in order, across kills.
 //! - `app`: the application API (async handlers, all-or-nothing commits,
 //!   deadlines, timers, state migrations) through `tests/apps/probe.rs`.
 
@@ -20,4 +21,5 @@ mod common;
 mod durability;
 mod lifecycle;
 mod loadtest;
+mod messages;
 mod protocol;
