@@ -153,6 +153,7 @@ impl Post {
     /// Queues a committed handler's message; answers its `seq`.
     pub(crate) fn enqueue(&mut self, to: Address, body: Value, now_ms: u64) -> u64 {
         self.incarnation();
+        metrics::counter!("berth_messages_sent_total").increment(1);
         self.last_seq += 1;
         self.out_bytes += msg_bytes(&to, &body);
         self.out.push_back(OutMsg {
