@@ -36,7 +36,7 @@ use crate::protocol::{CloseCode, ErrorCode, OpReply, Welcome};
 use crate::runtime::Runtime;
 use crate::runtime::{Effects, HandlerFuture};
 use crate::shared::{Durability, HostShared};
-use crate::state::{Begin, Limits, MsgId, Outcome, SessionState};
+use crate::state::{Begin, Delivered, Limits, MsgId, Outcome, SessionState};
 use crate::store::{StoreError, Wake};
 
 /// Largest number of messages queued for one session before senders wait.
@@ -1517,6 +1517,11 @@ impl Handler<RunBounce> for SessionActor {
 impl Handler<Deliver> for SessionActor {
     type Result = AtomicResponse<Self, Result<DeliverAck, DeliverError>>;
 
+    /// Applies the batch's new messages in order, each handler committed in
+    /// memory with its watermark, then one checkpoint for all of them before
+    /// the acknowledgement. A handler that waits on I/O is run alone (first
+    /// in its batch), under the deadline; behind others, it is left for the
+    /// next batch.
     fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) -> Self::Result {
         let now_r = |r| AtomicResponse::new(Box::pin(actix::fut::ready(r)));
         match &self.phase {
@@ -1528,109 +1533,130 @@ impl Handler<Deliver> for SessionActor {
             Phase::Loading => return now_r(Err(DeliverError::Retry("loading".into()))),
         }
         let Deliver { from, inc, msgs } = msg;
+        let limits = self.host.limits();
+        let now = now_ms();
         let mut ack = DeliverAck::default();
-        let mut fresh = None;
-        for (seq, body, at_ms) in msgs {
+        let mut applied: Vec<(u64, Delivered)> = Vec::new();
+        for (seq, body, _at_ms) in msgs {
             if self.state.seen(&from, inc, seq) == Seen::Duplicate {
                 metrics::counter!("berth_messages_duplicates_total").increment(1);
                 ack.upto = seq;
                 continue;
             }
-            fresh = Some((seq, body, at_ms));
-            break;
-        }
-        // One fresh message per batch: its commit and checkpoint come before
-        // the answer (the sender sends the rest next).
-        let Some((seq, body, _at_ms)) = fresh else {
-            return now_r(Ok(ack));
-        };
-        let limits = self.host.limits();
-        let now = now_ms();
-        let id = MsgId { from, inc, seq };
-        let env = self.state.env(
-            self.name.clone(),
-            Invocation::Message(id.from.clone(), inc, seq),
-            now,
-            &limits,
-        );
-        let fut = self.rt.clone().run_message(
-            self.state.app_state(),
-            env,
-            self.state.timers.clone(),
-            id.from.clone(),
-            body,
-        );
-        let fut = match poll_once(fut, "message") {
-            Started::Done(result) => {
-                return AtomicResponse::new(self.commit_message(id, result, now, ack, &limits, ctx))
-            }
-            Started::Waiting(fut) => guarded(fut, self.host.cfg.handler_timeout, "message"),
-        };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).then(
-            move |result, act, ctx| {
-                if act.phase != Phase::Live {
-                    return Box::pin(actix::fut::ready(Err(DeliverError::Retry("moved".into()))))
-                        as ResponseActFuture<Self, Result<DeliverAck, DeliverError>>;
+            let id = MsgId {
+                from: from.clone(),
+                inc,
+                seq,
+            };
+            let env = self.state.env(
+                self.name.clone(),
+                Invocation::Message(from.clone(), inc, seq),
+                now,
+                &limits,
+            );
+            let fut = self.rt.clone().run_message(
+                self.state.app_state(),
+                env,
+                self.state.timers.clone(),
+                from.clone(),
+                body,
+            );
+            match poll_once(fut, "message") {
+                Started::Done(result) => {
+                    match self
+                        .state
+                        .commit_message(&*self.rt, &id, result, now, &limits)
+                    {
+                        Ok(d) => applied.push((seq, d)),
+                        Err(e) => {
+                            ack.stalled = Some(e.to_string());
+                            break;
+                        }
+                    }
                 }
-                act.commit_message(id, result, now, ack, &limits, ctx)
-            },
-        )))
+                Started::Waiting(fut) if applied.is_empty() => {
+                    let fut = guarded(fut, self.host.cfg.handler_timeout, "message");
+                    return AtomicResponse::new(Box::pin(fut.into_actor(self).then(
+                        move |result, act, ctx| {
+                            if act.phase != Phase::Live {
+                                return Box::pin(actix::fut::ready(Err(DeliverError::Retry(
+                                    "moved".into(),
+                                ))))
+                                    as ResponseActFuture<Self, Result<DeliverAck, DeliverError>>;
+                            }
+                            let mut applied = Vec::new();
+                            match act
+                                .state
+                                .commit_message(&*act.rt, &id, result, now, &limits)
+                            {
+                                Ok(d) => applied.push((seq, d)),
+                                Err(e) => ack.stalled = Some(e.to_string()),
+                            }
+                            act.checkpoint_messages(applied, ack, ctx)
+                        },
+                    )));
+                }
+                // A handler that waits, behind others: the next batch runs it
+                // (dropped after one poll: an outside call it began may run
+                // again, as docs/applications.md says of any handler).
+                Started::Waiting(_) => break,
+            }
+        }
+        AtomicResponse::new(self.checkpoint_messages(applied, ack, ctx))
     }
 }
 
 impl SessionActor {
-    /// Commits a message's handler with its watermark, and makes it durable
-    /// before the acknowledgement leaves (whatever the durability mode: an
-    /// acknowledged message is never applied twice).
-    fn commit_message(
+    /// Makes the messages committed in memory durable, in one checkpoint,
+    /// before their acknowledgement leaves (whatever the durability mode: an
+    /// acknowledged message is never applied twice). A failed checkpoint
+    /// takes them all back.
+    fn checkpoint_messages(
         &mut self,
-        id: MsgId,
-        result: Result<crate::runtime::Effects, AppError>,
-        now: u64,
+        mut applied: Vec<(u64, Delivered)>,
         mut ack: DeliverAck,
-        limits: &Limits,
-        ctx: &mut Context<Self>,
+        _ctx: &mut Context<Self>,
     ) -> ResponseActFuture<Self, Result<DeliverAck, DeliverError>> {
-        let seq = id.seq;
-        let done = match self
-            .state
-            .commit_message(&*self.rt, &id, result, now, limits)
-        {
-            Ok(d) => d,
-            Err(e) => {
-                ack.stalled = Some(e.to_string());
-                return Box::pin(actix::fut::ready(Ok(ack)));
-            }
+        let Some((_, last)) = applied.last_mut() else {
+            return Box::pin(actix::fut::ready(Ok(ack)));
         };
-        let _ = ctx;
-        let bytes = codec::encode(self.state.to_checkpoint_with(&*self.rt, done.app_bytes));
-        let (undo, refused) = (done.undo, done.refused);
+        let app_bytes = std::mem::take(&mut last.app_bytes);
+        let bytes = codec::encode(self.state.to_checkpoint_with(&*self.rt, app_bytes));
         let fut = self.write(bytes);
-        Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(epoch) => {
-                act.epoch = epoch;
-                act.dirty = false;
-                act.last_saved = Instant::now();
-                act.last_confirmed = act.last_saved;
-                ack.upto = seq;
-                if let Some(e) = refused {
-                    metrics::counter!("berth_messages_refused_total").increment(1);
-                    ack.refused.push((seq, e));
+        Box::pin(fut.into_actor(self).map(move |res, act, ctx| {
+            let take_back = |act: &mut Self, applied: Vec<(u64, Delivered)>| {
+                for (_, d) in applied.into_iter().rev() {
+                    act.state.undo(d.undo);
                 }
-                act.deliver(ctx);
-                act.schedule_timer(ctx);
-                act.pump(ctx);
-                Ok(ack)
-            }
-            Err(StoreError::Fenced { stored, .. }) => {
-                act.state.undo(undo);
-                act.superseded(stored, ctx);
-                Err(DeliverError::Retry("the actor moved".into()))
-            }
-            Err(e) => {
-                act.state.undo(undo);
-                ack.stalled = Some(format!("not applied: {e}"));
-                Ok(ack)
+            };
+            match res {
+                Ok(epoch) => {
+                    act.epoch = epoch;
+                    act.dirty = false;
+                    act.last_saved = Instant::now();
+                    act.last_confirmed = act.last_saved;
+                    for (seq, d) in applied {
+                        ack.upto = seq;
+                        if let Some(e) = d.refused {
+                            metrics::counter!("berth_messages_refused_total").increment(1);
+                            ack.refused.push((seq, e));
+                        }
+                    }
+                    act.deliver(ctx);
+                    act.schedule_timer(ctx);
+                    act.pump(ctx);
+                    Ok(ack)
+                }
+                Err(StoreError::Fenced { stored, .. }) => {
+                    take_back(act, applied);
+                    act.superseded(stored, ctx);
+                    Err(DeliverError::Retry("the actor moved".into()))
+                }
+                Err(e) => {
+                    take_back(act, applied);
+                    ack.stalled = Some(format!("not applied: {e}"));
+                    Ok(ack)
+                }
             }
         }))
     }
