@@ -166,8 +166,13 @@ pub fn encode(ck: Checkpoint) -> Vec<u8> {
             .collect(),
     };
     // Encoding plain owned data into a Vec cannot fail.
-    let v3 =
-        ck.user.is_some() || ck.mail_inc != 0 || !ck.outgoing.is_empty() || !ck.marks.is_empty();
+    // Found by fuzz/'s checkpoint target: a `mail_seq` alone must keep
+    // format 3 too, or it is lost (and an actor's next send reuses a seq).
+    let v3 = ck.user.is_some()
+        || ck.mail_inc != 0
+        || ck.mail_seq != 0
+        || !ck.outgoing.is_empty()
+        || !ck.marks.is_empty();
     if !v3 && ck.app_version == 1 && ck.timers.is_empty() {
         return bincode::encode_to_vec((FORMAT_V1, v1), config()).unwrap_or_default();
     }

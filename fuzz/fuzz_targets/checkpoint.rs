@@ -11,6 +11,16 @@ use berth_actors::state::SessionState;
 use berth_fuzz::{same_json, same_json_bytes};
 use libfuzzer_sys::fuzz_target;
 
+/// Watermark rows in a fixed order (a session keeps them in a map).
+fn sorted(marks: &[(String, codec::Mark)]) -> Vec<(String, u64, u64, u64)> {
+    let mut v: Vec<_> = marks
+        .iter()
+        .map(|(k, m)| (k.clone(), m.inc, m.seq, m.at_ms))
+        .collect();
+    v.sort();
+    v
+}
+
 /// `a` and `b` hold the same session (JSON compared by [`same_json`]).
 fn same_checkpoint(a: &Checkpoint, b: &Checkpoint) -> bool {
     same_json_bytes(&a.app, &b.app)
@@ -21,6 +31,13 @@ fn same_checkpoint(a: &Checkpoint, b: &Checkpoint) -> bool {
             (x, y) => x == y,
         }
         && a.app_version == b.app_version
+        && a.user == b.user
+        && (a.mail_inc, a.mail_seq) == (b.mail_inc, b.mail_seq)
+        && a.outgoing.len() == b.outgoing.len()
+        && a.outgoing.iter().zip(&b.outgoing).all(|(x, y)| {
+            (x.seq, &x.to, x.at_ms) == (y.seq, &y.to, y.at_ms) && same_json(&x.body, &y.body)
+        })
+        && sorted(&a.marks) == sorted(&b.marks)
         && a.timers == b.timers
         && a.token_hash == b.token_hash
         && a.next_seq == b.next_seq
