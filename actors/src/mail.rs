@@ -193,20 +193,7 @@ impl Post {
     /// `to` acknowledged every message to it up to `upto`: they leave the
     /// queue. Answers the removed messages.
     pub fn ack(&mut self, to: &Address, upto: u64) -> Vec<OutMsg> {
-        let mut gone = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.out.len());
-        for m in self.out.drain(..) {
-            if &m.to == to && m.seq <= upto {
-                gone.push(m);
-            } else {
-                kept.push_back(m);
-            }
-        }
-        self.out = kept;
-        for m in &gone {
-            self.out_bytes -= msg_bytes(&m.to, &m.body);
-        }
-        gone
+        self.ack_except(to, upto, &std::collections::HashSet::new())
     }
 
     /// Like [`Post::ack`], but the messages in `keep` stay queued (they were

@@ -1329,7 +1329,9 @@ impl SessionActor {
     /// Sends every destination with queued messages and no batch in flight
     /// its oldest messages (one batch in flight per destination).
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.phase != Phase::Live || self.resend_timer.is_some() {
+        // Called after every write: an actor that sends nothing pays one check.
+        if self.state.post.queued() == 0 || self.phase != Phase::Live || self.resend_timer.is_some()
+        {
             return;
         }
         let Some(postman) = self.host.postman() else {

@@ -33,6 +33,25 @@ async fn op(
     }
 }
 
+/// The tally's reports among `events`: (total, last, disorder).
+fn reports(events: &BTreeMap<u64, Value>) -> Vec<(u64, u64, u64)> {
+    events
+        .values()
+        .map(|b| {
+            (
+                b["total"].as_u64().unwrap(),
+                b["last"].as_u64().unwrap(),
+                b["disorder"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The reports of 10 ops of 50 messages each, every message once, in order.
+fn want() -> Vec<(u64, u64, u64)> {
+    (1..=10).map(|k| (k * 50, k * 50, 0)).collect()
+}
+
 /// Reads events until `done` holds for the collected ones, within 20 s.
 async fn events_until(
     c: &mut Client,
@@ -84,18 +103,8 @@ async fn messages_to_an_entity_arrive_once_in_order_across_a_sigkill_of_their_no
         panic!("no final report; events {events:?}\nlog:\n{}", node.log());
     }
     // Every report once: the tally saw each message exactly once, in order.
-    let reports: Vec<(u64, u64, u64)> = events
-        .values()
-        .map(|b| {
-            (
-                b["total"].as_u64().unwrap(),
-                b["last"].as_u64().unwrap(),
-                b["disorder"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    let want: Vec<(u64, u64, u64)> = (1..=10).map(|k| (k * 50, k * 50, 0)).collect();
-    assert_eq!(reports, want, "reports in order, one per op, no disorder");
+    let reports = reports(&events);
+    assert_eq!(reports, want(), "reports in order, one per op, no disorder");
     assert_eq!(
         reports.iter().map(|r| r.0).max(),
         Some(500),
@@ -284,17 +293,11 @@ async fn messages_across_nodes_arrive_once_in_order_when_the_receivers_and_the_s
             events_until(&mut fresh, ev, done).await;
             *c = fresh;
         }
-        let reports: Vec<(u64, u64, u64)> = ev
-            .values()
-            .map(|b| {
-                (
-                    b["total"].as_u64().unwrap(),
-                    b["last"].as_u64().unwrap(),
-                    b["disorder"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        let want: Vec<(u64, u64, u64)> = (1..=10).map(|k| (k * 50, k * 50, 0)).collect();
-        assert_eq!(reports, want, "{}: every message once, in order", creds.0);
+        assert_eq!(
+            reports(ev),
+            want(),
+            "{}: every message once, in order",
+            creds.0
+        );
     }
 }
