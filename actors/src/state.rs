@@ -425,6 +425,10 @@ impl SessionState {
         if let Some(t) = eff.timers {
             self.timers = t;
         }
+        // Messages queued before this commit leave the checkpoint as they are
+        // delivered: a checkpoint over its bound only because of them is a
+        // wait (`rate_limited`: not applied, tried again), not a refusal.
+        let queued_before = self.post.checkpoint_bytes();
         for (to, body) in eff.sends {
             self.post.enqueue(to, body, eff.now_ms);
         }
@@ -446,8 +450,22 @@ impl SessionState {
             None
         };
         if let Some(why) = refused {
+            let code = if !(state_changed && size > limits.max_state_bytes)
+                && checkpoint - queued_before <= limits.max_checkpoint_bytes
+            {
+                ErrorCode::RateLimited
+            } else {
+                ErrorCode::TooLarge
+            };
             self.undo(undo);
-            return Err(AppError::new(ErrorCode::TooLarge, why));
+            let why = match code {
+                ErrorCode::RateLimited => format!(
+                    "{why}; {queued_before} bytes of it are messages still being \
+                     delivered: retry when they are"
+                ),
+                _ => why,
+            };
+            return Err(AppError::new(code, why));
         }
         self.version += 1;
         Ok((undo, bytes))
@@ -736,6 +754,42 @@ mod tests {
         assert!(o.undo.is_none());
         assert_eq!(kv(&s).len(), 1);
         assert_eq!(s.version, 1);
+    }
+
+    /// Effects of a handler that only sends `body` to `room/a`.
+    fn sending(body: &str) -> Result<Effects, AppError> {
+        Ok(Effects {
+            state: None,
+            events: Vec::new(),
+            timers: None,
+            sends: vec![(
+                crate::address::Address::entity("room", "a").unwrap(),
+                json!(body),
+            )],
+            now_ms: 0,
+            reply: Value::Null,
+        })
+    }
+
+    #[test]
+    fn a_checkpoint_over_its_bound_because_of_queued_messages_is_a_wait() {
+        let (mut s, rt) = (fresh(), rt());
+        let limits = Limits {
+            max_checkpoint_bytes: 4000,
+            ..Limits::default()
+        };
+        let body = "m".repeat(2500);
+        let first = s.commit_op(&*rt, 1, false, sending(&body), &limits);
+        assert!(first.reply.ok, "{:?}", first.reply);
+        // Over the bound only with the first message still queued: not
+        // applied, the op id not consumed.
+        let second = s.commit_op(&*rt, 2, false, sending(&body), &limits);
+        let e = second.reply.error.unwrap();
+        assert_eq!(e.code, ErrorCode::RateLimited, "{}", e.message);
+        assert_eq!((s.last_op, s.post.queued()), (1, 1));
+        // Over the bound by itself: refused for good.
+        let huge = s.commit_op(&*rt, 3, false, sending(&"m".repeat(5000)), &limits);
+        assert_eq!(huge.reply.error.unwrap().code, ErrorCode::TooLarge);
     }
 
     #[test]
