@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what berth's tests need on a fresh Debian 12 machine, idempotently:
 #   - Debian's `redis-server` (system package; the tests start their own instances)
+#   - Debian's `chromium` (the chat example's page is tested headless)
 #   - Consul 1.8.7, the last open-source line, from Debian 11's `consul` package.
 #     Debian 12 has none, so the .deb is fetched with `apt-get download` through a
 #     temporary sources list for the `bullseye` suite (built from this machine's own
@@ -49,6 +50,14 @@ if ! command -v openssl >/dev/null 2>&1; then
   apt_update_once
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends openssl
 fi
+
+# --- chromium (tests/it/chat.rs drives the chat example's page headless) --
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "install-deps: installing chromium (Debian package)"
+  apt_update_once
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends chromium
+fi
+echo "install-deps: $(chromium --version 2>/dev/null | head -n1)"
 
 # --- consul 1.8.7 from Debian 11 -------------------------------------------
 if [ -x "$consul_bin" ] && "$consul_bin" version 2>/dev/null | grep -q "v$consul_version"; then

@@ -10,9 +10,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/install-deps.sh
 # Consul (for the cluster tests) lives in the project's git-ignored .tools/.
 export PATH="$PWD/.tools/bin:$PATH"
-# The application the integration tests run as a node (tests/apps/probe.rs):
-# `--all-targets` builds examples only as test harnesses, not as the program.
-cargo build --example probe
+# The applications the integration tests run as nodes (tests/apps/probe.rs,
+# examples/chat): `--all-targets` builds examples only as test harnesses, not
+# as the programs.
+cargo build --example probe --example chat
 cargo test --workspace --all-targets "$@"
 
 if [ "${BERTH_TEST_DEPLOY:-1}" = 0 ]; then

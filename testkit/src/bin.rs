@@ -24,6 +24,7 @@ impl fmt::Display for MissingBin {
             "consul" => {
                 "run `scripts/install-deps.sh` (Consul 1.8.7 from Debian 11, into .tools/bin)"
             }
+            "chromium" => "run `scripts/install-deps.sh` (installs Debian's chromium)",
             _ => "`scripts/install-deps.sh` does not install it: build it or put it on PATH",
         };
         write!(

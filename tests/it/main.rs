@@ -11,11 +11,15 @@
 //!   per-source connection rate, checkpoint bound).
 //! - `cluster`, `loadtest`: several nodes, Consul, berth-loadtest.
 //! - `messages`: messages between actors, exactly once, in order, across kills.
+//! - `chat`: the chat example's page in headless Chromium (`browser`: the
+//!   DevTools driver) against a three-node cluster.
 //! - `app`: the application API (async handlers, all-or-nothing commits,
 //!   deadlines, timers, state migrations) through `tests/apps/probe.rs`.
 
 mod abuse;
 mod app;
+mod browser;
+mod chat;
 mod cluster;
 mod common;
 mod durability;
