@@ -214,6 +214,12 @@ impl Host {
         Box::pin(async move { addr?.send(Status).await.ok().flatten() })
     }
 
+    /// Whether this node runs the actor at `to`: a session, or an entity
+    /// of a registered kind.
+    pub fn knows(&self, to: &Address) -> bool {
+        self.shared.runtime_for(&to.actor_id()).is_some()
+    }
+
     /// The live sessions of `user` on this node (see [`crate::users`]).
     pub fn user_sessions(&self, user: &str) -> Vec<SessionId> {
         self.shared.users.sessions(user)
