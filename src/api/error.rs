@@ -2,7 +2,7 @@
 //! error is `{"error": {"code": "...", "message": "..."}}` with the status
 //! below, mapped here and nowhere else.
 
-use actix_web::http::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use actix_web::http::header::{HeaderValue, ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
@@ -28,6 +28,9 @@ pub enum ApiError {
     /// 400: the body is not JSON.
     #[error("the body is not JSON: {0}")]
     BadJson(String),
+    /// 415: the body is not sent as `application/json`.
+    #[error("send the message as Content-Type: application/json")]
+    NotJson,
     /// 413: the body is larger than `limits.max_message_bytes`.
     #[error("the message is larger than limits.max_message_bytes ({0} bytes)")]
     TooLarge(usize),
@@ -40,9 +43,9 @@ pub enum ApiError {
     /// 404: no such route.
     #[error("no such endpoint")]
     NoRoute,
-    /// 405: the route exists, not with this method.
-    #[error("method not allowed on this endpoint")]
-    MethodNotAllowed,
+    /// 405: the route exists, with these methods only.
+    #[error("this endpoint takes {0} only")]
+    MethodNotAllowed(&'static str),
     /// 409: the receiver's handler refused the message for good; `code`
     /// and `message` are its error's.
     #[error("{message}")]
@@ -68,10 +71,11 @@ impl ApiError {
             ApiError::BadIdempotencyKey(_) => "bad_idempotency_key",
             ApiError::BadJson(_) => "bad_json",
             ApiError::TooLarge(_) => "too_large",
+            ApiError::NotJson => "unsupported_media_type",
             ApiError::SessionNotFound => "session_not_found",
             ApiError::UnknownKind(_) => "unknown_kind",
             ApiError::NoRoute => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Refused { code, .. } => code,
             ApiError::Unavailable(_) => "unavailable",
         }
@@ -92,10 +96,11 @@ impl ResponseError for ApiError {
             | ApiError::BadIdempotencyKey(_)
             | ApiError::BadJson(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::SessionNotFound | ApiError::UnknownKind(_) | ApiError::NoRoute => {
                 StatusCode::NOT_FOUND
             }
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Refused { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -109,6 +114,9 @@ impl ResponseError for ApiError {
             }
             ApiError::Unavailable(_) => {
                 r.insert_header((RETRY_AFTER, RETRY_AFTER_S.to_string()));
+            }
+            ApiError::MethodNotAllowed(allow) => {
+                r.insert_header((ALLOW, *allow));
             }
             _ => {}
         }

@@ -62,37 +62,37 @@ pub(crate) fn now_ms() -> u64 {
 
 /// Registers the API's routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    let wrong = || web::to(routes::wrong_method);
+    use routes::wrong_method as wrong;
     cfg.service(
         web::resource("/v1/sessions/{id}/messages")
             .route(web::post().to(routes::session_message))
-            .default_service(wrong()),
+            .default_service(wrong("POST")),
     )
     .service(
         web::resource("/v1/entities/{kind}/{key}/messages")
             .route(web::post().to(routes::entity_message))
-            .default_service(wrong()),
+            .default_service(wrong("POST")),
     )
     .service(
         web::resource("/v1/users/{user}/messages")
             .route(web::post().to(routes::user_message))
-            .default_service(wrong()),
+            .default_service(wrong("POST")),
     )
     .service(
         web::resource("/v1/sessions/{id}")
             .route(web::get().to(routes::session_status))
             .route(web::delete().to(routes::end_session))
-            .default_service(wrong()),
+            .default_service(wrong("GET, DELETE")),
     )
     .service(
         web::resource("/v1/entities/{kind}/{key}")
             .route(web::get().to(routes::entity_status))
-            .default_service(wrong()),
+            .default_service(wrong("GET")),
     )
     .service(
         web::resource("/v1/openapi.json")
             .route(web::get().to(routes::openapi))
-            .default_service(wrong()),
+            .default_service(wrong("GET")),
     )
     .default_service(web::to(routes::no_route));
 }

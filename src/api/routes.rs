@@ -15,8 +15,8 @@ use super::auth::Authorized;
 use super::error::{ApiError, RETRY_AFTER_S};
 use super::{deliver, idempotency, ApiState};
 
-/// Longest user name in a path, in bytes.
-const MAX_USER_BYTES: usize = 256;
+/// Longest user id in a path, in characters.
+const MAX_USER_CHARS: usize = 256;
 /// Deliveries of one user fan-out in flight at once.
 const FAN_OUT: usize = 32;
 
@@ -46,6 +46,15 @@ async fn message(
     req: &HttpRequest,
     mut payload: web::Payload,
 ) -> Result<Value, ApiError> {
+    let json = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::NotJson);
+    }
     let limit = st.node.limits().max_message_bytes;
     let declared = req
         .headers()
@@ -107,9 +116,12 @@ pub async fn user_message(
     payload: web::Payload,
 ) -> Answer {
     let user = user.into_inner();
-    if user.is_empty() || user.len() > MAX_USER_BYTES || user.chars().any(char::is_control) {
+    if user.is_empty()
+        || user.chars().count() > MAX_USER_CHARS
+        || user.chars().any(char::is_control)
+    {
         return Err(ApiError::BadUser(format!(
-            "a user is 1 to {MAX_USER_BYTES} bytes without control characters"
+            "a user is 1 to {MAX_USER_CHARS} characters, none a control character"
         )));
     }
     let key = idempotency::of(&req)?;
@@ -248,7 +260,7 @@ pub async fn no_route() -> HttpResponse {
     ApiError::NoRoute.error_response()
 }
 
-/// A known path with another method.
-pub async fn wrong_method() -> HttpResponse {
-    ApiError::MethodNotAllowed.error_response()
+/// A known path with another method: 405 naming the ones it takes.
+pub fn wrong_method(allow: &'static str) -> actix_web::Route {
+    web::to(move || async move { ApiError::MethodNotAllowed(allow).error_response() })
 }

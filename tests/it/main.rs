@@ -11,10 +11,13 @@
 //!   per-source connection rate, checkpoint bound).
 //! - `cluster`, `loadtest`: several nodes, Consul, berth-loadtest.
 //! - `messages`: messages between actors, exactly once, in order, across kills.
+//! - `api`: the backend HTTP API (keys, idempotency across a SIGKILL, every
+//!   error answer, schemathesis against its OpenAPI document).
 //! - `app`: the application API (async handlers, all-or-nothing commits,
 //!   deadlines, timers, state migrations) through `tests/apps/probe.rs`.
 
 mod abuse;
+mod api;
 mod app;
 mod cluster;
 mod common;
