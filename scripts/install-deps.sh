@@ -2,6 +2,8 @@
 # Installs what berth's tests need on a fresh Debian 12 machine, idempotently:
 #   - Debian's `redis-server` (system package; the tests start their own instances)
 #   - Debian's `chromium` (the chat example's page is tested headless)
+#   - schemathesis (PyPI, pinned) in a virtualenv under .tools/schemathesis, for
+#     the backend API test against docs/api/openapi.json
 #   - Consul 1.8.7, the last open-source line, from Debian 11's `consul` package.
 #     Debian 12 has none, so the .deb is fetched with `apt-get download` through a
 #     temporary sources list for the `bullseye` suite (built from this machine's own
@@ -92,3 +94,22 @@ else
   install -m 0755 "$work/root/usr/bin/consul" "$consul_bin"
 fi
 echo "install-deps: $("$consul_bin" version | head -n1) at $consul_bin"
+
+# --- schemathesis (tests/it/api.rs checks the backend API against docs/api/openapi.json)
+# Pinned, from PyPI, into its own virtualenv under .tools/ (git-ignored).
+schemathesis_version="4.32.5"
+st_venv="$tools/schemathesis"
+if [ -x "$st_venv/bin/schemathesis" ] && "$st_venv/bin/schemathesis" --version 2>/dev/null | grep -q "$schemathesis_version"; then
+  echo "install-deps: schemathesis $schemathesis_version already in $st_venv"
+else
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    echo "install-deps: installing python3-venv (Debian package)"
+    apt_update_once
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends python3-venv
+  fi
+  echo "install-deps: installing schemathesis $schemathesis_version into $st_venv"
+  rm -rf "$st_venv"
+  python3 -m venv "$st_venv"
+  "$st_venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$schemathesis_version"
+fi
+echo "install-deps: $("$st_venv/bin/schemathesis" --version) at $st_venv"

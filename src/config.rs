@@ -46,6 +46,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Shutdown.
     pub shutdown: ShutdownConfig,
+    /// Backend HTTP API (off unless `api.listen` is set).
+    pub api: crate::api::ApiConfig,
 }
 
 /// `[server]`
@@ -770,6 +772,7 @@ pub fn load(
             .with_list_parse_key("server.trusted_proxies")
             .with_list_parse_key("cluster.members")
             .with_list_parse_key("cluster.accept_secrets")
+            .with_list_parse_key("api.keys")
             .source(Some(env_map)),
     );
     let file_source = layers.file.as_ref().map(|(p, _)| Source::File(p.clone()));
@@ -957,6 +960,15 @@ impl Config {
         }
         self.cluster.consul_token()?;
         self.cluster.tls.load()?;
+        self.api.validate()?;
+        if self.api.enabled()
+            && [&self.server.listen, &self.admin.listen].contains(&&self.api.listen)
+        {
+            return Err((
+                "api.listen",
+                "the backend API needs its own address (never the public or admin one)".into(),
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(("log.filter", e.to_string()));
         }
@@ -1023,6 +1035,7 @@ impl Config {
             "/cluster/consul_token",
             "/cluster/tls/key_base64",
             "/admin/drain_token",
+            "/api/keys_base64",
         ] {
             if let Some(s) = v.pointer_mut(secret) {
                 if !s.is_null() {
@@ -1030,9 +1043,11 @@ impl Config {
                 }
             }
         }
-        if let Some(Value::Array(list)) = v.pointer_mut("/cluster/accept_secrets") {
-            for s in list.iter_mut() {
-                *s = Value::String("***".into());
+        for secrets in ["/cluster/accept_secrets", "/api/keys"] {
+            if let Some(Value::Array(list)) = v.pointer_mut(secrets) {
+                for s in list.iter_mut() {
+                    *s = Value::String("***".into());
+                }
             }
         }
         if let Some(Value::String(url)) = v.pointer_mut("/store/redis_url") {
@@ -1219,6 +1234,11 @@ mod tests {
         assert!(!format!("{f:?}").contains("c0nsul-t0ken"));
         assert_eq!(f["cluster.consul_token"], "\"***\"");
         assert!(!format!("{f:?}").contains("pw@"));
+        c.api.keys = vec!["api-key-0123456789".into()];
+        c.api.keys_base64 = Some("YXBpLWtleS0wMTIzNDU2Nzg5".into());
+        let f = c.flatten();
+        assert!(!format!("{f:?}").contains("api-key-0123456789"));
+        assert_eq!(f["api.keys_base64"], "\"***\"");
         // Unset stays visibly unset.
         assert_eq!(Config::default().flatten()["cluster.consul_token"], "null");
     }

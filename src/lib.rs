@@ -60,6 +60,8 @@
 //! - `edge`: client WebSocket connections.
 //! - `demo`: the application's page at `GET /` (the `kv` demo page).
 //! - `admin`: health, metrics, cluster view, drain.
+//! - `api`: the backend HTTP API (`api.listen`): messages to sessions,
+//!   entities and users, status, ending a session, with bearer keys.
 //! - `admission`: per-source connection rate at the edge.
 //! - `node`: state shared by the handlers.
 //! - `route`: how a connection reaches its session's owner: the `Router`
@@ -85,6 +87,7 @@
 
 mod admin;
 mod admission;
+mod api;
 mod config;
 mod demo;
 mod edge;

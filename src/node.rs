@@ -61,6 +61,8 @@ pub struct Node {
     pub admission: crate::admission::Admission,
     /// When the node started.
     pub started: Instant,
+    /// The backend API's bearer keys (replaced on SIGHUP).
+    pub api_keys: crate::api::auth::Keys,
 }
 
 impl Node {
@@ -74,6 +76,8 @@ impl Node {
         serving: watch::Sender<bool>,
     ) -> Self {
         let admission = crate::admission::Admission::new(cfg.admission());
+        // Checked when the configuration was loaded.
+        let api_keys = crate::api::auth::Keys::new(&cfg.api.load_keys().unwrap_or_default());
         Node {
             node_id,
             router,
@@ -90,6 +94,7 @@ impl Node {
             serving,
             admission,
             started: Instant::now(),
+            api_keys,
         }
     }
 

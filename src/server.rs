@@ -247,6 +247,10 @@ pub(crate) async fn run<A: Session>(
 
     let public = bind("server.listen", &cfg.server.listen)?;
     let admin = bind("admin.listen", &cfg.admin.listen)?;
+    let api = match cfg.api.enabled() {
+        true => Some(bind("api.listen", &cfg.api.listen)?),
+        false => None,
+    };
     let public_addr = public.local_addr()?;
     let admin_addr = admin.local_addr()?;
     let node_id = cfg
@@ -458,16 +462,28 @@ pub(crate) async fn run<A: Session>(
     .shutdown_timeout(1)
     .listen(admin)?
     .run();
+    let api_addr = api.as_ref().map(|l| l.local_addr()).transpose()?;
+    let api_server = match api {
+        Some(l) => Some(crate::api::server(node.clone(), l, 1)?),
+        None => None,
+    };
     let public_handle = public_server.handle();
     let admin_handle = admin_server.handle();
+    let api_handle = api_server.as_ref().map(|s| s.handle());
     let servers = actix_web::rt::spawn(async move {
-        futures_util::future::join(public_server, admin_server).await
+        let api = async move {
+            if let Some(s) = api_server {
+                let _ = s.await;
+            }
+        };
+        futures_util::future::join3(public_server, admin_server, api).await
     });
 
     tracing::info!(
         node = %node_id,
         public = %public_addr,
         admin = %admin_addr,
+        api = ?api_addr,
         store = %store.describe(),
         durability = ?cfg.store.durability,
         config_file = ?loaded.file,
@@ -553,6 +569,9 @@ pub(crate) async fn run<A: Session>(
     let stop = async {
         public_handle.stop(true).await;
         admin_handle.stop(true).await;
+        if let Some(h) = api_handle {
+            h.stop(true).await;
+        }
     };
     if tokio::time::timeout(left().saturating_sub(reserve), stop)
         .await
@@ -662,7 +681,7 @@ fn reload(config_path: Option<&Path>, node: &Node, log: &telemetry::LogHandle) {
             continue;
         }
         let change = format!("{k}: {} -> {v}", old.get(k).map_or("unset", String::as_str));
-        if k.starts_with("limits.") || k == "log.filter" {
+        if k.starts_with("limits.") || k == "log.filter" || k.starts_with("api.keys") {
             applied.push(change);
         } else {
             restart.push(change);
@@ -678,6 +697,19 @@ fn reload(config_path: Option<&Path>, node: &Node, log: &telemetry::LogHandle) {
     }
     node.set_limits(new.limits.clone());
     node.host.set_limits(new.session_limits());
+    // The backend API's keys (rotation): every source read again.
+    match new.api.load_keys() {
+        Ok(keys) if node.cfg.api.enabled() => {
+            node.api_keys.replace(&keys);
+            tracing::info!(keys = keys.len(), "SIGHUP: backend API keys reloaded");
+        }
+        Ok(_) => {}
+        Err((key, why)) => tracing::error!(
+            key,
+            why,
+            "SIGHUP: backend API keys rejected; keeping the current ones"
+        ),
+    }
     let adm = new.admission();
     node.admission.set_rate(adm.per_sec, adm.burst);
     if applied.is_empty() && restart.is_empty() {

@@ -29,6 +29,14 @@ pub fn init_logging(cfg: &LogConfig) -> Result<LogHandle, String> {
         }))
         .try_init()
         .map_err(|e| format!("installing the log subscriber: {e}"))?;
+    metrics::describe_counter!(
+        "berth_api_requests_total",
+        "Backend API requests answered, by route (method and path pattern) and HTTP status"
+    );
+    metrics::describe_histogram!(
+        "berth_api_request_duration_seconds",
+        "Backend API request latency, by route"
+    );
     Ok(handle)
 }
 
@@ -55,6 +63,11 @@ pub fn init_metrics() -> Result<PrometheusHandle, String> {
         .map_err(bad)?
         .set_buckets_for_metric(
             Matcher::Full("berth_timer_lateness_seconds".into()),
+            LATENCY_BUCKETS,
+        )
+        .map_err(bad)?
+        .set_buckets_for_metric(
+            Matcher::Full("berth_api_request_duration_seconds".into()),
             LATENCY_BUCKETS,
         )
         .map_err(bad)?

@@ -22,7 +22,10 @@ use crate::app::{Entity, Session};
 use crate::ids::{new_token, SessionId};
 use crate::protocol::CloseCode;
 use crate::runtime::{Runtime, Typed, TypedEntity};
-use crate::session::{Deliver, DeliverAck, DeliverError, Init, SessionActor, Shutdown};
+use crate::session::{
+    Deliver, DeliverAck, DeliverError, End, EndError, Init, LiveStatus, SessionActor, Shutdown,
+    Status,
+};
 use crate::shared::HostShared;
 pub use crate::shared::Postman;
 pub use crate::shared::{Durability, HostConfig};
@@ -128,6 +131,7 @@ impl Host {
                 cfg,
                 limits: RwLock::new(Arc::new(limits)),
                 on_stop,
+                users: crate::users::UserIndex::default(),
             }),
             sessions,
             next_gen: Arc::new(AtomicU64::new(1)),
@@ -190,6 +194,52 @@ impl Host {
             match addr.send(batch).await {
                 Ok(r) => r,
                 Err(_) => Err(DeliverError::Retry("the actor stopped".into())),
+            }
+        })
+    }
+
+    /// The live actor of `id` on this node, if there is one (never
+    /// activates it).
+    pub fn live_actor(&self, id: &SessionId) -> Option<Addr<SessionActor>> {
+        self.lock()
+            .get(id)
+            .map(|(_, a)| a.clone())
+            .filter(|a| a.connected())
+    }
+
+    /// What the live actor of `id` on this node says of itself; `None`
+    /// when no actor of `id` is live here (never activates it).
+    pub fn status(&self, id: &SessionId) -> BoxFuture<'static, Option<LiveStatus>> {
+        let addr = self.live_actor(id);
+        Box::pin(async move { addr?.send(Status).await.ok().flatten() })
+    }
+
+    /// Whether this node runs the actor at `to`: a session, or an entity
+    /// of a registered kind.
+    pub fn knows(&self, to: &Address) -> bool {
+        self.shared.runtime_for(&to.actor_id()).is_some()
+    }
+
+    /// The live sessions of `user` on this node (see [`crate::users`]).
+    pub fn user_sessions(&self, user: &str) -> Vec<SessionId> {
+        self.shared.users.sessions(user)
+    }
+
+    /// Ends session `id` as its client's `bye` does (its checkpoint deleted,
+    /// fenced), closing its client with 4004: activated from the store if
+    /// it is not live here. Must be called inside an actix system.
+    pub fn end(&self, id: &SessionId) -> BoxFuture<'static, Result<(), EndError>> {
+        if id.is_entity() {
+            return Box::pin(async { Err(EndError::Gone) });
+        }
+        if self.closing.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(EndError::Retry("node shutting down".into())) });
+        }
+        let addr = self.session(id);
+        Box::pin(async move {
+            match addr.send(End).await {
+                Ok(r) => r,
+                Err(_) => Err(EndError::Retry("the actor stopped".into())),
             }
         })
     }

@@ -29,6 +29,7 @@
 //!   runs handlers one at a time with a deadline, commits, fires timers.
 //! - [`host`]: the registry of live session actors on this node; wakes
 //!   sessions whose timer is due.
+//! - [`users`]: this node's live sessions by user (for the backend API).
 //!
 //! # Supervision tree
 //! ```text
@@ -64,3 +65,4 @@ pub mod session;
 pub mod shared;
 pub mod state;
 pub mod store;
+pub mod users;

@@ -347,6 +347,9 @@ pub struct SessionActor {
     /// When the store last confirmed this activation's epoch (a write, the
     /// activation, or an explicit check).
     last_confirmed: Instant,
+    /// The user this actor is listed under in the host's user index
+    /// ([`crate::users`]), if any.
+    indexed_user: Option<Arc<str>>,
 }
 
 impl SessionActor {
@@ -386,6 +389,7 @@ impl SessionActor {
             flush_inflight: false,
             last_saved: Instant::now(),
             last_confirmed: Instant::now(),
+            indexed_user: None,
         }
     }
 
@@ -448,6 +452,27 @@ impl SessionActor {
         self.timer_user = !self.state.timers.is_empty() || self.state.post.queued() > 0;
         self.schedule_timer(ctx);
         self.pump(ctx);
+        self.index_user();
+    }
+
+    /// Keeps this actor's row in the host's user index: listed under its
+    /// user while live, under none once it leaves service. Call it whenever
+    /// the phase or `state.user` may have changed.
+    fn index_user(&mut self) {
+        let now = match self.phase {
+            Phase::Live if !self.id.is_entity() => self.state.user.clone(),
+            _ => None,
+        };
+        if now == self.indexed_user {
+            return;
+        }
+        if let Some(old) = self.indexed_user.take() {
+            self.host.users.remove(&old, &self.id);
+        }
+        if let Some(user) = &now {
+            self.host.users.add(user, &self.id);
+        }
+        self.indexed_user = now;
     }
 
     /// Leaves service: answers everything still queued with `reason`, then stops.
@@ -456,6 +481,7 @@ impl SessionActor {
             metrics::gauge!("berth_sessions_live").decrement(1.0);
         }
         self.phase = Phase::Gone(reason);
+        self.index_user();
         self.host.remove(&self.id, self.gen);
         ctx.run_later(GONE_LINGER, |_, ctx| ctx.stop());
     }
@@ -663,6 +689,8 @@ impl Actor for SessionActor {
         if self.phase == Phase::Live {
             metrics::gauge!("berth_sessions_live").decrement(1.0);
         }
+        self.phase = Phase::Gone(AttachError::ShuttingDown);
+        self.index_user();
         self.host.remove(&self.id, self.gen);
     }
 }
@@ -732,6 +760,7 @@ impl SessionActor {
             origin: msg.origin,
             claim,
         });
+        self.index_user();
         self.deliver(ctx);
         Ok((welcome, claim))
     }
@@ -1661,5 +1690,87 @@ impl SessionActor {
                 }
             }
         }))
+    }
+}
+
+/// What a live actor says of itself (the backend API's status question).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveStatus {
+    /// The state's version (one more per committed state change).
+    pub version: u64,
+    /// The activation's epoch (0: a session not written to the store yet).
+    pub epoch: u64,
+}
+
+/// Asks a live actor for its [`LiveStatus`]; `None` when it is not in
+/// service (loading, or leaving).
+#[derive(Message)]
+#[rtype(result = "Option<LiveStatus>")]
+pub struct Status;
+
+impl Handler<Status> for SessionActor {
+    type Result = Option<LiveStatus>;
+
+    fn handle(&mut self, _msg: Status, _ctx: &mut Context<Self>) -> Option<LiveStatus> {
+        (self.phase == Phase::Live).then_some(LiveStatus {
+            version: self.state.version,
+            epoch: self.epoch,
+        })
+    }
+}
+
+/// End the session from the backend (the API's `DELETE`): as its client's
+/// `bye` does, the checkpoint is deleted (fenced by the epoch, the epoch
+/// left as a tombstone), but the client is closed with 4004 (session
+/// ended: start a new one) and no attached connection is needed.
+#[derive(Message)]
+#[rtype(result = "Result<(), EndError>")]
+pub struct End;
+
+/// Why a session could not be ended.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EndError {
+    /// There is no such session (never existed, expired, or ended already).
+    #[error("the session ended or does not exist")]
+    Gone,
+    /// Not now (moving, loading, store down): try again.
+    #[error("not ended, try again: {0}")]
+    Retry(String),
+}
+
+impl Handler<End> for SessionActor {
+    type Result = AtomicResponse<Self, Result<(), EndError>>;
+
+    fn handle(&mut self, _msg: End, ctx: &mut Context<Self>) -> Self::Result {
+        let now = |r| AtomicResponse::new(Box::pin(actix::fut::ready(r)));
+        match &self.phase {
+            _ if self.id.is_entity() => return now(Err(EndError::Gone)),
+            Phase::Live => {}
+            Phase::Gone(AttachError::NotFound) => return now(Err(EndError::Gone)),
+            Phase::Gone(r) => return now(Err(EndError::Retry(r.to_string()))),
+            Phase::Loading => return now(Err(EndError::Retry("loading".into()))),
+        }
+        const WHY: &str = "the session was ended by the backend";
+        if !self.stored() {
+            // Never written: there is nothing in the store to delete.
+            self.close_conn(CloseCode::SessionNotFound, WHY);
+            self.gone(AttachError::NotFound, ctx);
+            return now(Ok(()));
+        }
+        let fut = self.host.store.delete(&self.id, self.epoch);
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+            |res, act, ctx| match res {
+                Ok(()) => {
+                    act.close_conn(CloseCode::SessionNotFound, WHY);
+                    act.gone(AttachError::NotFound, ctx);
+                    Ok(())
+                }
+                Err(StoreError::Fenced { stored, .. }) => {
+                    act.superseded(stored, ctx);
+                    Err(EndError::Retry("the session moved".into()))
+                }
+                Err(e) => Err(EndError::Retry(e.to_string())),
+            },
+        )))
     }
 }

@@ -15,6 +15,7 @@ use crate::ids::SessionId;
 use crate::runtime::Runtime;
 use crate::state::Limits;
 use crate::store::CheckpointStore;
+use crate::users::UserIndex;
 
 /// When a state change is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +80,8 @@ pub(crate) struct HostShared {
     pub(crate) cfg: HostConfig,
     pub(crate) limits: RwLock<Arc<Limits>>,
     pub(crate) on_stop: OnStop,
+    /// This node's live sessions by user (the backend API's fan-out).
+    pub(crate) users: UserIndex,
 }
 
 impl HostShared {

@@ -340,6 +340,16 @@ impl SessionState {
             Err(e) if e.code.consumes_op_id() => (Effects::none(now_ms), Some(e)),
             Err(e) => return Err(e),
         };
+        // The watermark bounds (docs/applications.md): rows unused for the
+        // store's time to live go, then the least recently used beyond
+        // `max_watermarks` (one place kept for the row recorded below).
+        // Not taken back by an undo: a row expired now would be expired by
+        // the next commit anyway.
+        self.post.expire(
+            now_ms,
+            limits.watermark_ttl_ms,
+            limits.max_watermarks.saturating_sub(1),
+        );
         // Over a limit: not applied (the sender retries later).
         let (mut undo, bytes) = self.apply_effects(rt, eff, limits)?;
         self.post.record(
@@ -790,6 +800,41 @@ mod tests {
         // Over the bound by itself: refused for good.
         let huge = s.commit_op(&*rt, 3, false, sending(&"m".repeat(5000)), &limits);
         assert_eq!(huge.reply.error.unwrap().code, ErrorCode::TooLarge);
+    }
+
+    /// Every backend API request brings a new sender (its idempotency key):
+    /// without expiry the table grew until the checkpoint hit its size
+    /// limit (`Post::expire` was never called).
+    #[test]
+    fn watermarks_expire_by_age_and_by_count_when_messages_commit() {
+        let rt = rt();
+        let mut s = fresh();
+        let limits = Limits {
+            max_watermarks: 3,
+            watermark_ttl_ms: 1_000,
+            ..Limits::default()
+        };
+        let msg = |k: &str| MsgId {
+            from: Sender::Backend(k.to_owned()),
+            inc: 1,
+            seq: 1,
+        };
+        for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
+            let at = 10_000 + i as u64;
+            s.commit_message(&*rt, &msg(k), Ok(Effects::none(at)), at, &limits)
+                .unwrap();
+        }
+        // At most 3 rows: the least recently used ("a") went first.
+        assert_eq!(s.seen(&msg("a").from, 1, 1), Seen::Fresh);
+        for k in ["b", "c", "d"] {
+            assert_eq!(s.seen(&msg(k).from, 1, 1), Seen::Duplicate, "{k}");
+        }
+        // A commit past the time to live forgets the rows unused that long.
+        let late = 10_003 + 1_001;
+        s.commit_message(&*rt, &msg("e"), Ok(Effects::none(late)), late, &limits)
+            .unwrap();
+        assert_eq!(s.post.marks.len(), 1);
+        assert_eq!(s.seen(&msg("e").from, 1, 1), Seen::Duplicate);
     }
 
     #[test]

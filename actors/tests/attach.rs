@@ -81,6 +81,9 @@ impl CheckpointStore for SlowStore {
     fn epoch(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>> {
         self.delayed(self.inner.epoch(id))
     }
+    fn peek(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<Vec<u8>>, StoreError>> {
+        self.delayed(self.inner.peek(id))
+    }
     fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>> {
         self.inner.ping()
     }

@@ -28,6 +28,8 @@
 //!   host's postman).
 //! - [`owner_side`]: this node as the owner: remote attaches served by
 //!   proxies, and the edge's ops, acks, detaches and byes for them.
+//! - [`api`]: the backend API's questions to the cluster (deliveries, a
+//!   user's live sessions, an actor's status, ending a session).
 //! - In `berth_cluster`: placement (`routing::Ownership`: the view, its ring,
 //!   leaving, isolated) and the links (`pool::Pool`).
 
@@ -54,6 +56,7 @@ use self::edge_side::EdgeSide;
 use self::owner_side::OwnerSide;
 use self::wire::{dec, enc, PeerPush, PeerReq, PeerResp};
 
+mod api;
 mod edge_side;
 mod messages;
 mod owner_side;
@@ -472,6 +475,7 @@ impl PeerHandler for LinkHandler {
                 futures_util::future::ready(enc(&resp)).boxed()
             }
             Some(PeerReq::Deliver(req)) => r.serve_deliver(req),
+            Some(PeerReq::Api(req)) => r.serve_api(req),
             Some(PeerReq::Sees { member }) => {
                 let resp = PeerResp::Sees {
                     present: r.view().get(&MemberId(member)).is_some(),

@@ -39,6 +39,39 @@ pub(super) enum PeerReq {
     },
     /// Deliver messages to an actor the receiver owns.
     Deliver(DeliverReq),
+    /// A backend API question (`src/route/api.rs`). Last, after every
+    /// variant older nodes know: they cannot decode it and answer `Moved`.
+    Api(ApiReq),
+}
+
+/// What the backend API asks a member (inside [`PeerReq::Api`]; add new
+/// questions at the end).
+#[derive(Debug, Encode, Decode)]
+pub(super) enum ApiReq {
+    /// Your live sessions bound to `user`.
+    UserSessions { user: String },
+    /// Is actor `actor` (an actor id) live on you, and at which version?
+    Status { actor: String },
+    /// End session `session` (you own it): the backend's `bye`.
+    End { session: String },
+}
+
+/// A member's answer to an [`ApiReq`] (inside [`PeerResp::Api`]; add new
+/// answers at the end).
+#[derive(Debug, Encode, Decode)]
+pub(super) enum ApiResp {
+    /// The live sessions of the user asked about (session ids).
+    Sessions(Vec<String>),
+    /// The actor is live here.
+    Live { version: u64, epoch: u64 },
+    /// The actor is not live here.
+    NotLive,
+    /// The session was ended.
+    Ended,
+    /// There is no such session to end.
+    Gone,
+    /// Not now (not the owner, moving, store down): ask again.
+    Retry(String),
 }
 
 /// A batch of messages for an actor (see `berth_actors::session::Deliver`).
@@ -100,6 +133,9 @@ pub(super) enum PeerResp {
         kind: u8,
         why: String,
     },
+    /// The answer to a [`PeerReq::Api`]. Last, after every variant older
+    /// nodes know.
+    Api(ApiResp),
 }
 
 /// One-way messages, both directions.
@@ -339,6 +375,41 @@ mod tests {
             ),
         ];
         for (bytes, want) in bodies {
+            assert_eq!(hex(&bytes), want);
+        }
+        // The backend API's bodies (appended: PeerReq 5, PeerResp 9).
+        let api = [
+            (
+                enc(&PeerReq::Api(ApiReq::UserSessions { user: "u".into() })),
+                "05000175",
+            ),
+            (
+                enc(&PeerReq::Api(ApiReq::Status { actor: "a".into() })),
+                "05010161",
+            ),
+            (
+                enc(&PeerReq::Api(ApiReq::End {
+                    session: "s".into(),
+                })),
+                "05020173",
+            ),
+            (
+                enc(&PeerResp::Api(ApiResp::Sessions(vec!["s".into()]))),
+                "0900010173",
+            ),
+            (
+                enc(&PeerResp::Api(ApiResp::Live {
+                    version: 3,
+                    epoch: 2,
+                })),
+                "09010302",
+            ),
+            (enc(&PeerResp::Api(ApiResp::NotLive)), "0902"),
+            (enc(&PeerResp::Api(ApiResp::Ended)), "0903"),
+            (enc(&PeerResp::Api(ApiResp::Gone)), "0904"),
+            (enc(&PeerResp::Api(ApiResp::Retry("r".into()))), "09050172"),
+        ];
+        for (bytes, want) in api {
             assert_eq!(hex(&bytes), want);
         }
         // AttachErr: variant 1, the kind's byte (1..=7), the message.

@@ -110,6 +110,9 @@ enum Msg {
         last: u64,
         disorder: u64,
     },
+    /// To a session (from a backend, tests/it/api.rs): add `by` to its
+    /// count and tell its client.
+    Add { by: i64 },
 }
 
 /// `tally/KEY`: counts the messages of each sender, checking their order.
@@ -189,6 +192,12 @@ impl Session for Probe {
                 disorder,
             } => {
                 cx.emit(json!({"from": from.to_string(), "total": total, "last": last, "disorder": disorder}))?;
+                Ok(())
+            }
+            Msg::Add { by } => {
+                cx.state_mut().count += by;
+                let count = cx.state().count;
+                cx.emit(json!({"from": from.to_string(), "added": by, "count": count}))?;
                 Ok(())
             }
             Msg::Count { .. } => Err(AppError::bad_args("a probe session takes tallies")),

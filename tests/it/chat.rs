@@ -85,8 +85,8 @@ async fn two_people_chat_in_two_tabs_through_two_nodes_while_the_rooms_node_is_k
             let mut env = cluster_env(&consul, &redis, id);
             env.extend([
                 ("BERTH__CLUSTER__TTL_MS".to_string(), "1000".to_string()),
-                //AUTH1
-                //AUTH2
+                ("BERTH__AUTH__REQUIRED".into(), "true".into()),
+                ("BERTH__AUTH__HS256_SECRET".into(), DEMO_SECRET.into()),
             ]);
             Berth::start_bin(&chat_bin(), &env, &[])
         })

@@ -13,10 +13,13 @@
 //! - `messages`: messages between actors, exactly once, in order, across kills.
 //! - `chat`: the chat example's page in headless Chromium (`browser`: the
 //!   DevTools driver) against a three-node cluster.
+//! - `api`: the backend HTTP API (keys, idempotency across a SIGKILL, every
+//!   error answer, schemathesis against its OpenAPI document).
 //! - `app`: the application API (async handlers, all-or-nothing commits,
 //!   deadlines, timers, state migrations) through `tests/apps/probe.rs`.
 
 mod abuse;
+mod api;
 mod app;
 mod browser;
 mod chat;

@@ -200,6 +200,11 @@ impl CheckpointStore for MemoryStore {
         future::ready(Ok(e)).boxed()
     }
 
+    fn peek(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<Vec<u8>>, StoreError>> {
+        let b = self.with(|map, now| Self::live(map, id, now).and_then(|e| e.bytes.clone()));
+        future::ready(Ok(b)).boxed()
+    }
+
     fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>> {
         future::ready(Ok(())).boxed()
     }
@@ -237,12 +242,16 @@ mod tests {
             Err(StoreError::Fenced { .. })
         ));
         s.save(&id, a.epoch, b"two".to_vec()).await.unwrap();
+        // A peek reads the checkpoint and takes no epoch.
+        assert_eq!(s.peek(&id).await.unwrap().as_deref(), Some(&b"two"[..]));
+        assert_eq!(s.epoch(&id).await.unwrap(), a.epoch);
         assert!(matches!(
             s.delete(&id, e1).await,
             Err(StoreError::Fenced { .. })
         ));
         s.delete(&id, a.epoch).await.unwrap();
         assert_eq!(s.activate(&id).await.unwrap(), None);
+        assert_eq!(s.peek(&id).await.unwrap(), None);
         assert!(matches!(
             s.save(&id, a.epoch, b"zombie".to_vec()).await,
             Err(StoreError::Fenced { .. })

@@ -114,6 +114,11 @@ pub trait CheckpointStore: Send + Sync + 'static {
     /// own epoch is lower has been superseded by a newer activation.
     fn epoch(&self, id: &SessionId) -> BoxFuture<'static, Result<u64, StoreError>>;
 
+    /// The session's checkpoint bytes, if it has one, read without taking an
+    /// epoch or refreshing its time to live (a status question must not
+    /// move the session nor keep it alive).
+    fn peek(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<Vec<u8>>, StoreError>>;
+
     /// Checks that the store answers (readiness).
     fn ping(&self) -> BoxFuture<'static, Result<(), StoreError>>;
 

@@ -509,6 +509,18 @@ impl CheckpointStore for RedisStore {
         .boxed()
     }
 
+    fn peek(&self, id: &SessionId) -> BoxFuture<'static, Result<Option<Vec<u8>>, StoreError>> {
+        let (ck, _) = self.keys(id);
+        let (primary, t) = (self.primary.clone(), self.cfg.op_timeout);
+        async move {
+            let mut conn = primary.get().inspect_err(|_| primary.failed())?;
+            Self::timed(t, "peek", redis::cmd("GET").arg(ck).query_async(&mut conn))
+                .await
+                .inspect_err(|_| primary.failed())
+        }
+        .boxed()
+    }
+
     fn due_wakes(
         &self,
         now_ms: u64,
