@@ -58,6 +58,8 @@
 //!   readiness, SIGHUP reloads, the timer wake-up loop, drain, shutdown).
 //! - `config`: configuration sections, sources and validation.
 //! - `edge`: client WebSocket connections.
+//! - `auth`: client credentials (the JWT of `hello.credential`), verified at
+//!   the edge.
 //! - `demo`: the application's page at `GET /` (the `kv` demo page).
 //! - `admin`: health, metrics, cluster view, drain.
 //! - `admission`: per-source connection rate at the edge.
@@ -85,6 +87,7 @@
 
 mod admin;
 mod admission;
+mod auth;
 mod config;
 mod demo;
 mod edge;

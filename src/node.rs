@@ -61,6 +61,8 @@ pub struct Node {
     pub admission: crate::admission::Admission,
     /// When the node started.
     pub started: Instant,
+    /// Verifies `hello.credential` (keys loaded at start-up).
+    pub auth: crate::auth::Verifier,
 }
 
 impl Node {
@@ -72,6 +74,7 @@ impl Node {
         router: Arc<Router>,
         membership: Arc<MembershipHandle>,
         serving: watch::Sender<bool>,
+        auth: crate::auth::Verifier,
     ) -> Self {
         let admission = crate::admission::Admission::new(cfg.admission());
         Node {
@@ -88,6 +91,7 @@ impl Node {
             isolated: watch::Sender::new(false),
             readiness: Mutex::new(Readiness::default()),
             serving,
+            auth,
             admission,
             started: Instant::now(),
         }

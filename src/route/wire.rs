@@ -39,6 +39,14 @@ pub(super) enum PeerReq {
     },
     /// Deliver messages to an actor the receiver owns.
     Deliver(DeliverReq),
+    /// [`PeerReq::Attach`] for a client whose `hello` carried a credential:
+    /// `user` is its subject, verified by the edge (the owner's actor binds
+    /// a new session to it and checks it on a resume). An anonymous attach
+    /// is still sent as `Attach`, so nodes of an earlier release read it.
+    AttachAs {
+        req: AttachReq,
+        user: String,
+    },
 }
 
 /// A batch of messages for an actor (see `berth_actors::session::Deliver`).
@@ -293,6 +301,22 @@ mod tests {
                     member: "n2".into(),
                 }),
                 "03026e32",
+            ),
+            // Variant 5 (after `Deliver`): the `Attach` body, then the user.
+            (
+                enc(&PeerReq::AttachAs {
+                    req: AttachReq {
+                        session: "s1".into(),
+                        token: "t".into(),
+                        ack: 5,
+                        origin,
+                        attempt: 7,
+                        create: true,
+                        reattach: Some(claim),
+                    },
+                    user: "al".into(),
+                }),
+                "05027331017405fd0807060504030201fb2c01070101090202616c",
             ),
             (
                 enc(&PeerResp::Welcome {
