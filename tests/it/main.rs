@@ -11,11 +11,14 @@
 //!   per-source connection rate, checkpoint bound).
 //! - `cluster`, `loadtest`: several nodes, Consul, berth-loadtest.
 //! - `messages`: messages between actors, exactly once, in order, across kills.
+//! - `auth`: identity: `hello.credential` (JWT) verified at the edge, the
+//!   session bound to its subject by its owner, on one node and across two.
 //! - `app`: the application API (async handlers, all-or-nothing commits,
 //!   deadlines, timers, state migrations) through `tests/apps/probe.rs`.
 
 mod abuse;
 mod app;
+mod auth;
 mod cluster;
 mod common;
 mod durability;
