@@ -42,6 +42,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Cluster membership (used by the cluster layer; a node without it is a cluster of one).
     pub cluster: ClusterConfig,
+    /// Client credentials: the JWT a `hello` may carry (src/auth.rs).
+    pub auth: AuthConfig,
     /// Logging (the filter is reloaded on SIGHUP).
     pub log: LogConfig,
     /// Shutdown.
@@ -522,6 +524,136 @@ impl PeerTlsConfig {
     }
 }
 
+/// `[auth]`: client credentials (`hello.credential`, a JWT) and who may
+/// connect. Keys are read at start-up (a change needs a restart). The HS256
+/// secret is given one way: `hs256_secret`, `hs256_secret_file` or
+/// `hs256_secret_base64`; the public keys by `public_keys_file` or
+/// `public_keys_base64`. Both kinds may be configured at once: a token's
+/// `alg` picks the key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Refuse a `hello` without a credential (`bad_token`, close 1008).
+    /// Needs a key.
+    pub required: bool,
+    /// HS256 shared secret (32+ bytes; a secret, masked in `--print-config`).
+    pub hs256_secret: Option<String>,
+    /// A file holding the HS256 secret (surrounding whitespace trimmed).
+    pub hs256_secret_file: Option<PathBuf>,
+    /// The HS256 secret's bytes, base64 (a secret, masked).
+    pub hs256_secret_base64: Option<String>,
+    /// PEM file of the public keys tokens are verified with: RSA keys verify
+    /// RS256, P-256 keys ES256; several keys may follow each other (rotation:
+    /// a token verified by any of them is accepted).
+    pub public_keys_file: Option<PathBuf>,
+    /// The same PEM text, base64.
+    pub public_keys_base64: Option<String>,
+    /// The audience a token's `aud` must name; unset: `aud` is not checked.
+    pub audience: Option<String>,
+    /// The issuer a token's `iss` must be; unset: `iss` is not checked.
+    pub issuer: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_s: u64,
+    /// Longest credential read, in bytes (checked before it is parsed).
+    pub max_token_bytes: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            required: false,
+            hs256_secret: None,
+            hs256_secret_file: None,
+            hs256_secret_base64: None,
+            public_keys_file: None,
+            public_keys_base64: None,
+            audience: None,
+            issuer: None,
+            leeway_s: 30,
+            max_token_bytes: 8 * 1024,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The credential verifier (key files read now). An error names the key
+    /// at fault and never contains a secret.
+    pub fn verifier(&self) -> Result<crate::auth::Verifier, (&'static str, String)> {
+        let secret_key = match (
+            &self.hs256_secret,
+            &self.hs256_secret_file,
+            &self.hs256_secret_base64,
+        ) {
+            (None, None, None) => None,
+            (Some(_), None, None) => Some("auth.hs256_secret"),
+            (None, Some(_), None) => Some("auth.hs256_secret_file"),
+            (None, None, Some(_)) => Some("auth.hs256_secret_base64"),
+            _ => {
+                return Err((
+                    "auth.hs256_secret",
+                    "set one of auth.hs256_secret, auth.hs256_secret_file and \
+                     auth.hs256_secret_base64, not several"
+                        .into(),
+                ))
+            }
+        };
+        let hs256_secret = match (&self.hs256_secret, &self.hs256_secret_file) {
+            (Some(s), _) => Some(s.as_bytes().to_vec()),
+            (None, Some(path)) => {
+                let text = std::fs::read(path).map_err(|e| {
+                    (
+                        "auth.hs256_secret_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Some(text.trim_ascii().to_vec())
+            }
+            (None, None) => pem_input(
+                "auth.hs256_secret_file",
+                &None,
+                "auth.hs256_secret_base64",
+                &self.hs256_secret_base64,
+            )?,
+        };
+        let public_keys_pem = pem_input(
+            "auth.public_keys_file",
+            &self.public_keys_file,
+            "auth.public_keys_base64",
+            &self.public_keys_base64,
+        )?;
+        let public_key = if self.public_keys_file.is_some() {
+            "auth.public_keys_file"
+        } else {
+            "auth.public_keys_base64"
+        };
+        if self.required && hs256_secret.is_none() && public_keys_pem.is_none() {
+            return Err((
+                "auth.required",
+                "credentials cannot be required without a key to verify them: set \
+                 auth.hs256_secret (or _file, _base64) or auth.public_keys_file (or _base64)"
+                    .into(),
+            ));
+        }
+        let settings = crate::auth::AuthSettings {
+            required: self.required,
+            hs256_secret,
+            public_keys_pem,
+            audience: self.audience.clone(),
+            issuer: self.issuer.clone(),
+            leeway_s: self.leeway_s,
+            max_token_bytes: self.max_token_bytes,
+        };
+        crate::auth::Verifier::new(&settings).map_err(|e| match e {
+            crate::auth::KeyError::ShortSecret(_) => {
+                (secret_key.unwrap_or("auth.hs256_secret"), e.to_string())
+            }
+            crate::auth::KeyError::NoPem | crate::auth::KeyError::BadKey { .. } => {
+                (public_key, e.to_string())
+            }
+        })
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -969,6 +1101,8 @@ impl Config {
                 "the backend API needs its own address (never the public or admin one)".into(),
             ));
         }
+        positive("auth.max_token_bytes", self.auth.max_token_bytes as u64)?;
+        self.auth.verifier()?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(("log.filter", e.to_string()));
         }
@@ -1036,6 +1170,8 @@ impl Config {
             "/cluster/tls/key_base64",
             "/admin/drain_token",
             "/api/keys_base64",
+            "/auth/hs256_secret",
+            "/auth/hs256_secret_base64",
         ] {
             if let Some(s) = v.pointer_mut(secret) {
                 if !s.is_null() {
@@ -1137,6 +1273,53 @@ mod tests {
         let msg = load(None, &e).unwrap_err().to_string();
         assert!(msg.contains("cluster.tls"), "{msg}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn auth_keys_one_way_each_required_needs_a_key_and_secrets_are_masked() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        // Required without a key: start-up stops, naming the key.
+        let e = env(&[("BERTH__AUTH__REQUIRED", "true")]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(
+            msg.contains("auth.required") && msg.contains("BERTH__AUTH__REQUIRED"),
+            "{msg}"
+        );
+        // With a secret: fine, and masked.
+        let e = env(&[
+            ("BERTH__AUTH__REQUIRED", "true"),
+            ("BERTH__AUTH__HS256_SECRET", secret),
+        ]);
+        let c = load(None, &e).unwrap().config;
+        assert!(c.auth.verifier().unwrap().has_keys());
+        assert!(!format!("{:?}", c.flatten()).contains(secret));
+        // The same secret as base64: masked too.
+        let e = env(&[("BERTH__AUTH__HS256_SECRET_BASE64", &b64(secret))]);
+        let c = load(None, &e).unwrap().config;
+        assert_eq!(c.flatten()["auth.hs256_secret_base64"], "\"***\"");
+        // Two ways at once, or a short secret: named, never repeated.
+        let e = env(&[
+            ("BERTH__AUTH__HS256_SECRET", secret),
+            ("BERTH__AUTH__HS256_SECRET_BASE64", &b64(secret)),
+        ]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(
+            msg.contains("not several") && !msg.contains(secret),
+            "{msg}"
+        );
+        let e = env(&[("BERTH__AUTH__HS256_SECRET", "short-secret")]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(
+            msg.contains("auth.hs256_secret") && !msg.contains("short-secret"),
+            "{msg}"
+        );
+        // A public keys file that is missing, or holds no key.
+        let e = env(&[("BERTH__AUTH__PUBLIC_KEYS_FILE", "/nonexistent/keys.pem")]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(msg.contains("auth.public_keys_file"), "{msg}");
+        let e = env(&[("BERTH__AUTH__PUBLIC_KEYS_BASE64", &b64("no pem here"))]);
+        let msg = load(None, &e).unwrap_err().to_string();
+        assert!(msg.contains("auth.public_keys_base64"), "{msg}");
     }
 
     #[test]

@@ -189,6 +189,9 @@ struct Bound {
     /// actor never lets it take the session from a connection whose hello
     /// came later.
     claim: Claim,
+    /// The verified subject of the hello's credential: every re-route
+    /// carries it too (the owner checks it on each attach).
+    user: Option<String>,
 }
 
 struct Conn {
@@ -439,10 +442,10 @@ impl Conn {
         }
         let router = self.node.router.clone();
         let (conn, id, token, ack) = (self.conn.clone(), b.id.clone(), b.token.clone(), b.acked);
-        let claim = b.claim;
+        let (claim, user) = (b.claim, b.user.clone());
         self.reroute = Some(Box::pin(async move {
             router
-                .attach(&conn, &id, &token, ack, false, Some(claim))
+                .attach(&conn, &id, &token, ack, false, Some(claim), user.as_deref())
                 .await
         }));
     }
@@ -547,7 +550,8 @@ impl Conn {
                 session,
                 token,
                 ack,
-            } => self.hello(session, token, ack).await,
+                credential,
+            } => self.hello(session, token, ack, credential).await,
             _ if self.bound.is_none() => {
                 self.error(ErrorCode::HelloRequired, "the first frame must be hello")
                     .await?;
@@ -633,6 +637,7 @@ impl Conn {
         session: Option<String>,
         token: Option<String>,
         ack: u64,
+        credential: Option<String>,
     ) -> Result<Option<Exit>, actix_ws::Closed> {
         if self.bound.is_some() {
             self.error(
@@ -642,6 +647,19 @@ impl Conn {
             .await?;
             return Ok(None);
         }
+        // The credential is verified here, before any routing: the owner
+        // only ever sees a verified subject.
+        let user = match self.node.auth.check(credential.as_deref()) {
+            Ok(user) => user,
+            Err(refusal) => {
+                metrics::counter!("berth_auth_failures_total", "reason" => refusal.reason())
+                    .increment(1);
+                tracing::debug!(reason = refusal.reason(), "hello refused: credential");
+                let msg = refusal.to_string();
+                self.error(ErrorCode::BadToken, msg.clone()).await?;
+                return Ok(Some(Exit::Close(CloseCode::Policy, msg)));
+            }
+        };
         let (id, token, create) = match session {
             None => {
                 let (token, _) = berth_actors::ids::new_token();
@@ -663,7 +681,7 @@ impl Conn {
             match self
                 .node
                 .router
-                .attach(&self.conn, &id, &token, ack, create, None)
+                .attach(&self.conn, &id, &token, ack, create, None, user.as_deref())
                 .await
             {
                 Ok((welcome, route, claim)) => {
@@ -675,6 +693,7 @@ impl Conn {
                         delivered,
                         acked: ack,
                         claim,
+                        user,
                     });
                     send(&mut self.ws, &ServerMsg::Welcome(welcome)).await?;
                     return Ok(None);

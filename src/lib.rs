@@ -58,6 +58,8 @@
 //!   readiness, SIGHUP reloads, the timer wake-up loop, drain, shutdown).
 //! - `config`: configuration sections, sources and validation.
 //! - `edge`: client WebSocket connections.
+//! - `auth`: client credentials (the JWT of `hello.credential`), verified at
+//!   the edge.
 //! - `demo`: the application's page at `GET /` (the `kv` demo page).
 //! - `admin`: health, metrics, cluster view, drain.
 //! - `api`: the backend HTTP API (`api.listen`): messages to sessions,
@@ -88,6 +90,7 @@
 mod admin;
 mod admission;
 mod api;
+mod auth;
 mod config;
 mod demo;
 mod edge;

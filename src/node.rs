@@ -63,6 +63,8 @@ pub struct Node {
     pub started: Instant,
     /// The backend API's bearer keys (replaced on SIGHUP).
     pub api_keys: crate::api::auth::Keys,
+    /// Verifies `hello.credential` (keys loaded at start-up).
+    pub auth: crate::auth::Verifier,
 }
 
 impl Node {
@@ -74,6 +76,7 @@ impl Node {
         router: Arc<Router>,
         membership: Arc<MembershipHandle>,
         serving: watch::Sender<bool>,
+        auth: crate::auth::Verifier,
     ) -> Self {
         let admission = crate::admission::Admission::new(cfg.admission());
         // Checked when the configuration was loaded.
@@ -92,6 +95,7 @@ impl Node {
             isolated: watch::Sender::new(false),
             readiness: Mutex::new(Readiness::default()),
             serving,
+            auth,
             admission,
             started: Instant::now(),
             api_keys,

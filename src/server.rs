@@ -342,6 +342,16 @@ pub(crate) async fn run<A: Session>(
                 .collect(),
         ),
     });
+    let credentials = cfg
+        .auth
+        .verifier()
+        .map_err(|(key, why)| ServerError::Config(format!("{key}: {why}")))?;
+    if credentials.has_keys() {
+        tracing::info!(
+            required = cfg.auth.required,
+            "client credentials: hello.credential is verified (JWT)"
+        );
+    }
     let peer_tls = cfg
         .cluster
         .tls
@@ -428,6 +438,7 @@ pub(crate) async fn run<A: Session>(
         router.clone(),
         membership.clone(),
         serving,
+        credentials,
     ));
     let deadline = Duration::from_millis(cfg.shutdown.deadline_ms);
     let n = node.clone();

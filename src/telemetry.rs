@@ -147,5 +147,9 @@ pub fn init_metrics() -> Result<PrometheusHandle, String> {
         "berth_peer_auth_failures_total",
         "Peer connections refused for failing the secret handshake"
     );
+    metrics::describe_counter!(
+        "berth_auth_failures_total",
+        "Client hellos refused for their credential, by reason (required, expired, signature, audience, issuer, malformed, subject)"
+    );
     Ok(handle)
 }

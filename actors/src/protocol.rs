@@ -24,6 +24,10 @@ pub enum ClientMsg {
         /// Highest event `seq` the client has received.
         #[serde(default)]
         ack: u64,
+        /// A JWT naming the user (an addition to protocol v1): a new session
+        /// is bound to its subject, a resume must present the same subject.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credential: Option<String>,
     },
     /// Run an operation on the session.
     Op {
@@ -328,9 +332,14 @@ mod tests {
             ClientMsg::Hello {
                 session: None,
                 token: None,
-                ack: 0
+                ack: 0,
+                credential: None,
             }
         );
+        let m: ClientMsg =
+            serde_json::from_str(r#"{"type":"hello","session":null,"credential":"a.b.c"}"#)
+                .unwrap();
+        assert!(matches!(m, ClientMsg::Hello { credential: Some(c), .. } if c == "a.b.c"));
         let m: ClientMsg = serde_json::from_str(r#"{"type":"hello"}"#).unwrap();
         assert!(matches!(m, ClientMsg::Hello { session: None, .. }));
     }

@@ -150,6 +150,14 @@ struct Attached {
 ///   newest hello this actor accepted: refused with `Superseded`;
 /// - otherwise the attached connection, if any, is closed with 4000 (taken
 ///   over) and this one attaches; a hello draws a new claim.
+///
+/// Identity (checked with the token, before those rules): the hello that
+/// creates a session binds it to `user` (the verified subject of its
+/// credential, or nobody), stored in its state and checkpointed; every later
+/// attach must carry the same `user`, or is refused with
+/// [`AttachError::BadToken`] (an anonymous attach to a bound session, or one
+/// with a credential to an anonymous session, included). The rule lives
+/// here, with the state, so it holds whichever node the hello reached.
 #[derive(Message)]
 #[rtype(result = "Result<(Welcome, Claim), AttachError>")]
 pub struct Attach {
@@ -167,6 +175,9 @@ pub struct Attach {
     /// `None` for a client's `hello`; the connection's claim when its edge
     /// routes it again.
     pub reattach: Option<Claim>,
+    /// The subject of the credential the edge verified, `None` for an
+    /// anonymous hello (see the identity rule above).
+    pub user: Option<String>,
 }
 
 /// The session is not (or no longer) held by this actor: the op was not
@@ -790,7 +801,17 @@ impl Handler<Attach> for SessionActor {
         }
         if self.fresh {
             // The hello that created this session: nothing else can exist.
+            // It binds the session to its user (written with the first
+            // checkpoint, like the rest of a new session).
+            self.state.user = msg.user.as_deref().map(Arc::from);
             return now(self.attach_now(msg, ctx));
+        }
+        if self.state.user.as_deref() != msg.user.as_deref() {
+            // The same answer as a wrong resume token: the client learns
+            // nothing about whose session it is.
+            metrics::counter!("berth_auth_failures_total", "reason" => "subject").increment(1);
+            tracing::debug!(session = %self.id, "attach refused: another user than the session's");
+            return now(Err(AttachError::BadToken));
         }
         // Every other attach confirms the epoch first (one GET), lease or not:
         // during a handoff the new owner can activate while the old one's

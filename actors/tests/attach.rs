@@ -142,6 +142,7 @@ impl Client {
             origin: self.origin,
             attempt: self.attempts,
             reattach,
+            user: None,
         };
         (msg, h, rx)
     }
@@ -162,6 +163,54 @@ async fn incr(addr: &Addr<SessionActor>, conn: &ConnHandle, id: u64) -> OpReply 
 /// What the connection has been told so far, without waiting.
 fn told(rx: &mut ConnReceiver) -> Option<ConnMsg> {
     rx.recv().now_or_never().flatten()
+}
+
+#[actix_rt::test]
+async fn the_hello_that_creates_a_session_binds_its_user_and_every_later_attach_must_match() {
+    let store = SlowStore::new();
+    let (a, b) = (host("a", store.clone()), host("b", store.clone()));
+    let (id, token, addr_a) = a.create_session();
+    let mut alice = Client::new(1, 1);
+    let (mut m, h, _rx) = alice.attach(&token, None);
+    m.user = Some("alice".into());
+    addr_a.send(m).await.unwrap().expect("the creating hello");
+    assert!(incr(&addr_a, &h, 1).await.ok, "checkpointed with its user");
+    // Another subject, or none, with the right resume token: refused as a
+    // wrong token would be.
+    for (conn, user) in [(2, Some("bob")), (3, None)] {
+        let (mut m, _h, _rx) = Client::new(2, conn).attach(&token, None);
+        m.user = user.map(Into::into);
+        assert_eq!(
+            addr_a.send(m).await.unwrap().unwrap_err(),
+            AttachError::BadToken,
+            "{user:?}"
+        );
+    }
+    // The user came back from the checkpoint: another activation (a
+    // failover) keeps the rule.
+    let addr_b = b.session(&id);
+    let (mut m, _h, _rx) = Client::new(3, 1).attach(&token, None);
+    m.user = Some("bob".into());
+    assert_eq!(
+        addr_b.send(m).await.unwrap().unwrap_err(),
+        AttachError::BadToken
+    );
+    let (mut m, h, _rx) = Client::new(3, 2).attach(&token, None);
+    m.user = Some("alice".into());
+    let (w, _) = addr_b.send(m).await.unwrap().expect("alice resumes");
+    assert!(w.resumed);
+    assert_eq!(incr(&addr_b, &h, 2).await.value, Some(json!(2)));
+
+    // An anonymous session stays anonymous: a credential does not claim it.
+    let (_, token, addr) = a.create_session();
+    let (m, _h, _rx) = Client::new(4, 1).attach(&token, None);
+    addr.send(m).await.unwrap().expect("anonymous hello");
+    let (mut m, _h, _rx) = Client::new(4, 2).attach(&token, None);
+    m.user = Some("mallory".into());
+    assert_eq!(
+        addr.send(m).await.unwrap().unwrap_err(),
+        AttachError::BadToken
+    );
 }
 
 #[actix_rt::test]

@@ -448,12 +448,12 @@ async fn one_client(
                 Err(_) => break,
             }
         }
-        if cfg.scenario == Scenario::Events && k % 16 == 0 {
+        if cfg.scenario == Scenario::Events && k.is_multiple_of(16) {
             c.drain_events(Duration::ZERO).await;
         }
         if cfg.scenario == Scenario::Churn {
             churn_step += 1;
-            if churn_step % 3 == 0 {
+            if churn_step.is_multiple_of(3) {
                 churn.drops += 1;
                 c.disconnect().await;
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -178,12 +178,14 @@ impl EdgeSide {
 impl Router {
     /// Attaches `conn` to session `id` wherever it lives. `reattach` is
     /// `None` for a client's `hello` and the connection's claim when it routes
-    /// again (see [`Attach`](berth_actors::session::Attach)). Answers the
-    /// welcome, the route and the claim.
+    /// again (see [`Attach`](berth_actors::session::Attach)); `user` is the
+    /// verified subject of the hello's credential, which the owner's actor
+    /// binds or checks. Answers the welcome, the route and the claim.
     ///
     /// If this future is dropped or fails after the attach may have reached
     /// an owner, the owner is told to detach that attempt (see
     /// [`Abandon`]): an attach nobody waits for never stays attached.
+    #[allow(clippy::too_many_arguments)]
     pub async fn attach(
         &self,
         conn: &ConnHandle,
@@ -192,6 +194,7 @@ impl Router {
         ack: u64,
         create: bool,
         reattach: Option<Claim>,
+        user: Option<&str>,
     ) -> Attached {
         lock(&self.edge.conns).remove(&conn.id());
         let origin = self.edge.origin(conn.id());
@@ -207,6 +210,7 @@ impl Router {
                     ack,
                     create,
                     reattach,
+                    user,
                 )
                 .await
                 .map(|(w, claim, a)| (w, Route::Local(a), claim));
@@ -231,7 +235,7 @@ impl Router {
                 handle: conn.clone(),
             },
         );
-        let req = PeerReq::Attach(AttachReq {
+        let req = AttachReq {
             session: id.to_string(),
             token: token.to_owned(),
             ack,
@@ -239,7 +243,14 @@ impl Router {
             attempt,
             create,
             reattach,
-        });
+        };
+        let req = match user {
+            None => PeerReq::Attach(req),
+            Some(user) => PeerReq::AttachAs {
+                req,
+                user: user.to_owned(),
+            },
+        };
         let mut abandon = Abandon(Some(Undo::Remote {
             edge: &self.edge,
             link: link.clone(),

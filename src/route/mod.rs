@@ -344,6 +344,7 @@ impl Router {
         ack: u64,
         create: bool,
         reattach: Option<Claim>,
+        user: Option<&str>,
     ) -> Result<(Welcome, Claim, Addr<SessionActor>), AttachFail> {
         if self.ownership.is_out_of_ring() {
             return Err(AttachFail::Retry("this node is leaving".into()));
@@ -367,6 +368,7 @@ impl Router {
                 origin,
                 attempt,
                 reattach,
+                user: user.map(str::to_owned),
             };
             let mut abandon = Abandon(Some(Undo::Local {
                 addr: addr.clone(),
@@ -460,7 +462,8 @@ impl PeerHandler for LinkHandler {
             return futures_util::future::ready(enc(&PeerResp::NotOwner)).boxed();
         };
         match dec::<PeerReq>(&body) {
-            Some(PeerReq::Attach(req)) => r.serve_attach(from, link, req),
+            Some(PeerReq::Attach(req)) => r.serve_attach(from, link, req, None),
+            Some(PeerReq::AttachAs { req, user }) => r.serve_attach(from, link, req, Some(user)),
             Some(PeerReq::Op {
                 origin,
                 id,

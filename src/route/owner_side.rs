@@ -223,12 +223,14 @@ impl OwnerSide {
 impl Router {
     /// A remote attach from `from`'s edge, over `link`: attaches a proxy
     /// connection here and answers the welcome, or why not (`NotOwner` when
-    /// this node does not own the session by its own ring).
+    /// this node does not own the session by its own ring). `user` is the
+    /// subject the edge verified (`PeerReq::AttachAs`), checked by the actor.
     pub(super) fn serve_attach(
         self: Arc<Self>,
         from: MemberId,
         link: Link,
         req: AttachReq,
+        user: Option<String>,
     ) -> BoxFuture<'static, Vec<u8>> {
         let AttachReq {
             session,
@@ -258,7 +260,17 @@ impl Router {
             let (handle, recv) = conn_channel(2048);
             let conn_id = handle.id();
             let r = me
-                .attach_local(handle, origin, attempt, &id, &token, ack, create, reattach)
+                .attach_local(
+                    handle,
+                    origin,
+                    attempt,
+                    &id,
+                    &token,
+                    ack,
+                    create,
+                    reattach,
+                    user.as_deref(),
+                )
                 .await;
             let resp = match r {
                 Ok((welcome, claim, addr)) => {

@@ -39,9 +39,17 @@ pub(super) enum PeerReq {
     },
     /// Deliver messages to an actor the receiver owns.
     Deliver(DeliverReq),
-    /// A backend API question (`src/route/api.rs`). Last, after every
-    /// variant older nodes know: they cannot decode it and answer `Moved`.
+    /// A backend API question (`src/route/api.rs`), after every variant
+    /// older nodes know: they cannot decode it and answer `Moved`.
     Api(ApiReq),
+    /// [`PeerReq::Attach`] for a client whose `hello` carried a credential:
+    /// `user` is its subject, verified by the edge (the owner's actor binds
+    /// a new session to it and checks it on a resume). An anonymous attach
+    /// is still sent as `Attach`, so nodes of an earlier release read it.
+    AttachAs {
+        req: AttachReq,
+        user: String,
+    },
 }
 
 /// What the backend API asks a member (inside [`PeerReq::Api`]; add new
@@ -329,6 +337,22 @@ mod tests {
                     member: "n2".into(),
                 }),
                 "03026e32",
+            ),
+            // Variant 6 (after `Api`): the `Attach` body, then the user.
+            (
+                enc(&PeerReq::AttachAs {
+                    req: AttachReq {
+                        session: "s1".into(),
+                        token: "t".into(),
+                        ack: 5,
+                        origin,
+                        attempt: 7,
+                        create: true,
+                        reattach: Some(claim),
+                    },
+                    user: "al".into(),
+                }),
+                "06027331017405fd0807060504030201fb2c01070101090202616c",
             ),
             (
                 enc(&PeerResp::Welcome {

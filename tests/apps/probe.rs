@@ -88,6 +88,9 @@ enum Op {
     },
     /// The timer firings so far.
     Fired,
+    /// The session's user (`cx.user()`: the subject of the credential it
+    /// was created with), or null.
+    Whoami,
     /// Send `n` messages `count {i}` (i = `from`..`from + n`) to `to`; the
     /// last one asks for a report.
     Tell {
@@ -250,6 +253,7 @@ impl Session for Probe {
             }
             Op::Cancel { name } => Ok(json!(cx.cancel_timer(&name))),
             Op::Fired => Ok(json!(cx.state().fired)),
+            Op::Whoami => Ok(json!(cx.user())),
             Op::Tell { to, from, n } => {
                 let to: berth::Address = to
                     .parse()

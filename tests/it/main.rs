@@ -15,6 +15,8 @@
 //!   DevTools driver) against a three-node cluster.
 //! - `api`: the backend HTTP API (keys, idempotency across a SIGKILL, every
 //!   error answer, schemathesis against its OpenAPI document).
+//! - `auth`: identity: `hello.credential` (JWT) verified at the edge, the
+//!   session bound to its subject by its owner, on one node and across two.
 //! - `app`: the application API (async handlers, all-or-nothing commits,
 //!   deadlines, timers, state migrations) through `tests/apps/probe.rs`.
 
@@ -23,6 +25,7 @@ mod api;
 mod app;
 mod browser;
 mod chat;
+mod auth;
 mod cluster;
 mod common;
 mod durability;

@@ -46,7 +46,7 @@ impl MemoryStore {
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         // Expire lazily, like Redis does on access; a sweep keeps memory bounded.
-        if map.len() % 1024 == 0 {
+        if map.len().is_multiple_of(1024) {
             map.retain(|_, e| e.expires > now);
         }
         f(&mut map, now)
