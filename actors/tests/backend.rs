@@ -41,15 +41,19 @@ async fn a_users_live_sessions_are_indexed_and_ending_one_closes_its_client_with
     let a = host("a", store.clone());
     let (id, token, addr) = a.create_session();
     let (conn, _rx) = conn_channel(64);
-    let attach = |conn, attempt| Attach {
+    let attach = |conn, attempt, user: Option<&str>| Attach {
         conn,
         token: token.clone(),
         ack: 0,
         origin: Origin { edge: 1, conn: 1 },
         attempt,
         reattach: None,
+        user: user.map(str::to_owned),
     };
-    addr.send(attach(conn.clone(), 1)).await.unwrap().unwrap();
+    addr.send(attach(conn.clone(), 1, None))
+        .await
+        .unwrap()
+        .unwrap();
     let r = addr
         .send(Op {
             conn_id: conn.id(),
@@ -74,7 +78,10 @@ async fn a_users_live_sessions_are_indexed_and_ending_one_closes_its_client_with
     assert!(b.status(&id).await.is_none(), "a status never activates");
     let live = b.session(&id);
     let (conn_b, mut rx_b) = conn_channel(64);
-    live.send(attach(conn_b, 2)).await.unwrap().unwrap();
+    live.send(attach(conn_b, 2, Some("alice")))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(live.send(Status).await.unwrap().map(|s| s.version), Some(1));
     assert_eq!(b.user_sessions("alice"), vec![id.clone()]);
     assert!(b.user_sessions("bob").is_empty());

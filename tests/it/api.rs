@@ -438,3 +438,71 @@ async fn schemathesis_finds_no_failure_against_the_openapi_document() {
         node.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_a_user_reaches_each_of_their_live_sessions_once_on_every_node() {
+    use crate::auth::{claims, hello, hs, with_auth};
+    use berth_cluster::ring::{MemberId, Ring, DEFAULT_VNODES};
+    let consul = Consul::start();
+    let redis = Redis::start();
+    let ids = ["a", "b", "c"];
+    let mut apis = Vec::new();
+    let nodes: Vec<Berth> = ids
+        .iter()
+        .map(|id| {
+            let (env, api) = with_api(with_auth(cluster_env(&consul, &redis, id), &[]), &[]);
+            apis.push(api);
+            probe(&env)
+        })
+        .collect();
+    converge(&nodes.iter().collect::<Vec<_>>(), &ids).await;
+    let ring = Ring::new(ids.iter().map(|m| MemberId(m.to_string())), DEFAULT_VNODES);
+    // alice: sessions until one is owned by a and one by b (so the API,
+    // asked on c, must find them on two other members; every one of them
+    // stays live, its client attached or not); bob: one session.
+    let (alice, bob) = (hs(&claims("alice")), hs(&claims("bob")));
+    let mut sessions: Vec<(String, Client)> = Vec::new();
+    for i in 0..60 {
+        let (c, w) = hello(&nodes[i % 3].ws_url(), None, None, Some(&alice)).await;
+        assert_eq!(w["type"], "welcome", "{w}");
+        let owner = ring.owner(c.session.as_deref().unwrap()).unwrap();
+        sessions.push((owner.as_str().to_owned(), c));
+        let has = |o: &str| sessions.iter().any(|(x, _)| x == o);
+        if has("a") && has("b") {
+            break;
+        }
+    }
+    let (mut b_client, w) = hello(&nodes[0].ws_url(), None, None, Some(&bob)).await;
+    assert_eq!(w["type"], "welcome", "{w}");
+
+    let to = format!("{}/v1/users/alice/messages", apis[2]);
+    let add = json!({"add": {"by": 10}});
+    for _ in 0..2 {
+        let (s, body) = post(&to, Some("to-alice-1"), &add).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let mut want: Vec<String> = sessions
+            .iter()
+            .map(|(_, c)| c.session.clone().unwrap())
+            .collect();
+        want.sort();
+        assert_eq!(body["delivered"], json!(want), "{body}");
+    }
+    // Each of alice's sessions applied the key once; bob's none.
+    for (owner, c) in sessions.iter_mut() {
+        let (n, _) = count(c, 100).await;
+        assert_eq!(n, 10, "alice's session owned by {owner}");
+    }
+    assert_eq!(count(&mut b_client, 100).await.0, 0, "bob's session");
+    // A user with no live session: delivered to nobody, not an error.
+    let (s, body) = post(
+        &format!("{}/v1/users/carol/messages", apis[0]),
+        Some("k"),
+        &add,
+    )
+    .await;
+    assert_eq!(
+        (s, &body["delivered"]),
+        (StatusCode::OK, &json!([])),
+        "{body}"
+    );
+}

@@ -25,7 +25,10 @@ fn now() -> i64 {
 }
 
 /// `env` plus an HS256 secret, the audience, and `extra`.
-fn with_auth(mut env: Vec<(String, String)>, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+pub(crate) fn with_auth(
+    mut env: Vec<(String, String)>,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
     env.push(("BERTH__AUTH__HS256_SECRET".into(), HS_SECRET.into()));
     env.push(("BERTH__AUTH__AUDIENCE".into(), AUDIENCE.into()));
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -33,11 +36,11 @@ fn with_auth(mut env: Vec<(String, String)>, extra: &[(&str, &str)]) -> Vec<(Str
 }
 
 /// Good claims for `sub`: ten minutes to live, the right audience.
-fn claims(sub: &str) -> Value {
+pub(crate) fn claims(sub: &str) -> Value {
     json!({"sub": sub, "exp": now() + 600, "aud": AUDIENCE})
 }
 
-fn hs(claims: &Value) -> String {
+pub(crate) fn hs(claims: &Value) -> String {
     encode(
         &Header::new(Algorithm::HS256),
         claims,
@@ -48,7 +51,7 @@ fn hs(claims: &Value) -> String {
 
 /// Connects and says hello with a credential; answers the client (session
 /// and token remembered on a welcome) and the first frame.
-async fn hello(
+pub(crate) async fn hello(
     url: &str,
     session: Option<&str>,
     token: Option<&str>,
