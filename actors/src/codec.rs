@@ -374,6 +374,60 @@ mod tests {
         assert_eq!(decode(&bytes).unwrap(), ck);
     }
 
+    /// What exactly-once costs in a checkpoint, with realistic values (a
+    /// random incarnation, a time in ms since the epoch, a session sender):
+    /// printed for docs/benchmarks.md (`cargo test -p berth-actors --lib
+    /// bookkeeping -- --nocapture`), and checked against the estimates the
+    /// checkpoint bound is enforced with (`Post::checkpoint_bytes`), which
+    /// must not undercount.
+    #[test]
+    fn the_exactly_once_bookkeeping_bytes_per_watermark_and_queued_message() {
+        let base = Checkpoint {
+            mail_inc: 0x9e37_79b9_7f4a_7c15,
+            mail_seq: 1,
+            ..sample()
+        };
+        let sender = crate::ids::SessionId::random().to_string();
+        let mark = Mark {
+            inc: 0x9e37_79b9_7f4a_7c15,
+            seq: 123_456,
+            at_ms: 1_780_000_000_000,
+        };
+        let marks = |n: usize| Checkpoint {
+            marks: (0..n)
+                .map(|i| (format!("{}{i:06}", &sender[..16]), mark))
+                .collect(),
+            ..base.clone()
+        };
+        let body = json!({"t": "show", "kind": "line", "seq": 42, "text": "hello"});
+        let to = Address::Session(crate::ids::SessionId::random());
+        let queued = |n: usize| Checkpoint {
+            outgoing: (0..n as u64)
+                .map(|i| OutMsg {
+                    seq: 1_000 + i,
+                    to: to.clone(),
+                    body: body.clone(),
+                    at_ms: 1_780_000_000_000,
+                })
+                .collect(),
+            ..base.clone()
+        };
+        let n = 1000;
+        let empty = encode(base.clone()).len();
+        let per_mark = (encode(marks(n)).len() - empty) as f64 / n as f64;
+        let per_msg = (encode(queued(n)).len() - empty) as f64 / n as f64;
+        let body_len = crate::outbox::body_len(&body);
+        println!(
+            "checkpoint bytes: {per_mark:.1} per watermark (sender name {} bytes), \
+             {per_msg:.1} per queued message (body {body_len} bytes, address {} bytes)",
+            sender.len(),
+            to.to_string().len()
+        );
+        // The estimates behind limits.max_checkpoint_bytes cover the real cost.
+        assert!(per_mark <= (sender.len() + crate::mail::MARK_OVERHEAD) as f64);
+        assert!(per_msg <= (body_len + to.to_string().len() + crate::mail::MSG_OVERHEAD) as f64);
+    }
+
     #[test]
     fn timers_or_a_newer_schema_make_format_2_and_round_trip() {
         let ck = Checkpoint {

@@ -60,9 +60,10 @@ pub struct Mark {
 }
 
 /// Bytes a checkpoint spends per queued message besides its body and address.
-const MSG_OVERHEAD: usize = 24;
-/// Bytes a checkpoint spends per watermark besides the sender's name.
-const MARK_OVERHEAD: usize = 24;
+pub(crate) const MSG_OVERHEAD: usize = 24;
+/// Bytes a checkpoint spends per watermark besides the sender's name, at
+/// most: three u64 varints of up to 9 bytes and the name's length.
+pub(crate) const MARK_OVERHEAD: usize = 28;
 
 /// An actor's outgoing queue and its senders' watermarks.
 #[derive(Debug, Clone, Default, PartialEq)]
