@@ -1072,13 +1072,7 @@ impl SessionActor {
         let fut = self.write(bytes);
         Box::pin(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(epoch) => {
-                act.epoch = epoch;
-                act.dirty = false;
-                act.last_saved = Instant::now();
-                act.last_confirmed = act.last_saved;
-                act.deliver(ctx);
-                act.schedule_timer(ctx);
-                act.pump(ctx);
+                act.saved(epoch, ctx);
                 Ok(reply)
             }
             Err(StoreError::Fenced { stored, .. }) => {
@@ -1092,6 +1086,20 @@ impl SessionActor {
                 Ok(act.unavailable(reply.id, format!("not applied, retry: {e}")))
             }
         }))
+    }
+
+    /// A checkpoint of everything committed in memory was written under
+    /// `epoch`: the actor is clean and confirmed as the owner; what the
+    /// commit released goes out (events to the client, the next timer,
+    /// queued messages).
+    fn saved(&mut self, epoch: u64, ctx: &mut Context<Self>) {
+        self.epoch = epoch;
+        self.dirty = false;
+        self.last_saved = Instant::now();
+        self.last_confirmed = self.last_saved;
+        self.deliver(ctx);
+        self.schedule_timer(ctx);
+        self.pump(ctx);
     }
 
     /// Arms the wake-up for the earliest timer (after `timer_backoff` if its
@@ -1223,16 +1231,10 @@ impl Handler<FireTimer> for SessionActor {
                 let fut = act.write(bytes);
                 Box::pin(fut.into_actor(act).map(move |res, act, ctx| match res {
                     Ok(epoch) => {
-                        act.epoch = epoch;
-                        act.dirty = false;
-                        act.last_saved = Instant::now();
-                        act.last_confirmed = act.last_saved;
                         fired();
                         act.timer_attempts = 0;
                         act.timer_backoff = Duration::ZERO;
-                        act.deliver(ctx);
-                        act.schedule_timer(ctx);
-                        act.pump(ctx);
+                        act.saved(epoch, ctx);
                     }
                     Err(StoreError::Fenced { stored, .. }) => {
                         act.state.undo(undo);
@@ -1543,13 +1545,7 @@ impl Handler<RunBounce> for SessionActor {
                 Box::pin(fut.into_actor(act).map(move |res, act, ctx| {
                     act.bouncing.remove(&seq);
                     match res {
-                        Ok(epoch) => {
-                            act.epoch = epoch;
-                            act.last_saved = Instant::now();
-                            act.deliver(ctx);
-                            act.schedule_timer(ctx);
-                            act.pump(ctx);
-                        }
+                        Ok(epoch) => act.saved(epoch, ctx),
                         Err(StoreError::Fenced { stored, .. }) => {
                             act.state.undo(undo);
                             act.superseded(stored, ctx);
@@ -1683,10 +1679,6 @@ impl SessionActor {
             };
             match res {
                 Ok(epoch) => {
-                    act.epoch = epoch;
-                    act.dirty = false;
-                    act.last_saved = Instant::now();
-                    act.last_confirmed = act.last_saved;
                     for (seq, d) in applied {
                         ack.upto = seq;
                         if let Some(e) = d.refused {
@@ -1694,9 +1686,7 @@ impl SessionActor {
                             ack.refused.push((seq, e));
                         }
                     }
-                    act.deliver(ctx);
-                    act.schedule_timer(ctx);
-                    act.pump(ctx);
+                    act.saved(epoch, ctx);
                     Ok(ack)
                 }
                 Err(StoreError::Fenced { stored, .. }) => {
