@@ -1,5 +1,6 @@
 //! The operator endpoint (`admin.listen`, loopback by default): health,
-//! Prometheus metrics, the cluster view and drain.
+//! Prometheus metrics, the cluster view, drain, and the dashboard
+//! (`src/dashboard`).
 
 use std::sync::atomic::Ordering;
 
@@ -16,7 +17,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/health/ready", web::get().to(ready))
         .route("/metrics", web::get().to(metrics_text))
         .route("/cluster", web::get().to(cluster))
-        .route("/drain", web::post().to(drain));
+        .route("/drain", web::post().to(drain))
+        .route("/", web::get().to(crate::dashboard::page))
+        .route("/dashboard.json", web::get().to(crate::dashboard::json));
 }
 
 async fn live(node: web::Data<Node>) -> HttpResponse {
@@ -112,8 +115,18 @@ fn process_memory() -> serde_json::Value {
 /// `POST /drain`: with `admin.drain_token`, only a request that presents it
 /// (`Authorization: Bearer …`, compared in constant time); without one, only
 /// a caller on loopback. Anyone else on the admin network gets 403 and the
-/// node goes on serving.
+/// node goes on serving. A browser's request from another origin is refused
+/// too: a page the operator visits elsewhere could otherwise drain a node
+/// from the operator's loopback (a cross-origin POST without a body needs
+/// no preflight); the dashboard's own button is same-origin.
 async fn drain(req: HttpRequest, node: web::Data<Node>) -> HttpResponse {
+    if !same_origin(&req) {
+        tracing::warn!(peer = ?req.peer_addr(), "drain refused: sent by a page of another origin");
+        return HttpResponse::Forbidden().json(json!({
+            "error": "forbidden",
+            "message": "POST /drain from a page of another origin is refused",
+        }));
+    }
     let allowed = match &node.cfg.admin.drain_token {
         Some(token) => req
             .headers()
@@ -140,4 +153,22 @@ async fn drain(req: HttpRequest, node: web::Data<Node>) -> HttpResponse {
         "node": node.node_id,
         "message": "checkpointing every session and closing clients with 1012; the process then exits",
     }))
+}
+
+/// Whether a request is not a browser's cross-origin one: no `Origin`
+/// header (curl, scripts), or one naming the host the request was sent to.
+fn same_origin(req: &HttpRequest) -> bool {
+    let headers = req.headers();
+    let Some(origin) = headers.get(actix_web::http::header::ORIGIN) else {
+        return true;
+    };
+    let host = headers
+        .get(actix_web::http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, h)| h.trim_end_matches('/'));
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
 }

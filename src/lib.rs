@@ -62,6 +62,8 @@
 //!   the edge.
 //! - `demo`: the application's page at `GET /` (the `kv` demo page).
 //! - `admin`: health, metrics, cluster view, drain.
+//! - `dashboard`: the operator dashboard on the admin listener (`GET /`,
+//!   `GET /dashboard.json`: every member's sample over the peer links).
 //! - `api`: the backend HTTP API (`api.listen`): messages to sessions,
 //!   entities and users, status, ending a session, with bearer keys.
 //! - `admission`: per-source connection rate at the edge.
@@ -92,6 +94,7 @@ mod admission;
 mod api;
 mod auth;
 mod config;
+mod dashboard;
 mod demo;
 mod edge;
 mod isolation;

@@ -440,6 +440,7 @@ pub(crate) async fn run<A: Session>(
         serving,
         credentials,
     ));
+    router.set_sampler(crate::dashboard::sampler(&node, prom.clone()));
     let deadline = Duration::from_millis(cfg.shutdown.deadline_ms);
     let n = node.clone();
     let public_server = HttpServer::new(move || {
@@ -638,6 +639,8 @@ async fn health_loop(node: Arc<Node>) {
             rd.store_error = r.as_ref().err().map(|e| e.to_string());
         }
         metrics::gauge!("berth_store_up").set(if ok { 1.0 } else { 0.0 });
+        let ready = node.not_ready_reasons().is_empty();
+        metrics::gauge!("berth_ready").set(if ready { 1.0 } else { 0.0 });
         if was_ok != Some(ok) {
             match &r {
                 Ok(()) => tracing::info!(store = %store.describe(), "store reachable"),

@@ -102,6 +102,14 @@ pub fn init_metrics() -> Result<PrometheusHandle, String> {
         "Checkpoint writes refused because a newer epoch exists"
     );
     metrics::describe_gauge!("berth_store_up", "1 when the checkpoint store answers");
+    metrics::describe_gauge!(
+        "berth_ready",
+        "1 while /health/ready answers 200 (updated every store.health_interval_ms)"
+    );
+    metrics::describe_gauge!(
+        "berth_handoffs_in_flight",
+        "Sessions being handed off to another member right now"
+    );
     metrics::describe_counter!(
         "berth_handler_failures_total",
         "Application handlers that panicked or overran their deadline (nothing committed), by kind (op, timer) and why"

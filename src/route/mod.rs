@@ -34,7 +34,7 @@
 //!   leaving, isolated) and the links (`pool::Pool`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use actix::Addr;
@@ -132,7 +132,13 @@ pub struct Router {
     /// Sessions hosted here for other nodes' connections.
     owner: OwnerSide,
     handoffs_in_flight: AtomicUsize,
+    /// Answers [`PeerReq::Sample`]: set by the node once it exists (it is
+    /// made after the router), so that members' dashboards can read this one.
+    sampler: OnceLock<Sampler>,
 }
+
+/// Makes this node's dashboard sample as JSON text (`src/dashboard`).
+pub type Sampler = Box<dyn Fn() -> String + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -159,6 +165,7 @@ impl Router {
             edge: EdgeSide::new(),
             owner: OwnerSide::new(arbiters),
             handoffs_in_flight: AtomicUsize::new(0),
+            sampler: OnceLock::new(),
         });
         // Messages between actors go where the ring says.
         router
@@ -275,11 +282,13 @@ impl Router {
         metrics::counter!("berth_handoffs_total").increment(moving.len() as u64);
         self.handoffs_in_flight
             .fetch_add(moving.len(), Ordering::Relaxed);
+        metrics::gauge!("berth_handoffs_in_flight").increment(moving.len() as f64);
         // Bounded concurrency: checkpoints are group-committed anyway.
         for chunk in moving.chunks(256) {
             futures_util::future::join_all(chunk.iter().map(|id| self.host.release(id))).await;
             self.handoffs_in_flight
                 .fetch_sub(chunk.len(), Ordering::Relaxed);
+            metrics::gauge!("berth_handoffs_in_flight").decrement(chunk.len() as f64);
         }
     }
 
@@ -329,6 +338,46 @@ impl Router {
             Some(PeerResp::Stats { sessions, .. }) => Some(sessions),
             _ => None,
         }
+    }
+
+    /// `member`'s dashboard sample as JSON text (this node's from its
+    /// sampler, another member's over its peer link); why not, when it
+    /// cannot be had within `timeout`.
+    pub async fn member_sample(
+        &self,
+        member: &MemberId,
+        timeout: Duration,
+    ) -> Result<String, &'static str> {
+        if member == &self.cfg.me {
+            return Ok(self.sample_json());
+        }
+        let ask = async {
+            let link = self.link(member).await.map_err(|_| "no peer link")?;
+            let body = link
+                .request(enc(&PeerReq::Sample), timeout)
+                .await
+                .map_err(|_| "no answer")?;
+            match dec::<PeerResp>(&body) {
+                Some(PeerResp::Sample { json }) if !json.is_empty() => Ok(json),
+                Some(PeerResp::Sample { .. }) => Err("not started yet"),
+                // An older release does not know the question.
+                _ => Err("no sample (an older release?)"),
+            }
+        };
+        tokio::time::timeout(timeout, ask)
+            .await
+            .unwrap_or(Err("no answer in time"))
+    }
+
+    /// Sets what answers [`PeerReq::Sample`] (the node sets it once it
+    /// exists; the router is made before it).
+    pub fn set_sampler(&self, sampler: Sampler) {
+        let _ = self.sampler.set(sampler);
+    }
+
+    /// This node's sample, or an empty string before the sampler is set.
+    fn sample_json(&self) -> String {
+        self.sampler.get().map(|s| s()).unwrap_or_default()
     }
 
     /// Attaches `conn` to session `id` on this node's host: for a client of
@@ -474,6 +523,12 @@ impl PeerHandler for LinkHandler {
                 let resp = PeerResp::Stats {
                     sessions: r.host.live_sessions() as u64,
                     proxied: r.proxied() as u64,
+                };
+                futures_util::future::ready(enc(&resp)).boxed()
+            }
+            Some(PeerReq::Sample) => {
+                let resp = PeerResp::Sample {
+                    json: r.sample_json(),
                 };
                 futures_util::future::ready(enc(&resp)).boxed()
             }

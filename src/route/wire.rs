@@ -50,6 +50,10 @@ pub(super) enum PeerReq {
         req: AttachReq,
         user: String,
     },
+    /// This member's dashboard sample (`src/dashboard/sample.rs`), after
+    /// every variant older nodes know: they cannot decode it and answer
+    /// `Moved`, which the dashboard shows as "no sample".
+    Sample,
 }
 
 /// What the backend API asks a member (inside [`PeerReq::Api`]; add new
@@ -141,9 +145,14 @@ pub(super) enum PeerResp {
         kind: u8,
         why: String,
     },
-    /// The answer to a [`PeerReq::Api`]. Last, after every variant older
-    /// nodes know.
+    /// The answer to a [`PeerReq::Api`]. After every variant older nodes
+    /// know.
     Api(ApiResp),
+    /// The answer to a [`PeerReq::Sample`]: the sample as JSON text, so its
+    /// fields can grow without touching this format. Last.
+    Sample {
+        json: String,
+    },
 }
 
 /// One-way messages, both directions.
@@ -436,6 +445,12 @@ mod tests {
         for (bytes, want) in api {
             assert_eq!(hex(&bytes), want);
         }
+        // The dashboard's sample (appended: PeerReq 7, PeerResp 10).
+        assert_eq!(hex(&enc(&PeerReq::Sample)), "07");
+        assert_eq!(
+            hex(&enc(&PeerResp::Sample { json: "{}".into() })),
+            "0a027b7d"
+        );
         // AttachErr: variant 1, the kind's byte (1..=7), the message.
         let refusals = [
             "01012c74686520726573756d6520746f6b656e20646f6573206e6f74206d6174636820746869732073657373696f6e",
