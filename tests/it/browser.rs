@@ -170,6 +170,28 @@ impl Browser {
         r["result"]["value"].clone()
     }
 
+    /// A PNG of `tab` drawn at `width` x `height` CSS pixels (its viewport
+    /// is set to that size first).
+    pub async fn screenshot(&mut self, tab: &Tab, width: u32, height: u32) -> Vec<u8> {
+        use base64::Engine as _;
+        self.call(
+            Some(tab),
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": false}),
+        )
+        .await;
+        let shot = self
+            .call(
+                Some(tab),
+                "Page.captureScreenshot",
+                json!({"format": "png"}),
+            )
+            .await;
+        base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().expect("screenshot data"))
+            .expect("screenshot base64")
+    }
+
     /// Waits (up to 20 s) until `js` is true in `tab`.
     pub async fn wait(&mut self, tab: &Tab, js: &str, what: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -13,6 +13,8 @@
 //! - `messages`: messages between actors, exactly once, in order, across kills.
 //! - `chat`: the chat example's page in headless Chromium (`browser`: the
 //!   DevTools driver) against a three-node cluster.
+//! - `dashboard`: the operator dashboard (admin `GET /`) in headless
+//!   Chromium against a loaded three-node cluster, a member killed, a drain.
 //! - `api`: the backend HTTP API (keys, idempotency across a SIGKILL, every
 //!   error answer, schemathesis against its OpenAPI document).
 //! - `auth`: identity: `hello.credential` (JWT) verified at the edge, the
@@ -28,6 +30,7 @@ mod browser;
 mod chat;
 mod cluster;
 mod common;
+mod dashboard;
 mod durability;
 mod lifecycle;
 mod loadtest;
