@@ -5,6 +5,8 @@
 #                      (the binary scripts/install-deps.sh unpacked into .tools/)
 #   berth:local        berth-base + the berth and berth-loadtest binaries built
 #                      on the host (docker/Dockerfile, target "local")
+#   berth-prometheus:local  berth-base + Debian's prometheus from the host
+#                      (target "prometheus"; the compose profile "monitoring")
 # Every package is installed into the root file system before `docker import`,
 # so no build step needs network from inside a container.
 # Usage: docker/build-images.sh [--rebuild-base]
@@ -43,4 +45,9 @@ docker build -q --target local -t berth:local "$ctx" >/dev/null
 if [ -n "$old" ] && [ "$old" != "$(docker image inspect -f '{{.Id}}' berth:local)" ]; then
   docker rmi "$old" >/dev/null 2>&1 || true
 fi
-echo "build-images: berth-base:local and berth:local are ready"
+# Prometheus for the compose profile "monitoring": Debian's server (installed
+# on the host by scripts/install-deps.sh, for promtool) on the same base.
+pctx="$(mktemp -d)"; trap 'rm -rf "$ctx" "$pctx"' EXIT
+cp /usr/bin/prometheus docker/Dockerfile "$pctx/"
+docker build -q --target prometheus -t berth-prometheus:local "$pctx" >/dev/null
+echo "build-images: berth-base:local, berth:local and berth-prometheus:local are ready"

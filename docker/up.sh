@@ -2,6 +2,7 @@
 # Brings the reference deployment up: builds the local images if missing,
 # starts the compose project, waits until it serves, prints the URLs.
 #   docker/up.sh [--scale N]     (N berth nodes, default 3)
+#   MONITORING=1 docker/up.sh    (also Prometheus, on 127.0.0.1:${PROMETHEUS_PORT:-9099})
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 project="${COMPOSE_PROJECT:-berth}"
@@ -21,7 +22,9 @@ if [ "${PEER_TLS:-on}" != off ] && [ -z "${PEER_TLS_CA_BASE64:-}" ]; then
   PEER_TLS_KEY_BASE64="$(base64 -w0 < "$tls/node-key.pem")"
   export PEER_TLS_CA_BASE64 PEER_TLS_CERT_BASE64 PEER_TLS_KEY_BASE64
 fi
-docker-compose -p "$project" -f "$here/compose.yml" up -d --scale berth="$scale"
+# MONITORING=1 also starts Prometheus (the compose profile "monitoring").
+profile=(); [ "${MONITORING:-0}" = 1 ] && profile=(--profile monitoring)
+docker-compose -p "$project" -f "$here/compose.yml" "${profile[@]}" up -d --scale berth="$scale"
 https="${NGINX1_HTTPS:-8443}"
 echo "up.sh: waiting for berth behind nginx (https://127.0.0.1:$https/)"
 for _ in $(seq 1 120); do

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what berth's tests need on a fresh Debian 12 machine, idempotently:
 #   - Debian's `redis-server` (system package; the tests start their own instances)
-#   - Debian's `chromium` (the chat example's page is tested headless)
+#   - Debian's `chromium` (the chat example's page and the dashboard are tested headless)
+#   - Debian's `prometheus` (promtool checks docker/prometheus's rules and their tests)
 #   - schemathesis (PyPI, pinned) in a virtualenv under .tools/schemathesis, for
 #     the backend API test against docs/api/openapi.json
 #   - Consul 1.8.7, the last open-source line, from Debian 11's `consul` package.
@@ -60,6 +61,25 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends chromium
 fi
 echo "install-deps: $(chromium --version 2>/dev/null | head -n1)"
+
+# --- promtool (tests/it/monitoring.rs checks docker/prometheus with it) ----
+# Debian's `prometheus` package has it (and the server, which
+# docker/build-images.sh packages for the compose profile "monitoring"); its
+# postinst would start a system service: refused, as for redis-server.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "install-deps: installing prometheus (Debian package, for promtool)"
+  apt_update_once
+  policy=/usr/sbin/policy-rc.d
+  created_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee "$policy" >/dev/null
+    "${sudo_cmd[@]}" chmod +x "$policy"
+    created_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends prometheus
+  if [ "$created_policy" -eq 1 ]; then "${sudo_cmd[@]}" rm -f "$policy"; fi
+fi
+echo "install-deps: $(promtool --version 2>&1 | head -n1)"
 
 # --- consul 1.8.7 from Debian 11 -------------------------------------------
 if [ -x "$consul_bin" ] && "$consul_bin" version 2>/dev/null | grep -q "v$consul_version"; then

@@ -25,6 +25,9 @@ impl fmt::Display for MissingBin {
                 "run `scripts/install-deps.sh` (Consul 1.8.7 from Debian 11, into .tools/bin)"
             }
             "chromium" => "run `scripts/install-deps.sh` (installs Debian's chromium)",
+            "promtool" => {
+                "run `scripts/install-deps.sh` (installs Debian's prometheus, which has promtool)"
+            }
             _ => "`scripts/install-deps.sh` does not install it: build it or put it on PATH",
         };
         write!(
