@@ -15,6 +15,9 @@
 //!   DevTools driver) against a three-node cluster.
 //! - `dashboard`: the operator dashboard (admin `GET /`) in headless
 //!   Chromium against a loaded three-node cluster, a member killed, a drain.
+//! - `monitoring`: docker/prometheus (promtool checks and unit tests of the
+//!   alerts) and docker/grafana: every metric they query is one berth
+//!   registers.
 //! - `api`: the backend HTTP API (keys, idempotency across a SIGKILL, every
 //!   error answer, schemathesis against its OpenAPI document).
 //! - `auth`: identity: `hello.credential` (JWT) verified at the edge, the
@@ -35,4 +38,5 @@ mod durability;
 mod lifecycle;
 mod loadtest;
 mod messages;
+mod monitoring;
 mod protocol;
