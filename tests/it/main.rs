@@ -23,9 +23,9 @@
 mod abuse;
 mod api;
 mod app;
+mod auth;
 mod browser;
 mod chat;
-mod auth;
 mod cluster;
 mod common;
 mod durability;
