@@ -77,6 +77,24 @@ impl Default for ChatConfig {
     }
 }
 
+/// The environment of nodes running the chat example for `sessions`
+/// clients with `cfg`: every hello signed in with `cfg.jwt_secret`
+/// (`auth.required`), and an outgoing queue (`limits.max_outgoing`) that
+/// holds a few lines to every member of a room (a line is one message per
+/// member, queued in the room until delivered).
+pub fn node_env(cfg: &ChatConfig, sessions: usize) -> Vec<(String, String)> {
+    let size = cfg.room_size.unwrap_or(sessions.div_ceil(cfg.rooms.max(1)));
+    let max_outgoing = (8 * size).max(5000);
+    [
+        ("BERTH__AUTH__REQUIRED", "true".to_owned()),
+        ("BERTH__AUTH__HS256_SECRET", cfg.jwt_secret.clone()),
+        ("BERTH__LIMITS__MAX_OUTGOING", max_outgoing.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 /// A chat plan that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {

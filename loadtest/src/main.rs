@@ -169,12 +169,7 @@ impl Load {
             (None, true) => TlsTrust::Insecure,
             (None, false) => TlsTrust::WebPki,
         };
-        let chat = ChatConfig {
-            rooms: self.rooms,
-            room_size: self.room_size,
-            dm_percent: self.dm_percent,
-            jwt_secret: self.jwt_secret.clone(),
-        };
+        let chat = chat_config(self);
         if self.scenario == Scenario::Chat {
             ChatPlan::new(self.sessions, &chat, "check").context("--scenario chat")?;
         }
@@ -196,22 +191,14 @@ impl Load {
     }
 }
 
-/// The nodes' environment for the chat example: every hello signed in with
-/// `--jwt-secret`, and an outgoing queue that holds a few lines to every
-/// member of the largest room (a line is one message per member).
-fn chat_env(load: &Load) -> Vec<(String, String)> {
-    let size = load
-        .room_size
-        .unwrap_or(load.sessions.div_ceil(load.rooms.max(1)));
-    let max_outgoing = (8 * size).max(5000);
-    [
-        ("BERTH__AUTH__REQUIRED", "true".to_owned()),
-        ("BERTH__AUTH__HS256_SECRET", load.jwt_secret.clone()),
-        ("BERTH__LIMITS__MAX_OUTGOING", max_outgoing.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
+/// The chat scenario's settings of `load`.
+fn chat_config(load: &Load) -> ChatConfig {
+    ChatConfig {
+        rooms: load.rooms,
+        room_size: load.room_size,
+        dm_percent: load.dm_percent,
+        jwt_secret: load.jwt_secret.clone(),
+    }
 }
 
 fn finish(load: &Load, r: &RunResult) -> anyhow::Result<bool> {
@@ -290,7 +277,9 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             let env = match load.scenario {
-                Scenario::Chat => chat_env(&load),
+                Scenario::Chat => {
+                    berth_loadtest::chat::node_env(&chat_config(&load), load.sessions)
+                }
                 _ => Vec::new(),
             };
             let mut cluster = LocalCluster::start_with_env(
