@@ -11,7 +11,7 @@
 //! (or [`JOIN_WAIT`] passes), so every member is in its rooms before the
 //! first line; say lines until the end of the load (reading events while it
 //! waits for its next op); then keep reading events until every message
-//! owed to it has arrived, or [`DRAIN`] passes. Members never leave.
+//! owed to it has arrived, or `--drain` ([`DRAIN`]) passes. Members never leave.
 //!
 //! What is pure (the plan, the text and token formats, [`verify`]) is
 //! unit-tested here; the client loop ([`client`]) runs against real nodes
@@ -44,7 +44,7 @@ pub const MAX_ROOMS_PER_USER: usize = 50;
 pub const JOIN_WAIT: Duration = Duration::from_secs(30);
 
 /// Longest a client keeps reading events after the load, for messages owed
-/// to it that have not arrived yet.
+/// to it that have not arrived yet (the default of `--drain`).
 pub const DRAIN: Duration = Duration::from_secs(30);
 
 /// Notes the verifier keeps at most.
@@ -64,6 +64,9 @@ pub struct ChatConfig {
     /// The HS256 secret the clients sign their credentials with (the nodes'
     /// `auth.hs256_secret`).
     pub jwt_secret: String,
+    /// Longest a client keeps reading events after the load for messages
+    /// owed to it: one that has not arrived by then is lost.
+    pub drain: Duration,
 }
 
 impl Default for ChatConfig {
@@ -73,6 +76,7 @@ impl Default for ChatConfig {
             room_size: None,
             dm_percent: 10,
             jwt_secret: DEMO_SECRET.to_owned(),
+            drain: DRAIN,
         }
     }
 }
@@ -847,8 +851,8 @@ pub async fn client(
     }
     run.done.fetch_add(1, Ordering::SeqCst);
     // Drain: until every message owed to this client has arrived (once
-    // every client is done sending), or DRAIN after the end.
-    let drain_by = end.max(Instant::now()) + DRAIN;
+    // every client is done sending), or `drain` after the end.
+    let drain_by = end.max(Instant::now()) + run.cfg.drain;
     let mut cursor = 0;
     let mut pending: HashSet<(u32, u64)> = HashSet::new();
     while c.stopped.is_none() {

@@ -145,6 +145,10 @@ struct Load {
     /// `local` gives it to its nodes as auth.hs256_secret.
     #[arg(long, default_value = DEMO_SECRET)]
     jwt_secret: String,
+    /// chat: after the load, how long clients keep reading for messages owed
+    /// to them; one not arrived by then counts as lost.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain: Duration,
 }
 
 /// `--duration` when it is not given.
@@ -198,6 +202,7 @@ fn chat_config(load: &Load) -> ChatConfig {
         room_size: load.room_size,
         dm_percent: load.dm_percent,
         jwt_secret: load.jwt_secret.clone(),
+        drain: load.drain,
     }
 }
 
