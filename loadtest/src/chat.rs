@@ -346,7 +346,7 @@ pub struct MessageCheck {
     pub out_of_order: u64,
     /// Deliveries of messages nobody sent there.
     pub unexpected: u64,
-    /// In words, the first [`NOTES`] problems.
+    /// In words, the first 16 problems.
     pub notes: Vec<String>,
 }
 
