@@ -193,6 +193,10 @@ pub struct ClientConfig {
     pub slow: Duration,
     /// `wss://`: how the server's certificate is checked.
     pub tls: TlsTrust,
+    /// A JWT sent as `hello.credential` on every connect (the first and
+    /// every resume: a session bound to a user resumes only with a
+    /// credential of the same subject). `None`: no credential.
+    pub credential: Option<String>,
 }
 
 impl ClientConfig {
@@ -207,6 +211,7 @@ impl ClientConfig {
             backoff_cap: Duration::from_secs(5),
             slow: Duration::from_millis(200),
             tls: TlsTrust::default(),
+            credential: None,
         }
     }
 }
@@ -441,8 +446,8 @@ pub struct MobileClient {
     /// Highest event seq received.
     pub last_seq: u64,
     acked_seq: u64,
-    /// Event bodies received, in order (scenarios read them).
-    pub received: Vec<(u64, Value)>,
+    /// Events received, in order (scenarios read them, and may take them).
+    pub received: Vec<Received>,
     /// Counters.
     pub stats: ClientStats,
     /// Set once the server told us to stop.
@@ -459,6 +464,17 @@ pub struct MobileClient {
     /// (welcomes, failed connects, losses and their closes, drops and roams
     /// on purpose): what a problem report shows.
     pub trail: VecDeque<(Instant, String)>,
+}
+
+/// An event as the client received it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// Its `seq`.
+    pub seq: u64,
+    /// Its `body`.
+    pub body: Value,
+    /// When its frame was read (delivery latencies are measured to it).
+    pub at: Instant,
 }
 
 /// Entries a client's [`MobileClient::trail`] keeps.
@@ -727,8 +743,11 @@ impl MobileClient {
 
     /// Says `hello` on a new connection and reads the answer.
     async fn hello(&self, ws: &mut Ws) -> HelloAnswer {
-        let hello =
+        let mut hello =
             json!({"type":"hello","session":self.session,"token":self.token,"ack":self.last_seq});
+        if let Some(credential) = &self.cfg.credential {
+            hello["credential"] = json!(credential);
+        }
         if ws.send(Message::text(hello.to_string())).await.is_err() {
             return HelloAnswer::Nothing;
         }
@@ -812,7 +831,11 @@ impl MobileClient {
             self.stats.event_gaps += seq - self.last_seq - 1;
         }
         self.last_seq = seq;
-        self.received.push((seq, body));
+        self.received.push(Received {
+            seq,
+            body,
+            at: Instant::now(),
+        });
     }
 
     /// Reads frames until the result of op `id` (events on the way are recorded).

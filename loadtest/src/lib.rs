@@ -5,6 +5,8 @@
 //!
 //! # Layout
 //! - [`client`]: a well-behaved mobile client (resume, backoff, retries with the same id).
+//! - [`chat`]: the `chat` scenario (berth's chat example): users, rooms,
+//!   signed credentials, and the verifier of every message's deliveries.
 //! - [`run`]: scenarios, closed and open models, verification, per-second series.
 //! - [`local`]: a real local cluster (Redis, Consul, N berth nodes) and chaos events.
 //! - [`ceiling`]: a minimal actix-ws server, the raw WebSocket ceiling for ratios.
@@ -16,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod ceiling;
+pub mod chat;
 pub mod client;
 pub mod local;
 pub mod report;

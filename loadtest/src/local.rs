@@ -460,6 +460,9 @@ pub struct LocalCluster {
     secret: String,
     /// Peer-link TLS: a throwaway cluster CA whose certificates the nodes use.
     tls: Option<berth_cluster::tls::dev::DevCa>,
+    /// More environment for every node (after the cluster's own, so it
+    /// wins): what a scenario's application needs (`chat`: `[auth]`).
+    env: Vec<(String, String)>,
 }
 
 impl LocalCluster {
@@ -480,6 +483,19 @@ impl LocalCluster {
         berth: Option<&Path>,
         consul: Option<&Path>,
         peer_tls: bool,
+    ) -> anyhow::Result<LocalCluster> {
+        Self::start_with_env(n, berth, consul, peer_tls, Vec::new())
+    }
+
+    /// As [`LocalCluster::start_with_tls`], every node (also those started
+    /// or restarted later) with the environment variables `env` besides the
+    /// cluster's own (`BERTH__AUTH__REQUIRED`, say).
+    pub fn start_with_env(
+        n: usize,
+        berth: Option<&Path>,
+        consul: Option<&Path>,
+        peer_tls: bool,
+        env: Vec<(String, String)>,
     ) -> anyhow::Result<LocalCluster> {
         let berth = find("berth", berth).context(
             "berth binary not found: build it (cargo build --release) or pass --berth PATH",
@@ -511,6 +527,7 @@ impl LocalCluster {
             nodes: Vec::new(),
             secret: "berth-loadtest-local-secret".into(),
             tls: peer_tls.then(|| berth_cluster::tls::dev::DevCa::new("berth-loadtest local CA")),
+            env,
         };
         if let Some(ca) = &c.tls {
             std::fs::write(c.dir.join("peer-ca.pem"), ca.ca_pem())?;
@@ -592,7 +609,7 @@ impl LocalCluster {
                 .env("BERTH__CLUSTER__TLS__CERT_FILE", cert)
                 .env("BERTH__CLUSTER__TLS__KEY_FILE", key);
         }
-        let process = cmd
+        let mut cmd = cmd
             .current_dir(&self.dir)
             .env("BERTH__SERVER__LISTEN", &listen.public)
             .env("BERTH__ADMIN__LISTEN", &listen.admin)
@@ -607,7 +624,11 @@ impl LocalCluster {
             // connection rate (churning clients reconnect hundreds of times
             // a second).
             .env("BERTH__LIMITS__CONNECTIONS_PER_SEC_PER_SOURCE", "0")
-            .env("BERTH__LOG__FILTER", node_log_filter())
+            .env("BERTH__LOG__FILTER", node_log_filter());
+        for (k, v) in &self.env {
+            cmd = cmd.env(k, v);
+        }
+        let process = cmd
             .log_file(log)
             .spawn()
             .with_context(|| format!("berth did not start; see {}", path.display()))?;

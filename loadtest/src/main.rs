@@ -7,6 +7,8 @@
 //! berth-loadtest local --nodes 3 --sessions 300 --scenario kv-churn \
 //!     --chaos 'soak:kills=50,kill-every=10s,restart-after=3s,seed=7'
 //! berth-loadtest ceiling --sessions 1000 --duration 20s --scenario echo
+//! berth-loadtest local --nodes 3 --berth target/release/examples/chat \
+//!     --scenario chat --sessions 300 --rooms 10 --rate 300 --duration 30s
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -15,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use berth_loadtest::chat::{ChatConfig, ChatPlan, DEMO_SECRET};
 use berth_loadtest::client::TlsTrust;
 use berth_loadtest::local::{parse_duration, ChaosPlan, LocalCluster};
 use berth_loadtest::result::RunResult;
@@ -128,6 +131,24 @@ struct Load {
     /// test deployments only).
     #[arg(long)]
     insecure: bool,
+    /// chat: rooms the users are spread over.
+    #[arg(long, default_value_t = 10)]
+    rooms: usize,
+    /// chat: members per room [default: sessions / rooms, rounded up: every
+    /// user in one room; larger rooms put users in several].
+    #[arg(long)]
+    room_size: Option<usize>,
+    /// chat: percent of messages that are direct messages to a random user.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
+    dm_percent: u32,
+    /// chat: the HS256 secret clients sign their credentials (JWTs) with;
+    /// `local` gives it to its nodes as auth.hs256_secret.
+    #[arg(long, default_value = DEMO_SECRET)]
+    jwt_secret: String,
+    /// chat: after the load, how long clients keep reading for messages owed
+    /// to them; one not arrived by then counts as lost.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain: Duration,
 }
 
 /// `--duration` when it is not given.
@@ -152,7 +173,12 @@ impl Load {
             (None, true) => TlsTrust::Insecure,
             (None, false) => TlsTrust::WebPki,
         };
+        let chat = chat_config(self);
+        if self.scenario == Scenario::Chat {
+            ChatPlan::new(self.sessions, &chat, "check").context("--scenario chat")?;
+        }
         Ok(RunConfig {
+            chat,
             urls,
             admin: Arc::new(Mutex::new(admin)),
             sessions: self.sessions,
@@ -169,6 +195,17 @@ impl Load {
     }
 }
 
+/// The chat scenario's settings of `load`.
+fn chat_config(load: &Load) -> ChatConfig {
+    ChatConfig {
+        rooms: load.rooms,
+        room_size: load.room_size,
+        dm_percent: load.dm_percent,
+        jwt_secret: load.jwt_secret.clone(),
+        drain: load.drain,
+    }
+}
+
 fn finish(load: &Load, r: &RunResult) -> anyhow::Result<bool> {
     let parsed = load
         .thresholds
@@ -177,6 +214,15 @@ fn finish(load: &Load, r: &RunResult) -> anyhow::Result<bool> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let checks: Vec<_> = parsed.iter().map(|t| t.check(r)).collect();
     println!("{}", report::summary(r, &checks));
+    // chat: a message lost, duplicated or out of order fails the run
+    // without a threshold.
+    let messages_ok = r.messages.is_none() || {
+        let v = &r.verify;
+        v.lost_messages + v.duplicate_messages + v.messages_out_of_order + v.state_mismatches == 0
+    };
+    if !messages_ok {
+        eprintln!("berth-loadtest: chat messages lost, duplicated or out of order");
+    }
     if let Some(p) = &load.json {
         std::fs::write(p, report::json(r)).with_context(|| format!("writing {}", p.display()))?;
     }
@@ -184,7 +230,7 @@ fn finish(load: &Load, r: &RunResult) -> anyhow::Result<bool> {
         std::fs::write(p, report::html(r, &checks))
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    Ok(checks.iter().all(|c| c.ok))
+    Ok(messages_ok && checks.iter().all(|c| c.ok))
 }
 
 #[tokio::main]
@@ -235,8 +281,19 @@ async fn main() -> anyhow::Result<()> {
                     (load.ramp + load.duration.unwrap_or(DEFAULT_DURATION)).as_secs_f64()
                 );
             }
-            let mut cluster =
-                LocalCluster::start_with_tls(nodes, berth.as_deref(), consul.as_deref(), peer_tls)?;
+            let env = match load.scenario {
+                Scenario::Chat => {
+                    berth_loadtest::chat::node_env(&chat_config(&load), load.sessions)
+                }
+                _ => Vec::new(),
+            };
+            let mut cluster = LocalCluster::start_with_env(
+                nodes,
+                berth.as_deref(),
+                consul.as_deref(),
+                peer_tls,
+                env,
+            )?;
             eprintln!(
                 "local cluster: {} nodes, peer links {}, logs in {}",
                 cluster.nodes.len(),
@@ -250,7 +307,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     if !ok {
-        eprintln!("berth-loadtest: a threshold failed");
+        eprintln!("berth-loadtest: the run failed");
         std::process::exit(1);
     }
     Ok(())

@@ -112,37 +112,97 @@ pub fn summary(r: &RunResult, checks: &[Check]) -> String {
         );
     }
 
+    if let Some(m) = &r.messages {
+        let n = |x: u64| x.to_string();
+        text_table(
+            &mut out,
+            Align::Right,
+            &[
+                row(["MESSAGES (chat)"]),
+                row([
+                    "  rooms x members".to_string(),
+                    format!("{} x {}", m.rooms, m.room_size),
+                ]),
+                row(["  lines acked".to_string(), n(m.lines_acked)]),
+                row(["  direct messages acked".to_string(), n(m.dms_acked)]),
+                row(["  unanswered (may arrive)".to_string(), n(m.unacked)]),
+                row([
+                    "  deliveries expected".to_string(),
+                    n(m.deliveries_expected),
+                ]),
+                row(["  delivered".to_string(), n(m.delivered)]),
+                row(["  lost".to_string(), n(m.lost)]),
+                row(["  duplicated".to_string(), n(m.duplicated)]),
+                row(["  out of order".to_string(), n(m.out_of_order)]),
+                row(["  unexpected".to_string(), n(m.unexpected)]),
+                row(["  lines/s".to_string(), format!("{:.1}", m.lines_per_s)]),
+                row([
+                    "  deliveries/s".to_string(),
+                    format!("{:.1}", m.deliveries_per_s),
+                ]),
+            ],
+        );
+        text_table(
+            &mut out,
+            Align::Right,
+            &[
+                row(["DELIVERY (ms)", "p50", "p90", "p99", "p99.9", "max"]),
+                row([
+                    "  line".to_string(),
+                    ms(m.delivery_ms.p50),
+                    ms(m.delivery_ms.p90),
+                    ms(m.delivery_ms.p99),
+                    ms(m.delivery_ms.p999),
+                    ms(m.delivery_ms.max),
+                ]),
+            ],
+        );
+        for note in &m.notes {
+            out.push_str(&format!("  ! {note}\n"));
+        }
+    }
+
     let v = &r.verify;
-    text_table(
-        &mut out,
-        Align::Right,
-        &[
-            row(["VERIFY"]),
+    let mut verify_rows = vec![
+        row(["VERIFY"]),
+        row([
+            "  sessions checked".to_string(),
+            v.sessions_checked.to_string(),
+        ]),
+        row(["  lost acked ops".to_string(), v.lost_acked_ops.to_string()]),
+        row([
+            "  sessions sent away".to_string(),
+            v.sessions_sent_away.to_string(),
+        ]),
+        row([
+            "  (empty sessions ended, 4004)".to_string(),
+            v.empty_sessions_ended.to_string(),
+        ]),
+        row(["  duplicate ops".to_string(), v.duplicate_ops.to_string()]),
+        row(["  event gaps".to_string(), v.event_gaps.to_string()]),
+        row([
+            "  event duplicates".to_string(),
+            v.event_duplicates.to_string(),
+        ]),
+        row([
+            "  state mismatches".to_string(),
+            v.state_mismatches.to_string(),
+        ]),
+    ];
+    if r.messages.is_some() {
+        verify_rows.extend([
+            row(["  lost messages".to_string(), v.lost_messages.to_string()]),
             row([
-                "  sessions checked".to_string(),
-                v.sessions_checked.to_string(),
-            ]),
-            row(["  lost acked ops".to_string(), v.lost_acked_ops.to_string()]),
-            row([
-                "  sessions sent away".to_string(),
-                v.sessions_sent_away.to_string(),
+                "  duplicate messages".to_string(),
+                v.duplicate_messages.to_string(),
             ]),
             row([
-                "  (empty sessions ended, 4004)".to_string(),
-                v.empty_sessions_ended.to_string(),
+                "  messages out of order".to_string(),
+                v.messages_out_of_order.to_string(),
             ]),
-            row(["  duplicate ops".to_string(), v.duplicate_ops.to_string()]),
-            row(["  event gaps".to_string(), v.event_gaps.to_string()]),
-            row([
-                "  event duplicates".to_string(),
-                v.event_duplicates.to_string(),
-            ]),
-            row([
-                "  state mismatches".to_string(),
-                v.state_mismatches.to_string(),
-            ]),
-        ],
-    );
+        ]);
+    }
+    text_table(&mut out, Align::Right, &verify_rows);
     // The verdict goes on a line of its own, outside the table, so that it
     // stands out and does not widen the number column.
     out.pop();
@@ -1244,6 +1304,7 @@ mod tests {
             event_duplicates: 4,
             state_mismatches: 5,
             empty_sessions_ended: 7,
+            ..Verify::default()
         };
         let s = summary(&r, &[]);
         for (label, n) in [

@@ -54,6 +54,21 @@ pub struct Verify {
     /// change in how often it happens shows.
     #[serde(default)]
     pub empty_sessions_ended: u64,
+    /// `chat`: deliveries of acknowledged lines and direct messages that
+    /// never arrived at a member (or receiver) by the end of the drain, and
+    /// lines a room numbered that a member skipped (a gap in its `seq`s),
+    /// acknowledged or not.
+    #[serde(default)]
+    pub lost_messages: u64,
+    /// `chat`: lines and direct messages that arrived twice (or more) at
+    /// one member.
+    #[serde(default)]
+    pub duplicate_messages: u64,
+    /// `chat`: lines and direct messages that arrived at a member before an
+    /// earlier one of the same sender, or with a room `seq` not above the
+    /// previous one (or another `seq` than other members saw).
+    #[serde(default)]
+    pub messages_out_of_order: u64,
 }
 
 impl Verify {
@@ -65,6 +80,9 @@ impl Verify {
             + self.event_gaps
             + self.event_duplicates
             + self.state_mismatches
+            + self.lost_messages
+            + self.duplicate_messages
+            + self.messages_out_of_order
     }
 
     /// Everything that must be 0 for a clean run: the data problems and the
@@ -83,6 +101,9 @@ impl Verify {
         self.event_duplicates += other.event_duplicates;
         self.state_mismatches += other.state_mismatches;
         self.empty_sessions_ended += other.empty_sessions_ended;
+        self.lost_messages += other.lost_messages;
+        self.duplicate_messages += other.duplicate_messages;
+        self.messages_out_of_order += other.messages_out_of_order;
     }
 }
 
@@ -300,6 +321,54 @@ impl Churn {
     }
 }
 
+/// `chat`: what was said, what arrived, and how fast (its counters of
+/// problems are also in [`Verify`], where they fail the run).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Messages {
+    /// Rooms.
+    pub rooms: u64,
+    /// Members per room (as planned; a member counts once its `join` is
+    /// acknowledged).
+    pub room_size: u64,
+    /// `say` ops acknowledged.
+    pub lines_acked: u64,
+    /// `dm` ops acknowledged.
+    pub dms_acked: u64,
+    /// `say` and `dm` ops never answered (cut off by the end or by chaos):
+    /// each may arrive or not, but at most once.
+    pub unacked: u64,
+    /// Deliveries the acknowledged messages owe: a line to every member of
+    /// its room (its sender included), a direct message to its receiver and
+    /// to its sender's device.
+    pub deliveries_expected: u64,
+    /// Of those, the deliveries that arrived.
+    pub delivered: u64,
+    /// Expected deliveries that did not arrive by the end of the drain, plus
+    /// lines skipped in a member's `seq`s (see [`Verify::lost_messages`]).
+    pub lost: u64,
+    /// Deliveries that arrived more than once.
+    pub duplicated: u64,
+    /// Deliveries out of order.
+    pub out_of_order: u64,
+    /// Line and direct-message events that no client of the run sent, or
+    /// sent elsewhere, or whose op was refused (counted in
+    /// [`Verify::state_mismatches`]).
+    pub unexpected: u64,
+    /// How long lines were said (from the moment every member had joined to
+    /// the end of the load), seconds.
+    pub say_s: f64,
+    /// Acknowledged lines per second of `say_s`.
+    pub lines_per_s: f64,
+    /// Deliveries per second, from the first line said to the last delivery.
+    pub deliveries_per_s: f64,
+    /// Delivery latency: from a `say` op's first send to its line's arrival
+    /// at each other member (same process, monotonic clock).
+    pub delivery_ms: Percentiles,
+    /// What the verifier found wrong, in words (at most 16).
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
 /// One node as the admin endpoints report it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeStat {
@@ -402,6 +471,9 @@ pub struct RunResult {
     /// Every session with a problem, by client index.
     #[serde(default)]
     pub problems: Vec<Problem>,
+    /// `chat`: the messages' figures (absent in the other scenarios).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Messages>,
 }
 
 impl RunResult {

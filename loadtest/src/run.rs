@@ -17,11 +17,12 @@ use hdrhistogram::Histogram;
 use rand::Rng;
 use serde_json::{json, Value};
 
+use crate::chat::{ChatConfig, ChatPart, ChatPlan, ChatRun};
 use crate::client::{
     histogram, ClientConfig, ClientError, ClientStats, MobileClient, Stop, TlsTrust,
 };
 use crate::result::{
-    failover_by_kind, Churn, Failover, FreshResume, Mark, NodeStat, Percentiles, Problem,
+    failover_by_kind, Churn, Failover, FreshResume, Mark, Messages, NodeStat, Percentiles, Problem,
     RunResult, Sample, Verify, Window,
 };
 
@@ -47,6 +48,11 @@ pub enum Scenario {
     /// which must be answered `duplicate` and not applied. See
     /// [`KV_CHURN_PERCENT`].
     KvChurn,
+    /// berth's chat example (`--berth target/release/examples/chat`): users
+    /// signed in by JWT, in rooms, saying lines and sending direct messages;
+    /// every acknowledged message verified to arrive exactly once, in order
+    /// per sender, at every member (see [`crate::chat`]).
+    Chat,
 }
 
 /// `kv-churn`: in percent of ops, how often a client drops its connection
@@ -128,6 +134,8 @@ pub struct RunConfig {
     pub pids: Arc<Mutex<BTreeMap<String, u32>>>,
     /// `wss://`: how the server's certificate is checked.
     pub tls: TlsTrust,
+    /// The `chat` scenario's settings (unused by the others).
+    pub chat: ChatConfig,
 }
 
 #[derive(Default)]
@@ -264,6 +272,8 @@ struct ClientOutcome {
     verify: Verify,
     problem: Option<Problem>,
     churn: Churn,
+    /// `chat`: what the client said and saw.
+    chat: Option<ChatPart>,
 }
 
 impl ClientOutcome {
@@ -281,6 +291,7 @@ impl ClientOutcome {
             stats: c.stats,
             verify: check.verify,
             churn,
+            chat: None,
         }
     }
 }
@@ -305,6 +316,58 @@ pub fn intended(start: Instant, i: usize, n: usize, rate: f64, k: u64) -> Instan
     let interval = n as f64 / rate;
     let offset = interval * (i as f64 / n as f64);
     start + Duration::from_secs_f64(offset + interval * k as f64)
+}
+
+/// A `chat` client (see [`crate::chat::client`]); its session's check is
+/// its events' (no gap, no duplicate) and whether it was sent away, its
+/// messages are checked with every other client's at the end of the run.
+async fn one_chat_client(
+    i: usize,
+    cfg: Arc<RunConfig>,
+    chat: Arc<ChatRun>,
+    live: Arc<Live>,
+    begin: Instant,
+    end: Instant,
+) -> ClientOutcome {
+    let mut ccfg = ClientConfig::new(cfg.urls.clone());
+    ccfg.tls = cfg.tls.clone();
+    if !cfg.source_ips.is_empty() {
+        ccfg.source = Some(cfg.source_ips[i % cfg.source_ips.len()]);
+    }
+    ccfg.credential = crate::chat::credential(&chat.cfg.jwt_secret, &chat.plan.user(i as u32)).ok();
+    let c = MobileClient::new(ccfg, i);
+    let ramp_at = begin + cfg.ramp.mul_f64(i as f64 / cfg.sessions.max(1) as f64);
+    tokio::time::sleep_until(ramp_at.into()).await;
+    live.connected.fetch_add(1, Ordering::Relaxed);
+    let payload = "x".repeat(cfg.payload.min(1900));
+    let record = |took: Duration, error: bool| live.record(took, error);
+    let (mut c, part) = crate::chat::client(
+        i,
+        chat,
+        c,
+        cfg.rate,
+        &payload,
+        begin,
+        begin + cfg.ramp,
+        end,
+        record,
+    )
+    .await;
+    live.connected.fetch_sub(1, Ordering::Relaxed);
+    c.disconnect().await;
+    let acked = part.log.sent.len() as u64 + part.log.joins_acked.len() as u64;
+    let mut verify = stop_verdict(c.stopped, acked);
+    verify.sessions_checked = u64::from(c.session.is_some());
+    verify.event_gaps = c.stats.event_gaps;
+    verify.event_duplicates = c.stats.event_duplicates;
+    let check = SessionCheck {
+        verify,
+        notes: Vec::new(),
+        fresh: None,
+    };
+    let mut o = ClientOutcome::of(i, c, check, Churn::default(), live.start);
+    o.chat = Some(part);
+    o
 }
 
 async fn one_client(
@@ -384,6 +447,7 @@ async fn one_client(
             Scenario::Echo => ("echo", json!({"value": payload})),
             Scenario::Events => ("emit", json!({"body": {"i": id}})),
             Scenario::Kv | Scenario::Churn | Scenario::KvChurn => kv_op(id, &payload),
+            Scenario::Chat => unreachable!("chat clients run one_chat_client"),
         };
         let planned = if step == ChurnStep::Drop {
             // The time offline is the client's own, not the op's latency.
@@ -517,7 +581,7 @@ async fn verify_session(
             v.event_gaps += c.stats.event_gaps;
             v.event_duplicates += c.stats.event_duplicates;
         }
-        Scenario::Echo | Scenario::Idle => {}
+        Scenario::Echo | Scenario::Idle | Scenario::Chat => {}
     }
     // After the reads above: a stop while verifying counts too.
     let stop = stop_verdict(c.stopped, exp.acked_writes());
@@ -836,8 +900,33 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
             }
         })
     };
+    let chat = match cfg.scenario {
+        Scenario::Chat => {
+            match ChatPlan::new(cfg.sessions, &cfg.chat, &ChatPlan::new_tag()) {
+                Ok(plan) => Some(Arc::new(ChatRun::new(plan, cfg.chat.clone(), cfg.sessions))),
+                Err(e) => {
+                    // The command line checks the plan first: only a
+                    // caller of the library gets here.
+                    eprintln!("berth-loadtest: chat: {e}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let tasks: Vec<_> = (0..cfg.sessions)
-        .map(|i| tokio::spawn(one_client(i, cfg.clone(), live.clone(), begin, end)))
+        .filter(|_| cfg.scenario != Scenario::Chat || chat.is_some())
+        .map(|i| match &chat {
+            Some(chat) => tokio::spawn(one_chat_client(
+                i,
+                cfg.clone(),
+                chat.clone(),
+                live.clone(),
+                begin,
+                end,
+            )),
+            None => tokio::spawn(one_client(i, cfg.clone(), live.clone(), begin, end)),
+        })
         .collect();
     let mut result = RunResult {
         scenario: cfg.scenario.name(),
@@ -854,6 +943,7 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
     let mut connect = histogram();
     let mut resume = histogram();
     let mut stalls = Vec::new();
+    let mut chat_parts = Vec::new();
     for t in tasks {
         let Ok(o) = t.await else {
             *result.errors.entry("client_panic".into()).or_default() += 1;
@@ -875,6 +965,15 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
         result.churn.add(&o.churn);
         result.problems.extend(o.problem);
         stalls.push(o.stats.stalls);
+        chat_parts.extend(o.chat);
+    }
+    if let Some(chat) = &chat {
+        let m = chat_messages(chat, chat_parts, end);
+        result.verify.lost_messages += m.lost;
+        result.verify.duplicate_messages += m.duplicated;
+        result.verify.messages_out_of_order += m.out_of_order;
+        result.verify.state_mismatches += m.unexpected;
+        result.messages = Some(m);
     }
     live.stop_sampler();
     let peaks = sampler.await.unwrap_or_default();
@@ -943,6 +1042,43 @@ pub async fn run(cfg: RunConfig, live: Arc<Live>) -> RunResult {
         })
         .collect();
     result
+}
+
+/// Verifies the messages of a chat run's clients (`parts`) and sums up
+/// their figures; the load ended at `end`.
+fn chat_messages(chat: &ChatRun, parts: Vec<ChatPart>, end: Instant) -> Messages {
+    let logs: Vec<_> = parts.iter().map(|p| p.log.clone()).collect();
+    let k = crate::chat::verify(&chat.plan.members, &logs);
+    let mut latency = histogram();
+    for p in &parts {
+        let _ = latency.add(&p.latency);
+    }
+    let say_start = chat.say_start().unwrap_or(end);
+    let say_s = end.saturating_duration_since(say_start).as_secs_f64();
+    let last = parts
+        .iter()
+        .filter_map(|p| p.last_delivery)
+        .max()
+        .unwrap_or(say_start);
+    let deliver_s = last.saturating_duration_since(say_start).as_secs_f64();
+    Messages {
+        rooms: chat.plan.members.len() as u64,
+        room_size: chat.plan.members.first().map_or(0, Vec::len) as u64,
+        lines_acked: k.lines_acked,
+        dms_acked: k.dms_acked,
+        unacked: k.unacked,
+        deliveries_expected: k.deliveries_expected,
+        delivered: k.delivered,
+        lost: k.lost,
+        duplicated: k.duplicated,
+        out_of_order: k.out_of_order,
+        unexpected: k.unexpected,
+        say_s,
+        lines_per_s: k.lines_acked as f64 / say_s.max(0.001),
+        deliveries_per_s: k.delivered as f64 / deliver_s.max(0.001),
+        delivery_ms: pct(&latency),
+        notes: k.notes,
+    }
 }
 
 /// How long the sessions around one event could not be served: every stall
@@ -1357,6 +1493,7 @@ mod tests {
             progress: false,
             pids: Arc::default(),
             tls: TlsTrust::default(),
+            chat: ChatConfig::default(),
         };
         run(cfg, live()).await
     }

@@ -646,6 +646,7 @@ mod tests {
                 event_duplicates: 5,
                 state_mismatches: 6,
                 empty_sessions_ended: 0,
+                ..Verify::default()
             },
             failover: vec![
                 Failover {

@@ -416,6 +416,7 @@ impl Deployment {
             progress: false,
             pids: Arc::default(),
             tls: self.trust.lock().unwrap().clone(),
+            chat: Default::default(),
         }
     }
 

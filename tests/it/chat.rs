@@ -15,7 +15,7 @@ use crate::common::*;
 const DEMO_SECRET: &str = "berth-chat-demo-secret-do-not-use-in-production";
 
 /// The chat example's binary (built by `scripts/test.sh`).
-fn chat_bin() -> PathBuf {
+pub(crate) fn chat_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("examples").join("chat");

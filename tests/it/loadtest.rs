@@ -1,6 +1,7 @@
 //! berth-loadtest against real nodes: every scenario verifies clean, the
-//! verifier catches real loss, a local cluster survives a kill, and a short
-//! soak (3 kills and restarts under churning clients) loses nothing.
+//! verifier catches real loss, a local cluster survives a kill, a short
+//! soak (3 kills and restarts under churning clients) loses nothing, and
+//! the chat example's rooms and direct messages lose nothing across a kill.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,7 @@ fn load(
         progress: false,
         pids: Arc::default(),
         tls: Default::default(),
+        chat: Default::default(),
     }
 }
 
@@ -255,4 +257,91 @@ async fn a_short_soak_of_three_kills_under_churn_loses_nothing() {
         "{c:?}"
     );
     assert!(r.ops > 1_000, "{} ops", r.ops);
+}
+
+/// `berth-loadtest local --nodes 3 --berth <chat example> --scenario chat
+/// --sessions 30 --rooms 3 --rate 60 --duration 20s --chaos
+/// kill:2@6s,start@10s`: every acknowledged line arrives exactly once, in
+/// order, at every member of its room, and every direct message at its
+/// receiver and its sender, although a third of the devices (and of the
+/// rooms and users) lived on the node killed. About 45 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_rooms_and_direct_messages_lose_nothing_across_a_kill() {
+    let consul = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/consul");
+    let chat = berth_loadtest::chat::ChatConfig {
+        rooms: 3,
+        ..Default::default()
+    };
+    let sessions = 30;
+    let mut cluster = LocalCluster::start_with_env(
+        3,
+        Some(&crate::chat::chat_bin()),
+        consul.is_file().then_some(consul.as_path()),
+        false,
+        berth_loadtest::chat::node_env(&chat, sessions),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let mut cfg = load(
+        cluster.urls(),
+        cluster.admins(),
+        Scenario::Chat,
+        sessions,
+        20,
+    );
+    cfg.ramp = Duration::from_secs(1);
+    cfg.rate = Some(60.0);
+    cfg.chat = chat;
+    let chaos = ["kill:2@6s", "start@10s"].map(|c| parse_chaos(c).unwrap());
+    let r = berth_loadtest::local::run_with_chaos(&mut cluster, cfg, chaos.to_vec())
+        .await
+        .unwrap();
+    let logs = cluster.log_dir().display().to_string();
+    drop(cluster);
+    eprintln!("{}", report::summary(&r, &[]));
+    let m = r.messages.as_ref().expect("a chat run has messages");
+    let v = &r.verify;
+    assert_eq!(
+        (
+            m.lost,
+            m.duplicated,
+            m.out_of_order,
+            m.unexpected,
+            v.problem_count()
+        ),
+        (0, 0, 0, 0, 0),
+        "{:?}\n{:#?}\nlogs in {logs}",
+        m.notes,
+        r.problems
+    );
+    assert_eq!(v.sessions_checked, 30, "{v:?}");
+    assert!(m.lines_acked > 300 && m.dms_acked > 10, "{m:?}");
+    // Every user is in one room of 10: a line owes 10 deliveries.
+    assert_eq!(m.room_size, 10);
+    assert_eq!(m.delivered, m.deliveries_expected, "{m:?}");
+    assert!(m.deliveries_expected >= 10 * m.lines_acked, "{m:?}");
+    assert!(m.delivery_ms.p50 > 0.0, "{m:?}");
+    let kill = &r.failover[0];
+    assert!(
+        kill.event.starts_with("kill:2") && kill.sessions_affected > 0,
+        "{kill:?}"
+    );
+    assert!(
+        r.resumes_ok > 0,
+        "the killed node's devices resumed elsewhere"
+    );
+    let json: serde_json::Value = serde_json::from_str(&report::json(&r)).unwrap();
+    for f in [
+        "lines_acked",
+        "deliveries_expected",
+        "delivered",
+        "lost",
+        "duplicated",
+        "out_of_order",
+        "lines_per_s",
+        "deliveries_per_s",
+        "delivery_ms",
+    ] {
+        assert!(json["messages"].get(f).is_some(), "JSON lacks messages.{f}");
+    }
 }
