@@ -70,6 +70,14 @@ pub fn valid_key(key: &str) -> bool {
 }
 
 impl Address {
+    /// The length of its text form (`to_string().len()`), without making it.
+    pub fn text_len(&self) -> usize {
+        match self {
+            Address::Session(id) => id.as_str().len(),
+            Address::Entity { kind, key } => kind.len() + 1 + key.len(),
+        }
+    }
+
     /// The entity `key` of `kind`, checked.
     pub fn entity(kind: &str, key: &str) -> Result<Self, AddressError> {
         if !valid_kind(kind) {
@@ -206,6 +214,7 @@ mod tests {
             let j = serde_json::to_string(&a).unwrap();
             assert_eq!(serde_json::from_str::<Address>(&j).unwrap(), a);
             assert_eq!(Address::of_actor(&a.actor_id()), a);
+            assert_eq!(a.text_len(), a.to_string().len());
         }
     }
 

@@ -29,7 +29,7 @@
 //! unacknowledged message keeps its sender awake), and beyond
 //! `limits.max_watermarks` rows the oldest are forgotten first.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value;
 
@@ -72,8 +72,11 @@ pub struct Post {
     pub(crate) inc: u64,
     /// The last `seq` given to a message.
     pub(crate) last_seq: u64,
-    /// Unacknowledged messages, in `seq` order.
-    pub(crate) out: VecDeque<OutMsg>,
+    /// Unacknowledged messages, by `seq`.
+    pub(crate) out: BTreeMap<u64, OutMsg>,
+    /// The same messages' seqs by destination (an index of `out`: a fan-out
+    /// to a thousand receivers must not scan the whole queue per receiver).
+    by_dest: HashMap<Address, BTreeSet<u64>>,
     /// Encoded size of `out`'s bodies and addresses.
     out_bytes: usize,
     /// Watermarks, by sender ([`crate::address::Sender::mark_key`]).
@@ -101,7 +104,7 @@ pub struct PostUndo {
 }
 
 fn msg_bytes(to: &Address, body: &Value) -> usize {
-    crate::outbox::body_len(body) + to.to_string().len() + MSG_OVERHEAD
+    crate::outbox::body_len(body) + to.text_len() + MSG_OVERHEAD
 }
 
 impl Post {
@@ -112,14 +115,41 @@ impl Post {
         out: Vec<OutMsg>,
         marks: impl IntoIterator<Item = (String, Mark)>,
     ) -> Self {
-        let out_bytes = out.iter().map(|m| msg_bytes(&m.to, &m.body)).sum();
-        Post {
+        let mut post = Post {
             inc,
             last_seq,
-            out: out.into(),
-            out_bytes,
             marks: marks.into_iter().collect(),
+            ..Post::default()
+        };
+        for m in out {
+            post.insert(m);
         }
+        post
+    }
+
+    /// Queues `m` (and indexes it).
+    fn insert(&mut self, m: OutMsg) {
+        self.out_bytes += msg_bytes(&m.to, &m.body);
+        self.by_dest.entry(m.to.clone()).or_default().insert(m.seq);
+        self.out.insert(m.seq, m);
+    }
+
+    /// Takes message `seq` out of the queue (and its index).
+    fn take(&mut self, seq: u64) -> Option<OutMsg> {
+        let m = self.out.remove(&seq)?;
+        self.out_bytes -= msg_bytes(&m.to, &m.body);
+        if let Some(seqs) = self.by_dest.get_mut(&m.to) {
+            seqs.remove(&seq);
+            if seqs.is_empty() {
+                self.by_dest.remove(&m.to);
+            }
+        }
+        Some(m)
+    }
+
+    /// The queued messages, in `seq` order.
+    pub fn queue(&self) -> impl Iterator<Item = &OutMsg> {
+        self.out.values()
     }
 
     /// Whether nothing is queued and nothing is remembered (a checkpoint
@@ -156,8 +186,7 @@ impl Post {
         self.incarnation();
         metrics::counter!("berth_messages_sent_total").increment(1);
         self.last_seq += 1;
-        self.out_bytes += msg_bytes(&to, &body);
-        self.out.push_back(OutMsg {
+        self.insert(OutMsg {
             seq: self.last_seq,
             to,
             body,
@@ -173,22 +202,24 @@ impl Post {
 
     /// Every destination with a message waiting, once each, oldest first.
     pub fn destinations(&self) -> Vec<Address> {
-        let mut seen = std::collections::HashSet::new();
-        self.out
+        let mut firsts: Vec<(u64, &Address)> = self
+            .by_dest
             .iter()
-            .filter(|m| seen.insert(&m.to))
-            .map(|m| m.to.clone())
-            .collect()
+            .filter_map(|(to, seqs)| seqs.first().map(|s| (*s, to)))
+            .collect();
+        firsts.sort_unstable_by_key(|(s, _)| *s);
+        firsts.into_iter().map(|(_, to)| to.clone()).collect()
     }
 
     /// The messages waiting for `to`, in order, at most `max`.
     pub fn pending_for(&self, to: &Address, max: usize) -> Vec<OutMsg> {
-        self.out
-            .iter()
-            .filter(|m| &m.to == to)
-            .take(max)
-            .cloned()
-            .collect()
+        self.by_dest.get(to).map_or_else(Vec::new, |seqs| {
+            seqs.iter()
+                .take(max)
+                .filter_map(|s| self.out.get(s))
+                .cloned()
+                .collect()
+        })
     }
 
     /// `to` acknowledged every message to it up to `upto`: they leave the
@@ -205,34 +236,24 @@ impl Post {
         upto: u64,
         keep: &std::collections::HashSet<u64>,
     ) -> Vec<OutMsg> {
-        let mut gone = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.out.len());
-        for m in self.out.drain(..) {
-            if &m.to == to && m.seq <= upto && !keep.contains(&m.seq) {
-                gone.push(m);
-            } else {
-                kept.push_back(m);
-            }
-        }
-        self.out = kept;
-        for m in &gone {
-            self.out_bytes -= msg_bytes(&m.to, &m.body);
-        }
-        gone
+        let done: Vec<u64> = self.by_dest.get(to).map_or_else(Vec::new, |seqs| {
+            seqs.range(..=upto)
+                .filter(|s| !keep.contains(s))
+                .copied()
+                .collect()
+        });
+        done.into_iter().filter_map(|s| self.take(s)).collect()
     }
 
     /// The queued message `seq`, if it is still queued.
     pub fn queued_msg(&self, seq: u64) -> Option<&OutMsg> {
-        self.out.iter().find(|m| m.seq == seq)
+        self.out.get(&seq)
     }
 
     /// Removes message `seq` as part of a commit (a bounce handled).
     pub(crate) fn remove(&mut self, seq: u64, undo: &mut PostUndo) {
-        if let Some(i) = self.out.iter().position(|m| m.seq == seq) {
-            if let Some(m) = self.out.remove(i) {
-                self.out_bytes -= msg_bytes(&m.to, &m.body);
-                undo.removed = Some(m);
-            }
+        if let Some(m) = self.take(seq) {
+            undo.removed = Some(m);
         }
     }
 
@@ -269,15 +290,16 @@ impl Post {
         self.inc = undo.inc;
         self.last_seq = undo.last_seq;
         // Messages this commit queued have seqs above the old last one.
-        while self.out.back().is_some_and(|m| m.seq > undo.last_seq) {
-            if let Some(m) = self.out.pop_back() {
-                self.out_bytes -= msg_bytes(&m.to, &m.body);
-            }
+        let queued: Vec<u64> = self
+            .out
+            .range(undo.last_seq + 1..)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in queued {
+            self.take(s);
         }
         if let Some(m) = undo.removed {
-            self.out_bytes += msg_bytes(&m.to, &m.body);
-            let at = self.out.partition_point(|o| o.seq < m.seq);
-            self.out.insert(at, m);
+            self.insert(m);
         }
         if let Some((key, old)) = undo.mark {
             match old {
@@ -342,6 +364,72 @@ mod tests {
         assert_eq!(p.queued(), 2);
         assert_eq!(p.ack(&room("a"), 9).len(), 1);
         assert_eq!(p.destinations(), vec![room("b")]);
+    }
+
+    proptest::proptest! {
+        /// The indexed queue answers as a plain scan of the queue would,
+        /// whatever the sends, acks (with refusals kept), removals and undos.
+        #[test]
+        fn the_queue_index_agrees_with_a_scan(
+            steps in proptest::collection::vec((0u8..4, 0u8..5, 0u64..40), 1..80)
+        ) {
+            let mut p = Post::default();
+            let mut model: Vec<OutMsg> = Vec::new();
+            for (op, dest, n) in steps {
+                let to = room(&format!("r{dest}"));
+                match op {
+                    0 => {
+                        let seq = p.enqueue(to.clone(), json!(n), 0);
+                        model.push(OutMsg { seq, to, body: json!(n), at_ms: 0 });
+                    }
+                    1 => {
+                        let keep: std::collections::HashSet<u64> =
+                            model.iter().map(|m| m.seq).filter(|s| s % 3 == 0).collect();
+                        let gone: Vec<u64> =
+                            p.ack_except(&to, n, &keep).iter().map(|m| m.seq).collect();
+                        let want: Vec<u64> = model
+                            .iter()
+                            .filter(|m| m.to == to && m.seq <= n && !keep.contains(&m.seq))
+                            .map(|m| m.seq)
+                            .collect();
+                        proptest::prop_assert_eq!(&gone, &want);
+                        model.retain(|m| !want.contains(&m.seq));
+                    }
+                    2 => {
+                        let mut u = p.begin();
+                        p.remove(n, &mut u);
+                        model.retain(|m| m.seq != n);
+                    }
+                    _ => {
+                        // A commit that queues two messages, taken back.
+                        let before = p.clone();
+                        let u = p.begin();
+                        p.enqueue(to.clone(), json!("x"), 0);
+                        p.enqueue(room("r9"), json!("y"), 0);
+                        p.undo(u);
+                        proptest::prop_assert_eq!(&p, &before);
+                    }
+                }
+                let seqs: Vec<u64> = p.queue().map(|m| m.seq).collect();
+                let want: Vec<u64> = model.iter().map(|m| m.seq).collect();
+                proptest::prop_assert_eq!(seqs, want);
+                let mut dests = Vec::new();
+                for m in &model {
+                    if !dests.contains(&m.to) {
+                        dests.push(m.to.clone());
+                    }
+                }
+                proptest::prop_assert_eq!(p.destinations(), dests.clone());
+                for d in dests {
+                    let got: Vec<u64> = p.pending_for(&d, 3).iter().map(|m| m.seq).collect();
+                    let want: Vec<u64> =
+                        model.iter().filter(|m| m.to == d).take(3).map(|m| m.seq).collect();
+                    proptest::prop_assert_eq!(got, want);
+                }
+                let bytes: usize = model.iter().map(|m| msg_bytes(&m.to, &m.body)).sum();
+                proptest::prop_assert_eq!(p.checkpoint_bytes(), bytes);
+            }
+        }
     }
 
     #[test]

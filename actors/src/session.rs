@@ -1386,38 +1386,45 @@ impl SessionActor {
         {
             return;
         }
+        for to in self.state.post.destinations() {
+            self.pump_to(to, ctx);
+        }
+    }
+
+    /// Sends `to` its oldest queued messages, unless a batch to it is in
+    /// flight (after an acknowledgement only its destination is pumped: a
+    /// fan-out to many receivers costs one batch per acknowledgement, not a
+    /// pass over every destination).
+    fn pump_to(&mut self, to: Address, ctx: &mut Context<Self>) {
+        if self.phase != Phase::Live || self.resend_timer.is_some() || self.inflight.contains(&to) {
+            return;
+        }
         let Some(postman) = self.host.postman() else {
             return;
         };
-        let me = Sender::Actor(Address::of_actor(&self.id));
-        for to in self.state.post.destinations() {
-            if self.inflight.contains(&to) {
-                continue;
-            }
-            let msgs: Vec<(u64, Value, u64)> = self
-                .state
-                .post
-                .pending_for(&to, BATCH_MAX + self.bouncing.len())
-                .into_iter()
-                .take_while(|m| !self.bouncing.contains(&m.seq))
-                .take(BATCH_MAX)
-                .map(|m| (m.seq, m.body, m.at_ms))
-                .collect();
-            let Some(first) = msgs.first().map(|m| m.0) else {
-                continue;
-            };
-            self.inflight.insert(to.clone());
-            let batch = Deliver {
-                from: me.clone(),
-                inc: self.state.post.inc(),
-                msgs,
-            };
-            let fut = postman.deliver(to.clone(), batch);
-            ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-                act.inflight.remove(&to);
-                act.delivered(to, first, res, ctx);
-            }));
-        }
+        let msgs: Vec<(u64, Value, u64)> = self
+            .state
+            .post
+            .pending_for(&to, BATCH_MAX + self.bouncing.len())
+            .into_iter()
+            .take_while(|m| !self.bouncing.contains(&m.seq))
+            .take(BATCH_MAX)
+            .map(|m| (m.seq, m.body, m.at_ms))
+            .collect();
+        let Some(first) = msgs.first().map(|m| m.0) else {
+            return;
+        };
+        self.inflight.insert(to.clone());
+        let batch = Deliver {
+            from: Sender::Actor(Address::of_actor(&self.id)),
+            inc: self.state.post.inc(),
+            msgs,
+        };
+        let fut = postman.deliver(to.clone(), batch);
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            act.inflight.remove(&to);
+            act.delivered(to, first, res, ctx);
+        }));
     }
 
     /// What came of a batch to `to` whose first message was `first`.
@@ -1452,7 +1459,7 @@ impl SessionActor {
                     self.resend_later(ctx);
                 } else {
                     self.resend_fails = 0;
-                    self.pump(ctx);
+                    self.pump_to(to, ctx);
                 }
             }
             Err(DeliverError::Gone) | Err(DeliverError::UnknownKind) => {

@@ -538,7 +538,7 @@ impl SessionState {
             user: self.user.as_deref().map(str::to_owned),
             mail_inc: self.post.inc,
             mail_seq: self.post.last_seq,
-            outgoing: self.post.out.iter().cloned().collect(),
+            outgoing: self.post.queue().cloned().collect(),
             marks: self
                 .post
                 .marks
