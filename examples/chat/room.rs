@@ -13,6 +13,11 @@ use crate::msg::{key_of, not_for_me, user_address, ChatMsg, Line, ROOM_HISTORY};
 /// Most members of one room: a line is one message per member, queued in
 /// the room's checkpoint until delivered.
 pub const MAX_MEMBERS: usize = 1000;
+/// Above this many members a room stops telling everybody of every join,
+/// leave and change of presence (n members joining would cost n^2
+/// messages); members still get the list, and who is online, when they
+/// join or come back.
+pub const PRESENCE_MAX_MEMBERS: usize = 100;
 
 /// The room's behaviour.
 pub struct Room;
@@ -45,6 +50,9 @@ fn tell_members(
 
 impl Room {
     fn presence(cx: &mut Cx<RoomState>, user: &str, except: Option<&str>) -> Result<(), AppError> {
+        if cx.state().members.len() > PRESENCE_MAX_MEMBERS {
+            return Ok(());
+        }
         let msg = ChatMsg::Presence {
             room: key_of(cx),
             user: user.to_owned(),
