@@ -556,11 +556,17 @@ async fn ping_is_answered_with_pong_before_and_after_hello_and_carries_its_id() 
     c.send(json!({"type":"ping","id":42})).await;
     assert_eq!(c.recv_json().await, json!({"type":"pong","id":42}));
     let r = c.op("incr", json!({"key":"n"})).await;
-    assert_eq!((r["value"].clone(), r["version"].clone()), (json!(2), json!(2)));
+    assert_eq!(
+        (r["value"].clone(), r["version"].clone()),
+        (json!(2), json!(2))
+    );
     // A ping with a bad id is a bad frame, and the connection goes on.
     c.send(json!({"type":"ping","id":"x"})).await;
     let e = c.recv_json().await;
-    assert_eq!((e["type"].clone(), e["code"].clone()), (json!("error"), json!("bad_frame")));
+    assert_eq!(
+        (e["type"].clone(), e["code"].clone()),
+        (json!("error"), json!("bad_frame"))
+    );
     c.send(json!({"type":"ping"})).await;
     assert_eq!(c.recv_json().await, json!({"type":"pong"}));
 }
