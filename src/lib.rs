@@ -60,7 +60,8 @@
 //! - `edge`: client WebSocket connections.
 //! - `auth`: client credentials (the JWT of `hello.credential`), verified at
 //!   the edge.
-//! - `demo`: the application's page at `GET /` (the `kv` demo page).
+//! - `demo`: the application's page at `GET /` (the `kv` demo page) and the
+//!   JavaScript client at `GET /berth.js`.
 //! - `admin`: health, metrics, cluster view, drain.
 //! - `api`: the backend HTTP API (`api.listen`): messages to sessions,
 //!   entities and users, status, ending a session, with bearer keys.

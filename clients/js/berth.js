@@ -184,6 +184,7 @@ export class BerthClient {
   /**
    * Subscribes to `event` (handler(body, seq), awaited; the event is
    * acknowledged after every handler returned), `state`, `welcome`,
+   * `queued` (an op got its id),
    * `session`, `result` (answers to ops restored from storage, whose
    * promises died with the previous app instance) or `error`.
    * @returns {() => void} unsubscribes
@@ -233,6 +234,7 @@ export class BerthClient {
       entry = {id: this._st.nextId++, op: name, args: a, resolve, reject, detail: !!(opts && opts.detail), saved: false};
     });
     this._queue.push(entry);
+    this._emit('queued', {id: entry.id, op: name, args: a});
     // Stored before it is sent: a restarted app sends it again with its id.
     await this._save();
     entry.saved = true;
@@ -279,6 +281,19 @@ export class BerthClient {
     if (this._conn && this._conn.welcomed) this._send({type: 'bye'});
     else if (!this._running) { this._running = true; this._connect(); }
     return done;
+  }
+
+  /**
+   * Drops the current connection (if any) and connects again now, resuming:
+   * for a network change the app knows of (the browser's `online` event,
+   * React Native's NetInfo) or a stopped client the user asks to retry.
+   */
+  async reconnect() {
+    await this._load();
+    this._closeConn();
+    this._running = true;
+    this._attempt = 0;
+    this._connect();
   }
 
   /**

@@ -191,12 +191,13 @@ async fn the_javascript_client_in_chromium_applies_ops_once_across_a_node_kill_a
     // by the reloaded page's client, each applied once.
     b.eval(
         &tab,
-        "for (let i = 0; i < 5; i++) client.op('incr', {key: 'n'}); location.reload(); true",
+        "for (let i = 0; i < 5; i++) client.op('incr', {key: 'n'}); \
+         window.beforeReload = true; location.reload(); true",
     )
     .await;
     b.wait(
         &tab,
-        "document.readyState === 'complete' && window.loaded",
+        "!window.beforeReload && document.readyState === 'complete' && window.loaded",
         "reloaded",
     )
     .await;
@@ -222,4 +223,47 @@ async fn the_javascript_client_in_chromium_applies_ops_once_across_a_node_kill_a
     let value = r["value"].as_u64().unwrap();
     assert!((40..=45).contains(&value), "{r}");
     assert_eq!(b.eval(&tab, "client.pending.length").await, Value::from(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_demo_page_runs_on_the_javascript_client_and_resumes_after_a_reload() {
+    let redis = Redis::start();
+    let node = Berth::start_redis(&redis.url());
+    let mut b = Browser::start().await;
+    let tab = b.open(&format!("http://{}/", node.public)).await;
+    let connected = "document.getElementById('status').textContent === 'connected'";
+    b.wait(&tab, connected, "the demo connected").await;
+    for _ in 0..3 {
+        b.eval(&tab, "document.getElementById('q-incr').click(); true")
+            .await;
+    }
+    b.wait(
+        &tab,
+        "berthClient.pending.length === 0 && /\"counter\": 3/.test(document.getElementById('state').textContent)",
+        "the counter at 3 in the state view",
+    )
+    .await;
+    let session = b.eval(&tab, "berthClient.session").await;
+    assert!(session.is_string());
+    // `beforeReload` is gone from the reloaded page's window.
+    b.eval(&tab, "window.beforeReload = true; location.reload(); true")
+        .await;
+    b.wait(
+        &tab,
+        &format!("!window.beforeReload && document.readyState === 'complete' && window.berthClient && {connected}"),
+        "connected after the reload",
+    )
+    .await;
+    assert_eq!(b.eval(&tab, "berthClient.session").await, session);
+    assert_eq!(
+        b.eval(&tab, "document.getElementById('i-resumed').textContent")
+            .await,
+        Value::from("true")
+    );
+    b.wait(
+        &tab,
+        "/\"counter\": 3/.test(document.getElementById('state').textContent)",
+        "the state shown again",
+    )
+    .await;
 }

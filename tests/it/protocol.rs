@@ -512,6 +512,17 @@ async fn demo_page_and_admin_endpoints() {
         .expect("etag");
     let (status, _) = http(node.public, "GET", "/", &[("If-None-Match", &etag)]);
     assert_eq!(status, 304);
+    assert!(
+        resp.contains("from '/berth.js'"),
+        "the page runs on the JS client"
+    );
+    // The JavaScript client, served by every node.
+    let (status, js) = http(node.public, "GET", "/berth.js", &[]);
+    assert_eq!(status, 200);
+    let lower = js.to_lowercase();
+    assert!(lower.contains("content-type: text/javascript"), "{lower}");
+    assert!(lower.contains("etag:"));
+    assert!(js.contains("export class BerthClient"));
 
     assert_eq!(node.admin_get("/health/live").0, 200);
     let mut c = Client::new_session(&node.ws_url()).await;
