@@ -93,8 +93,18 @@ export function webStorage(store) {
 }
 
 const now = () => Date.now();
-const encoder = typeof TextEncoder === 'function' ? new TextEncoder() : null;
-const byteLength = s => (encoder ? encoder.encode(s).length : s.length * 3);
+/** UTF-8 length of `s` (no TextEncoder needed: older React Native engines lack it). */
+function byteLength(s) {
+  let n = 0;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c < 0x80) n += 1;
+    else if (c < 0x800) n += 2;
+    else if (c >= 0xd800 && c < 0xdc00 && i + 1 < s.length) { n += 4; i++; } // a surrogate pair
+    else n += 3;
+  }
+  return n;
+}
 
 /** A fresh persisted record: what survives an app restart. */
 function blank() {

@@ -54,7 +54,12 @@ fn the_javascript_clients_node_tests_pass_against_real_nodes() {
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no clients/js/test/*.test.mjs");
-    let out = Command::new(node)
+    // Output to files (no pipe to fill), and a deadline: a hung run is
+    // killed and its output shown.
+    let log_dir = std::env::temp_dir().join(format!("berth-js-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let (out_path, err_path) = (log_dir.join("stdout"), log_dir.join("stderr"));
+    let mut child = Command::new(node)
         .arg("--experimental-websocket")
         .arg("--no-warnings")
         .arg("--test")
@@ -67,17 +72,35 @@ fn the_javascript_clients_node_tests_pass_against_real_nodes() {
             berth_testkit::require_bin("redis-server"),
         )
         .env("CONSUL_BIN", berth_testkit::require_bin("consul"))
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
         .expect("run node --test");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for node") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     let text = format!(
         "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        std::fs::read_to_string(&out_path).unwrap_or_default(),
+        std::fs::read_to_string(&err_path).unwrap_or_default()
     );
+    let _ = std::fs::remove_dir_all(&log_dir);
+    let Some(status) = status else {
+        panic!("node --test clients/js/test/*.test.mjs ran over 600 s and was killed:\n{text}");
+    };
     assert!(
-        out.status.success(),
-        "node --test clients/js/test/*.test.mjs failed ({}):\n{text}",
-        out.status
+        status.success(),
+        "node --test clients/js/test/*.test.mjs failed ({status}):\n{text}"
     );
     assert!(text.contains("fail 0"), "{text}");
 }

@@ -3,7 +3,7 @@
 //   node --experimental-websocket --test clients/js/test/
 // (tests/it/js_client.rs runs it under `cargo test`).
 
-import {test} from 'node:test';
+import {after, test} from 'node:test';
 import assert from 'node:assert/strict';
 import {spawn} from 'node:child_process';
 import fs from 'node:fs';
@@ -17,6 +17,10 @@ import {
 } from './harness.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
+
+// A test that failed may leave a handle behind (a client still reconnecting):
+// once every test ran, nothing may keep this file's process alive.
+after(() => { setTimeout(() => process.exit(), 2000).unref(); });
 const range = n => Array.from({length: n}, (_, i) => i + 1);
 
 /** Awaits `p`, failing with `what` after `ms`. */
@@ -57,7 +61,7 @@ test('ops are applied exactly once, in order, while the node the client is on is
     }));
     await within(90000, 'every op answered', Promise.all(all));
     assert.deepEqual(got, range(N), 'each op applied once, in order, each answer its own value');
-    assert.equal(await client.op('get', {key: 'n'}), N);
+    assert.equal(await within(20000, 'get', client.op('get', {key: 'n'})), N);
     assert.equal(killed.length, 2);
     assert.ok(!killed.some(id => cl.byUrl(client.url).id === id), 'the client ends on the surviving node');
     const connected = client.states.filter(s => s.state === 'connected');
@@ -120,17 +124,18 @@ test('events arrive in order, once, acknowledged, while the socket is cut at ran
     assert.deepEqual(seen.map(e => e.n), range(N));
     assert.deepEqual(seen.map(e => e.seq), range(N));
     assert.deepEqual([...answers].sort((a, b) => a - b), range(N), 'emit answers its event seq');
-    assert.equal(await client.op('get', {key: 'n'}), N, 'incr exactly once');
+    assert.equal(await within(20000, 'get', client.op('get', {key: 'n'})), N, 'incr exactly once');
     // Acknowledged: a new connection replays nothing.
     await eventually('acks flushed', () => !client._ackTimer, 5000);
     const other = newClient(proxies.map(p => p.wsUrl), {storage: client._storage});
+    t.after(() => other.close());
     client.close();
     const replayed = [];
     other.on('event', (b, seq) => { replayed.push(seq); });
     await other.start();
     await eventually('resumed', () => other.state === 'connected', 20000);
     assert.equal(other.session, client.session);
-    await other.op('echo', {value: 1});
+    await within(20000, 'an op after the resume', other.op('echo', {value: 1}));
     await sleep(200);
     assert.deepEqual(replayed, [], 'every event was acknowledged');
     other.close();
@@ -173,12 +178,14 @@ test('an app SIGKILLed with ops stored resumes them after its restart: each appl
     for (let life = 1; life <= 3; life++) {
       const child = spawn(process.execPath, ['--experimental-websocket', path.join(here, 'child-client.mjs'), file, node.wsUrl],
         {stdio: ['ignore', 'pipe', 'inherit']});
+      t.after(() => { try { process.kill(child.pid, 'SIGKILL'); } catch (e) { /* gone */ } });
       let answered = 0;
       child.stdout.on('data', d => { answered += (String(d).match(/^answered /mg) || []).length; });
       await eventually(`life ${life}: 40 answers`, () => answered >= 40, 30000);
       await sleep(Math.random() * 50);
+      const exited = new Promise(r => child.on('exit', r));
       process.kill(child.pid, 'SIGKILL');
-      await new Promise(r => child.on('exit', r));
+      await within(10000, 'the app process killed', exited);
     }
     // The stored record has ops the last life sent (or was about to).
     const stored = JSON.parse(JSON.parse(fs.readFileSync(file, 'utf8')).berth);
@@ -193,7 +200,7 @@ test('an app SIGKILLed with ops stored resumes them after its restart: each appl
     assert.deepEqual(restored.map(r => r.id), stored.pending.map(p => p.id), 'each stored op answered');
     assert.ok(restored.every(r => r.ok));
     // Every op id ever given was an incr: the counter is exactly the ids used.
-    const r = await client.op('get', {key: 'n'}, {detail: true});
+    const r = await within(20000, 'get', client.op('get', {key: 'n'}, {detail: true}));
     assert.equal(r.value, r.id - 1, 'every stored incr applied exactly once');
   });
 
