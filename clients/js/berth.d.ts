@@ -150,12 +150,21 @@ export interface BerthOptions {
   idlePingMs?: number;
   /** A connection that answers nothing this long after a `ping` is dead (default 3000). */
   pongTimeoutMs?: number;
+  /** An op unanswered this long on a live connection: the connection is dropped and the op sent again on a new one (default 30000). */
+  answerTimeoutMs?: number;
   /** Acknowledges handled events after this delay (default 100) ... */
   ackDelayMs?: number;
   /** ... or at once when this many are unacknowledged (default 32). */
   ackEvery?: number;
   /** The server's largest frame (default 65536): larger ops are refused with `too_large`, not sent. */
   maxFrameBytes?: number;
+  /**
+   * After a resuming connection is given up before its `welcome`, a close
+   * 4000 within this window (default 15000) is taken for that connection's
+   * late `hello` (its node may still attach it) and resumed once, instead of
+   * stopping with `taken_over`.
+   */
+  zombieWindowMs?: number;
   /** Shorthand for `on('event', ...)`. */
   onEvent?: (body: Json, seq: number) => void | Promise<void>;
   /** Shorthand for `on('state', ...)`. */

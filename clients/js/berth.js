@@ -41,9 +41,11 @@ const DEFAULTS = {
   pingAfterMs: 1500,
   idlePingMs: 15000,
   pongTimeoutMs: 3000,
+  answerTimeoutMs: 30000,
   ackDelayMs: 100,
   ackEvery: 32,
   maxFrameBytes: 65536,
+  zombieWindowMs: 15000,
 };
 
 /** An error the server (or this client) gives for an op or a connection. */
@@ -173,6 +175,7 @@ export class BerthClient {
     this._pingId = 0;
     this._lastClose = null;
     this._lastError = null;
+    this._zombieUntil = 0;         // see `_closeConn`: a 4000 before it may come from our own abandoned hello
     this._saving = Promise.resolve();
     this._saveQueued = false;
     this._loaded = null;
@@ -397,7 +400,7 @@ export class BerthClient {
       conn.lastRecv = now();
       const hello = {type: 'hello', session: this._st.session, token: this._st.token, ack: this._st.ack};
       if (credential) hello.credential = credential;
-      this._sendOn(conn, hello);
+      conn.helloSent = this._sendOn(conn, hello) && !!this._st.session;
       // The edge answers nothing else before `welcome` (it may hold the
       // hello while the session moves), so the hello has its own deadline.
       timer(this._o.welcomeTimeoutMs, () => { if (!conn.welcomed) this._drop(conn, 'no welcome'); });
@@ -419,6 +422,11 @@ export class BerthClient {
   _tick(conn) {
     if (this._conn !== conn || !conn.welcomed) return;
     const t = now();
+    if (this._inflight && t - this._inflight.sentAt > this._o.answerTimeoutMs) {
+      // Alive but not answering: a new connection sends the op again (same id).
+      this._drop(conn, 'no answer to op ' + this._inflight.id);
+      return;
+    }
     if (conn.pingAt) {
       if (t - conn.pingAt > this._o.pongTimeoutMs) this._drop(conn, 'no answer to ping');
       return;
@@ -442,6 +450,12 @@ export class BerthClient {
     const conn = this._conn;
     if (!conn) return;
     this._conn = null;
+    if (conn.helloSent && !conn.welcomed) {
+      // A resuming hello we gave up on may still be worked on by its node
+      // (which retries reaching the session's owner for a while) and take
+      // the session from our next connection: that 4000 is our own doing.
+      this._zombieUntil = now() + this._o.zombieWindowMs;
+    }
     for (const t of conn.timers) clearTimeout(t);
     clearInterval(conn.tick);
     if (conn.ws) {
@@ -476,7 +490,17 @@ export class BerthClient {
       case 1000:
         this._forget('session_ended', 'the server ended the session').then(() => this._stop('ended', this._lastClose));
         return;
-      case 1008: case 1009: case 4000:
+      case 4000:
+        if (now() < this._zombieUntil) {
+          // Taken over, most likely by our own abandoned hello (above):
+          // resume once. Another client taking it again stops us then.
+          this._zombieUntil = 0;
+          this._emit('error', new BerthError('taken_over', 'taken over soon after a connection attempt was given up: resuming once'));
+          break;
+        }
+        this._stop(STOP_REASON[code], this._lastClose);
+        return;
+      case 1008: case 1009:
         this._stop(STOP_REASON[code], this._lastClose);
         return;
       case 4004: this._sessionNotFound(); return;
@@ -598,6 +622,7 @@ export class BerthClient {
     const e = this._queue[0];
     if (!e || !e.saved) return;
     this._inflight = e;
+    e.sentAt = now();
     this._sendOn(conn, {type: 'op', id: e.id, op: e.op, args: e.args});
   }
 

@@ -24,11 +24,18 @@ after(() => { setTimeout(() => process.exit(), 2000).unref(); });
 const range = n => Array.from({length: n}, (_, i) => i + 1);
 
 /** Awaits `p`, failing with `what` after `ms`. */
-async function within(ms, what, p) {
+async function within(ms, what, p, client) {
   let timer;
-  const t = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms); });
+  const t = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms${client ? ': ' + diag(client) : ''}`)), ms);
+  });
   try { return await Promise.race([p, t]); } finally { clearTimeout(timer); }
 }
+
+/** What a client was doing, for a failure's message. */
+const diag = c => JSON.stringify({state: c.state, detail: c.stateDetail, session: c.session, url: c.url,
+  pending: c.pending.slice(0, 3), inflight: c._inflight && c._inflight.id, opRetry: !!c._opRetryTimer,
+  states: c.states.slice(-12)});
 
 function newClient(urls, extra) {
   const c = new BerthClient(Object.assign({urls, storage: memoryStorage()}, extra));
@@ -59,7 +66,7 @@ test('ops are applied exactly once, in order, while the node the client is on is
         if (victim && victim.alive()) { victim.kill9(); killed.push(victim.id); }
       }
     }));
-    await within(90000, 'every op answered', Promise.all(all));
+    await within(90000, 'every op answered', Promise.all(all), client);
     assert.deepEqual(got, range(N), 'each op applied once, in order, each answer its own value');
     assert.equal(await within(20000, 'get', client.op('get', {key: 'n'})), N);
     assert.equal(killed.length, 2);
@@ -113,7 +120,7 @@ test('events arrive in order, once, acknowledged, while the socket is cut at ran
       }));
       ops.push(client.op('incr', {key: 'n'}));
     }
-    await within(90000, 'every op answered', Promise.all(ops));
+    await within(90000, 'every op answered', Promise.all(ops), client);
     await eventually('every event handled', () => seen.length >= N, 30000);
     stop = true;
     const cuts = await chaos;
