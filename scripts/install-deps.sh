@@ -3,6 +3,7 @@
 #   - Debian's `redis-server` (system package; the tests start their own instances)
 #   - Debian's `chromium` (the chat example's page and the dashboard are tested headless)
 #   - Debian's `prometheus` (promtool checks docker/prometheus's rules and their tests)
+#   - (checked, not installed) Node.js 20+, for the JavaScript client's tests
 #   - schemathesis (PyPI, pinned) in a virtualenv under .tools/schemathesis, for
 #     the backend API test against docs/api/openapi.json
 #   - Consul 1.8.7, the last open-source line, from Debian 11's `consul` package.
@@ -80,6 +81,17 @@ if ! command -v promtool >/dev/null 2>&1; then
   if [ "$created_policy" -eq 1 ]; then "${sudo_cmd[@]}" rm -f "$policy"; fi
 fi
 echo "install-deps: $(promtool --version 2>&1 | head -n1)"
+
+# --- node 20+ (tests/it/js_client.rs runs clients/js's tests with it) -------
+# Not installed here: Debian 12's `nodejs` is 18, without the WebSocket the
+# client's tests use. Said now rather than by a failing test.
+node_major="$(node --version 2>/dev/null | sed -E 's/^v([0-9]+).*/\1/' || true)"
+if [ -z "$node_major" ] || [ "$node_major" -lt 20 ]; then
+  echo "install-deps: WARNING: Node.js 20 or later is not on PATH (found: ${node_major:-none});" \
+    "the JavaScript client's tests (tests/it/js_client.rs) will fail: install NodeSource's nodejs 20" >&2
+else
+  echo "install-deps: node $(node --version)"
+fi
 
 # --- consul 1.8.7 from Debian 11 -------------------------------------------
 if [ -x "$consul_bin" ] && "$consul_bin" version 2>/dev/null | grep -q "v$consul_version"; then

@@ -552,6 +552,12 @@ impl Conn {
                 ack,
                 credential,
             } => self.hello(session, token, ack, credential).await,
+            // Answered by the edge itself, before or after `hello`: it says
+            // the connection (not the session) is alive.
+            ClientMsg::Ping { id } => {
+                send(&mut self.ws, &ServerMsg::Pong { id }).await?;
+                Ok(None)
+            }
             _ if self.bound.is_none() => {
                 self.error(ErrorCode::HelloRequired, "the first frame must be hello")
                     .await?;

@@ -60,7 +60,8 @@
 //! - `edge`: client WebSocket connections.
 //! - `auth`: client credentials (the JWT of `hello.credential`), verified at
 //!   the edge.
-//! - `demo`: the application's page at `GET /` (the `kv` demo page).
+//! - `demo`: the application's page at `GET /` (the `kv` demo page) and the
+//!   JavaScript client at `GET /berth.js`.
 //! - `admin`: health, metrics, cluster view, drain.
 //! - `dashboard`: the operator dashboard on the admin listener (`GET /`,
 //!   `GET /dashboard.json`: every member's sample over the peer links).

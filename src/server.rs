@@ -443,10 +443,13 @@ pub(crate) async fn run<A: Session>(
     router.set_sampler(crate::dashboard::sampler(&node, prom.clone()));
     let deadline = Duration::from_millis(cfg.shutdown.deadline_ms);
     let n = node.clone();
+    let script = web::Data::new(demo::ClientScript::default());
     let public_server = HttpServer::new(move || {
         App::new()
             .app_data(n.clone())
+            .app_data(script.clone())
             .route("/ws", web::get().to(edge::ws_route))
+            .route("/berth.js", web::get().to(demo::client_script))
             .configure(|c| {
                 if let Some(p) = &page {
                     c.app_data(web::Data::new(p.clone()))

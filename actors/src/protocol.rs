@@ -46,6 +46,14 @@ pub enum ClientMsg {
     },
     /// End the session: its state is deleted.
     Bye,
+    /// Is the connection alive? Answered at once with `pong` (an addition
+    /// to protocol v1): browsers cannot send WebSocket ping frames, and a
+    /// client waiting for an answer must notice a dead connection in seconds.
+    Ping {
+        /// Echoed in the `pong`, when given.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
 }
 
 /// A frame sent by the server.
@@ -60,6 +68,12 @@ pub enum ServerMsg {
     Event(Event),
     /// A problem with a frame that is not an op.
     Error(ErrorBody),
+    /// The answer to a client's `ping` (an addition to protocol v1).
+    Pong {
+        /// The ping's `id`, when it had one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
 }
 
 /// The `welcome` frame.
@@ -342,6 +356,22 @@ mod tests {
         assert!(matches!(m, ClientMsg::Hello { credential: Some(c), .. } if c == "a.b.c"));
         let m: ClientMsg = serde_json::from_str(r#"{"type":"hello"}"#).unwrap();
         assert!(matches!(m, ClientMsg::Hello { session: None, .. }));
+    }
+
+    #[test]
+    fn ping_with_or_without_an_id_and_its_pong() {
+        let m: ClientMsg = serde_json::from_str(r#"{"type":"ping"}"#).unwrap();
+        assert_eq!(m, ClientMsg::Ping { id: None });
+        let m: ClientMsg = serde_json::from_str(r#"{"type":"ping","id":7}"#).unwrap();
+        assert_eq!(m, ClientMsg::Ping { id: Some(7) });
+        assert_eq!(
+            serde_json::to_value(ServerMsg::Pong { id: Some(7) }).unwrap(),
+            json!({"type":"pong","id":7})
+        );
+        assert_eq!(
+            serde_json::to_value(ServerMsg::Pong { id: None }).unwrap(),
+            json!({"type":"pong"})
+        );
     }
 
     #[test]

@@ -22,6 +22,9 @@
 //!   error answer, schemathesis against its OpenAPI document).
 //! - `auth`: identity: `hello.credential` (JWT) verified at the edge, the
 //!   session bound to its subject by its owner, on one node and across two.
+//! - `js_client`: the JavaScript client (`clients/js`): its Node tests
+//!   (`node --test`, real nodes) and the client in headless Chromium across a
+//!   node kill and a reload.
 //! - `app`: the application API (async handlers, all-or-nothing commits,
 //!   deadlines, timers, state migrations) through `tests/apps/probe.rs`.
 
@@ -35,6 +38,7 @@ mod cluster;
 mod common;
 mod dashboard;
 mod durability;
+mod js_client;
 mod lifecycle;
 mod loadtest;
 mod messages;

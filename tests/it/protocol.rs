@@ -512,6 +512,17 @@ async fn demo_page_and_admin_endpoints() {
         .expect("etag");
     let (status, _) = http(node.public, "GET", "/", &[("If-None-Match", &etag)]);
     assert_eq!(status, 304);
+    assert!(
+        resp.contains("from '/berth.js'"),
+        "the page runs on the JS client"
+    );
+    // The JavaScript client, served by every node.
+    let (status, js) = http(node.public, "GET", "/berth.js", &[]);
+    assert_eq!(status, 200);
+    let lower = js.to_lowercase();
+    assert!(lower.contains("content-type: text/javascript"), "{lower}");
+    assert!(lower.contains("etag:"));
+    assert!(js.contains("export class BerthClient"));
 
     assert_eq!(node.admin_get("/health/live").0, 200);
     let mut c = Client::new_session(&node.ws_url()).await;
@@ -537,4 +548,68 @@ async fn demo_page_and_admin_endpoints() {
     assert_eq!(body["store"]["durable"], true);
     // The public port does not serve the admin routes.
     assert_eq!(http(node.public, "GET", "/metrics", &[]).0, 404);
+}
+
+#[tokio::test]
+async fn ping_is_answered_with_pong_before_and_after_hello_and_carries_its_id() {
+    let redis = Redis::start();
+    let node = Berth::start_redis(&redis.url());
+    let mut c = Client::connect(&node.ws_url()).await;
+    // Before hello: the connection is alive, no session needed.
+    c.send(json!({"type":"ping"})).await;
+    assert_eq!(c.recv_json().await, json!({"type":"pong"}));
+    c.send(json!({"type":"ping","id":41})).await;
+    assert_eq!(c.recv_json().await, json!({"type":"pong","id":41}));
+    let w = c.hello(None, None, 0).await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    // After hello, between ops: a pong, and the session is untouched.
+    assert_eq!(c.op("incr", json!({"key":"n"})).await["value"], 1);
+    c.send(json!({"type":"ping","id":42})).await;
+    assert_eq!(c.recv_json().await, json!({"type":"pong","id":42}));
+    let r = c.op("incr", json!({"key":"n"})).await;
+    assert_eq!(
+        (r["value"].clone(), r["version"].clone()),
+        (json!(2), json!(2))
+    );
+    // A ping with a bad id is a bad frame, and the connection goes on.
+    c.send(json!({"type":"ping","id":"x"})).await;
+    let e = c.recv_json().await;
+    assert_eq!(
+        (e["type"].clone(), e["code"].clone()),
+        (json!("error"), json!("bad_frame"))
+    );
+    c.send(json!({"type":"ping"})).await;
+    assert_eq!(c.recv_json().await, json!({"type":"pong"}));
+}
+
+#[tokio::test]
+async fn pings_count_against_the_frame_rate_limit() {
+    let redis = Redis::start();
+    let node = Berth::start_with(
+        &env_with(
+            &redis,
+            &[
+                ("BERTH__LIMITS__FRAMES_PER_SEC", "5"),
+                ("BERTH__LIMITS__FRAMES_BURST", "10"),
+            ],
+        ),
+        &[],
+    );
+    let mut c = Client::connect(&node.ws_url()).await;
+    for id in 1..=40u64 {
+        c.send(json!({"type":"ping","id":id})).await;
+    }
+    // Close to the burst answered, the rest not, and the client told so once.
+    let (mut pongs, mut limited) = (0, 0);
+    loop {
+        let got = tokio::time::timeout(std::time::Duration::from_millis(500), c.recv()).await;
+        let Ok(Got::Json(v)) = got else { break };
+        match v["type"].as_str() {
+            Some("pong") => pongs += 1,
+            Some("error") if v["code"] == "rate_limited" => limited += 1,
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    assert!((10..=15).contains(&pongs), "pongs {pongs}");
+    assert_eq!(limited, 1, "told once a second at most");
 }
