@@ -47,7 +47,9 @@ if [ -n "$old" ] && [ "$old" != "$(docker image inspect -f '{{.Id}}' berth:local
 fi
 # Prometheus for the compose profile "monitoring": Debian's server (installed
 # on the host by scripts/install-deps.sh, for promtool) on the same base.
-pctx="$(mktemp -d)"; trap 'rm -rf "$ctx" "$pctx"' EXIT
-cp /usr/bin/prometheus docker/Dockerfile "$pctx/"
-docker build -q --target prometheus -t berth-prometheus:local "$pctx" >/dev/null
+# Same context as berth:local: Docker's legacy builder (docker.io 20.10
+# without buildx) builds every stage before the target, "local" included,
+# which needs the berth binaries.
+cp /usr/bin/prometheus "$ctx/"
+docker build -q --target prometheus -t berth-prometheus:local "$ctx" >/dev/null
 echo "build-images: berth-base:local, berth:local and berth-prometheus:local are ready"
