@@ -30,21 +30,25 @@ apt_update_once() {
   fi
 }
 
-# --- redis-server ----------------------------------------------------------
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "install-deps: installing redis-server (Debian package)"
-  apt_update_once
-  # The package's postinst tries to start a system service; there may be no init
-  # system here, and the tests never use that instance, so refuse service starts.
-  policy=/usr/sbin/policy-rc.d
-  created_policy=0
+# Installs Debian packages whose postinst would start a system service:
+# there may be no init system here, and the tests never use those instances,
+# so service starts are refused (policy-rc.d exit 101) while they install.
+apt_install_no_service() {
+  local policy=/usr/sbin/policy-rc.d created_policy=0
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee "$policy" >/dev/null
     "${sudo_cmd[@]}" chmod +x "$policy"
     created_policy=1
   fi
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends redis-server redis-tools
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "$@"
   if [ "$created_policy" -eq 1 ]; then "${sudo_cmd[@]}" rm -f "$policy"; fi
+}
+
+# --- redis-server ----------------------------------------------------------
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "install-deps: installing redis-server (Debian package)"
+  apt_update_once
+  apt_install_no_service redis-server redis-tools
 fi
 echo "install-deps: $(redis-server --version | head -n1)"
 
@@ -66,19 +70,11 @@ echo "install-deps: $(chromium --version 2>/dev/null | head -n1)"
 # --- promtool (tests/it/monitoring.rs checks docker/prometheus with it) ----
 # Debian's `prometheus` package has it (and the server, which
 # docker/build-images.sh packages for the compose profile "monitoring"); its
-# postinst would start a system service: refused, as for redis-server.
+# postinst would start a system service: refused (apt_install_no_service).
 if ! command -v promtool >/dev/null 2>&1; then
   echo "install-deps: installing prometheus (Debian package, for promtool)"
   apt_update_once
-  policy=/usr/sbin/policy-rc.d
-  created_policy=0
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee "$policy" >/dev/null
-    "${sudo_cmd[@]}" chmod +x "$policy"
-    created_policy=1
-  fi
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends prometheus
-  if [ "$created_policy" -eq 1 ]; then "${sudo_cmd[@]}" rm -f "$policy"; fi
+  apt_install_no_service prometheus
 fi
 echo "install-deps: $(promtool --version 2>&1 | head -n1)"
 

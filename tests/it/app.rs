@@ -14,19 +14,9 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-/// The probe application's binary (built by `scripts/test.sh` with `cargo
-/// build --example probe`).
+/// The probe application's binary (built by `scripts/test.sh`).
 pub(crate) fn probe_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("examples").join("probe");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build --example probe` (scripts/test.sh \
-         does; `cargo test --all-targets` builds examples only as test harnesses)",
-        bin.display()
-    );
-    bin
+    example_bin("probe")
 }
 
 pub(crate) fn probe(env: &[(String, String)]) -> Berth {

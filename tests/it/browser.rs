@@ -20,6 +20,11 @@ use tokio_tungstenite::tungstenite::Message;
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// `v` as a JavaScript literal, to splice into an expression to evaluate.
+pub fn js(v: &(impl serde::Serialize + ?Sized)) -> String {
+    serde_json::to_string(v).unwrap()
+}
+
 /// A running headless Chromium.
 pub struct Browser {
     child: Child,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use berth_cluster::ring::{MemberId, Ring, DEFAULT_VNODES};
 
-use crate::browser::{Browser, Tab};
+use crate::browser::{js, Browser, Tab};
 use crate::common::*;
 
 /// The demo secret of examples/chat/chat.toml (and of its page).
@@ -16,20 +16,7 @@ const DEMO_SECRET: &str = "berth-chat-demo-secret-do-not-use-in-production";
 
 /// The chat example's binary (built by `scripts/test.sh`).
 pub(crate) fn chat_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("examples").join("chat");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build --example chat` (scripts/test.sh does)",
-        bin.display()
-    );
-    bin
-}
-
-/// `s` as a JavaScript string literal.
-fn js(s: &str) -> String {
-    serde_json::to_string(s).unwrap()
+    example_bin("chat")
 }
 
 /// Signs `tab` in as `name` and waits until it is connected.

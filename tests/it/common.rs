@@ -26,6 +26,21 @@ pub fn berth_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_berth"))
 }
 
+/// The binary of this package's example `name` (built by `scripts/test.sh`
+/// with `cargo build --example NAME`: `cargo test --all-targets` builds
+/// examples only as test harnesses, not as the programs).
+pub fn example_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("examples").join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build --example {name}` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
 /// Starting this package's `berth` binary ([`Berth::start_bin`] starts any
 /// node binary given its path).
 pub trait StartBerth {

@@ -9,7 +9,7 @@ use std::process::Command;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::browser::Browser;
+use crate::browser::{js, Browser};
 use crate::common::*;
 
 fn client_dir() -> PathBuf {
@@ -156,10 +156,6 @@ window.startClient = urls => {
 };
 window.loaded = true;
 </script>"#;
-
-fn js(v: &impl serde::Serialize) -> String {
-    serde_json::to_string(v).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_javascript_client_in_chromium_applies_ops_once_across_a_node_kill_and_a_reload() {
