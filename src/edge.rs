@@ -16,7 +16,9 @@ use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, CloseReason, ProtocolError, Session as WsSession};
 use berth_actors::conn::{conn_channel, ConnMsg};
 use berth_actors::ids::SessionId;
-use berth_actors::protocol::{ClientMsg, CloseCode, ErrorBody, ErrorCode, OpReply, ServerMsg};
+use berth_actors::protocol::{
+    ClientMsg, CloseCode, ErrorBody, ErrorCode, OpReply, ServerMsg, Welcome,
+};
 use berth_actors::session::{AttachError, Claim, NotHere};
 use futures_util::future::{FutureExt, LocalBoxFuture};
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -207,6 +209,14 @@ struct Conn {
     /// While routing again: when held ops give up.
     reroute_deadline: Option<tokio::time::Instant>,
     reroute: Option<LocalBoxFuture<'static, Attached>>,
+    /// A `hello` being attached (retried for up to `cluster.hold_ms`). It runs
+    /// beside the socket, not inline: a client that goes away meanwhile ends
+    /// it, so a late attach can never take the session from the client's next
+    /// connection.
+    greeting: Option<LocalBoxFuture<'static, Greeted>>,
+    /// Text frames that arrived while `greeting` ran, handled in order once
+    /// it has (at most `max_inflight` of them; the socket is not read beyond).
+    early: VecDeque<String>,
     /// Answers ready to be written (rate-limited ops, held ops that gave up).
     ready: VecDeque<OpReply>,
     bucket: Bucket,
@@ -228,6 +238,8 @@ impl Conn {
             replies: FuturesOrdered::new(),
             reroute_deadline: None,
             reroute: None,
+            greeting: None,
+            early: VecDeque::new(),
             ready: VecDeque::new(),
             bucket: Bucket::new(limits.frames_per_sec, limits.frames_burst),
             max_inflight: limits.max_inflight_ops,
@@ -279,7 +291,9 @@ impl Conn {
                 _ = isolated.wait_for(|s| *s), if !matches!(self.bound.as_ref().and_then(|b| b.route.as_ref()), Some(Route::Local(_))) => {
                     break Exit::Close(CloseCode::Restart, "node isolated from the cluster: resume".into());
                 }
-                m = rx.recv() => {
+                // Not while a hello attaches: the actor queues its replayed
+                // events behind the welcome, which is written first.
+                m = rx.recv(), if self.greeting.is_none() => {
                     // `None` cannot happen: this task holds a handle itself.
                     match m {
                         Some(ConnMsg::Event(e)) => {
@@ -311,6 +325,24 @@ impl Conn {
                         }
                         Err(NotHere) => self.lose_route(),
                     }
+                }
+                g = async { self.greeting.as_mut().expect("greeting").await }, if self.greeting.is_some() => {
+                    self.greeting = None;
+                    match self.greeted(g).boxed_local().await {
+                        Ok(None) => {}
+                        Ok(Some(exit)) => break exit,
+                        Err(_) => break Exit::Gone,
+                    }
+                    // Frames the client sent behind its hello, in order.
+                    let mut exit = None;
+                    while let Some(text) = self.early.pop_front() {
+                        match self.on_text(&text).boxed_local().await {
+                            Ok(None) => {}
+                            Ok(Some(e)) => { exit = Some(e); break; }
+                            Err(_) => { exit = Some(Exit::Gone); break; }
+                        }
+                    }
+                    if let Some(exit) = exit { break exit; }
                 }
                 r = async { self.reroute.as_mut().expect("reroute").await }, if self.reroute.is_some() => {
                     self.reroute = None;
@@ -357,7 +389,7 @@ impl Conn {
                     retry_at = None;
                     self.start_reroute();
                 }
-                frame = stream.recv(), if self.pending.len() < self.max_inflight => {
+                frame = stream.recv(), if self.pending.len() < self.max_inflight && self.early.len() < self.max_inflight => {
                     self.last_seen = Instant::now();
                     match frame {
                         None => break Exit::Gone,
@@ -369,6 +401,9 @@ impl Conn {
                         Some(Ok(AggregatedMessage::Pong(_))) => {}
                         Some(Ok(AggregatedMessage::Binary(_))) => {
                             if self.error(ErrorCode::BadFrame, "binary frames are not accepted: send JSON text frames").boxed_local().await.is_err() { break Exit::Gone; }
+                        }
+                        Some(Ok(AggregatedMessage::Text(text))) if self.greeting.is_some() => {
+                            self.early.push_back(text.to_string());
                         }
                         Some(Ok(AggregatedMessage::Text(text))) => {
                             match self.on_text(&text).boxed_local().await {
@@ -645,7 +680,7 @@ impl Conn {
         ack: u64,
         credential: Option<String>,
     ) -> Result<Option<Exit>, actix_ws::Closed> {
-        if self.bound.is_some() {
+        if self.bound.is_some() || self.greeting.is_some() {
             self.error(
                 ErrorCode::BadFrame,
                 "hello was already received on this connection",
@@ -681,41 +716,39 @@ impl Conn {
                 (id, token, false)
             }
         };
-        let deadline = Instant::now() + Duration::from_millis(self.node.cfg.cluster.hold_ms);
-        let mut create = create;
-        loop {
-            match self
-                .node
-                .router
-                .attach(&self.conn, &id, &token, ack, create, None, user.as_deref())
-                .await
-            {
-                Ok((welcome, route, claim)) => {
-                    let delivered = ack;
-                    self.bound = Some(Bound {
-                        id,
-                        token,
-                        route: Some(route),
-                        delivered,
-                        acked: ack,
-                        claim,
-                        user,
-                    });
-                    send(&mut self.ws, &ServerMsg::Welcome(welcome)).await?;
-                    return Ok(None);
-                }
-                Err(AttachFail::Refused(e)) => return self.refuse(e).await,
-                Err(fail) => {
-                    let why = fail_text(&fail);
-                    tracing::debug!(%why, session = %id, "attach will be retried");
-                    if Instant::now() >= deadline {
-                        return self.refuse(AttachError::Unavailable(why)).await;
-                    }
-                    // A create that reached an owner has happened: resume it after.
-                    create = create && !matches!(fail, AttachFail::Moving);
-                    tokio::time::sleep(REROUTE_RETRY).await;
-                }
+        let hold = Duration::from_millis(self.node.cfg.cluster.hold_ms);
+        let (router, conn) = (self.node.router.clone(), self.conn.clone());
+        self.greeting = Some(Box::pin(async move {
+            let result = attach_hello(&router, &conn, &id, &token, ack, create, &user, hold).await;
+            Greeted {
+                id,
+                token,
+                ack,
+                user,
+                result,
             }
+        }));
+        Ok(None)
+    }
+
+    /// The `hello`'s attach has finished: bind the connection and welcome
+    /// the client, or refuse.
+    async fn greeted(&mut self, g: Greeted) -> Result<Option<Exit>, actix_ws::Closed> {
+        match g.result {
+            Ok((welcome, route, claim)) => {
+                self.bound = Some(Bound {
+                    id: g.id,
+                    token: g.token,
+                    route: Some(route),
+                    delivered: g.ack,
+                    acked: g.ack,
+                    claim,
+                    user: g.user,
+                });
+                send(&mut self.ws, &ServerMsg::Welcome(welcome)).await?;
+                Ok(None)
+            }
+            Err(e) => self.refuse(e).await,
         }
     }
 
@@ -737,6 +770,52 @@ impl Conn {
         let msg = e.to_string();
         self.error(code, msg.clone()).await?;
         Ok(Some(Exit::Close(close, msg)))
+    }
+}
+
+/// A `hello`'s attach, finished.
+struct Greeted {
+    id: SessionId,
+    token: String,
+    /// The client's `ack` in its hello.
+    ack: u64,
+    user: Option<String>,
+    result: Result<(Welcome, Route, Claim), AttachError>,
+}
+
+/// Attaches a `hello`, retrying transient failures every [`REROUTE_RETRY`]
+/// for up to `hold`; the last failure is answered `unavailable`.
+#[allow(clippy::too_many_arguments)]
+async fn attach_hello(
+    router: &crate::route::Router,
+    conn: &berth_actors::conn::ConnHandle,
+    id: &SessionId,
+    token: &str,
+    ack: u64,
+    create: bool,
+    user: &Option<String>,
+    hold: Duration,
+) -> Result<(Welcome, Route, Claim), AttachError> {
+    let deadline = Instant::now() + hold;
+    let mut create = create;
+    loop {
+        match router
+            .attach(conn, id, token, ack, create, None, user.as_deref())
+            .await
+        {
+            Ok(attached) => return Ok(attached),
+            Err(AttachFail::Refused(e)) => return Err(e),
+            Err(fail) => {
+                let why = fail_text(&fail);
+                tracing::debug!(%why, session = %id, "attach will be retried");
+                if Instant::now() >= deadline {
+                    return Err(AttachError::Unavailable(why));
+                }
+                // A create that reached an owner has happened: resume it after.
+                create = create && !matches!(fail, AttachFail::Moving);
+                tokio::time::sleep(REROUTE_RETRY).await;
+            }
+        }
     }
 }
 

@@ -613,3 +613,42 @@ async fn pings_count_against_the_frame_rate_limit() {
     assert!((10..=15).contains(&pongs), "pongs {pongs}");
     assert_eq!(limited, 1, "told once a second at most");
 }
+
+/// Frames sent right behind a `hello`, before its `welcome`, are handled in
+/// the order they were sent once the hello has attached (the edge reads the
+/// socket while the attach runs, so it notices a client that goes away).
+#[tokio::test]
+async fn frames_pipelined_behind_hello_are_answered_in_order_after_welcome() {
+    let redis = Redis::start();
+    let node = Berth::start_redis(&redis.url());
+    let mut c = Client::connect(&node.ws_url()).await;
+    c.send(json!({"type":"hello","ack":0})).await;
+    c.send(json!({"type":"op","id":1,"op":"incr","args":{"key":"n"}}))
+        .await;
+    c.send(json!({"type":"ping","id":7})).await;
+    c.send(json!({"type":"hello","ack":0})).await;
+    c.send(json!({"type":"op","id":2,"op":"incr","args":{"key":"n"}}))
+        .await;
+    let w = c.recv_json().await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    // The pong and the second hello's error are written at once; results
+    // when their ops are durable, in op order.
+    let mut results = Vec::new();
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        let f = c.recv_json().await;
+        if f["type"] == "result" {
+            results.push((f["id"].clone(), f["value"].clone()));
+        } else {
+            others.push(f);
+        }
+    }
+    assert_eq!(results, [(json!(1), json!(1)), (json!(2), json!(2))]);
+    assert_eq!(others[0], json!({"type":"pong","id":7}));
+    assert_eq!(
+        (others[1]["type"].clone(), others[1]["code"].clone()),
+        (json!("error"), json!("bad_frame")),
+        "a second hello: {}",
+        others[1]
+    );
+}
