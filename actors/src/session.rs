@@ -43,6 +43,8 @@ use crate::store::{StoreError, Wake};
 const MAILBOX: usize = 256;
 /// How long a gone actor lingers to answer messages that were already queued.
 const GONE_LINGER: Duration = Duration::from_millis(500);
+/// Longest wait between re-activations of a doubtful actor (see `doubtful`).
+const MAX_RELOAD: Duration = Duration::from_secs(5);
 /// Retry delay of a passivation or interval flush whose checkpoint failed.
 const RETRY_SAVE: Duration = Duration::from_secs(2);
 
@@ -354,6 +356,17 @@ pub struct SessionActor {
     flush_failing: bool,
     /// Interval mode: a background checkpoint is in flight.
     flush_inflight: bool,
+    /// Sync mode: a checkpoint write failed without saying whether it landed
+    /// (no answer in time, a lost connection, too few replicas confirmed).
+    /// Memory was rolled back, but the store may hold that write, and a
+    /// write of this epoch still on its way may land later. Until the actor
+    /// has re-activated itself from the store ([`SessionActor::reload`]: a
+    /// new epoch, which fences any late write of the old one, and the state
+    /// the store holds), it commits no write, fires no timer and sends no
+    /// message; reads are answered from memory.
+    doubtful: bool,
+    /// Failed reloads in a row (their backoff).
+    reload_fails: u32,
     last_saved: Instant,
     /// When the store last confirmed this activation's epoch (a write, the
     /// activation, or an explicit check).
@@ -398,6 +411,8 @@ impl SessionActor {
             unsaved_writes: false,
             flush_failing: false,
             flush_inflight: false,
+            doubtful: false,
+            reload_fails: 0,
             last_saved: Instant::now(),
             last_confirmed: Instant::now(),
             indexed_user: None,
@@ -507,6 +522,68 @@ impl SessionActor {
         tracing::warn!(session = %self.id, ours = self.epoch, stored, "checkpoint fenced: a newer activation owns this session; stopping");
         self.close_conn(CloseCode::Restart, "session moved: resume");
         self.gone(AttachError::Moved, ctx);
+    }
+
+    /// A sync-mode write under this epoch failed with `e` (not fenced): its
+    /// outcome is unknown, so the actor doubts its memory until it has
+    /// reloaded from the store (see `doubtful`). A session never stored has
+    /// nothing to reload: its next write creates it, fenced if a create
+    /// landed meanwhile.
+    fn doubt(&mut self, e: &StoreError, ctx: &mut Context<Self>) {
+        // Interval mode keeps acknowledged writes the store does not have
+        // yet: a reload would drop them (its flush retries instead).
+        let interval = self.host.cfg.durability == Durability::Interval;
+        if interval || !self.stored() || self.doubtful || self.phase != Phase::Live {
+            return;
+        }
+        tracing::info!(session = %self.id, epoch = self.epoch, error = %e, "checkpoint outcome unknown: re-activating from the store before the next write");
+        metrics::counter!("berth_reloads_total").increment(1);
+        self.doubtful = true;
+        self.reload(ctx);
+    }
+
+    /// Re-activates this actor from the store: a new epoch and the stored
+    /// state, then what that state has to send goes out. Retried with
+    /// backoff (100 ms doubling to 5 s) while the store does not answer.
+    fn reload(&mut self, ctx: &mut Context<Self>) {
+        let fut = self.host.store.activate(&self.id);
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+            if act.phase != Phase::Live || !act.doubtful {
+                return;
+            }
+            match res {
+                Ok(Some(a)) => {
+                    let decoded = codec::decode(&a.checkpoint)
+                        .map_err(|e| e.to_string())
+                        .and_then(|ck| SessionState::from_checkpoint(&*act.rt, ck));
+                    match decoded {
+                        Ok(state) => {
+                            tracing::info!(session = %act.id, epoch = a.epoch, version = state.version, "re-activated from the store");
+                            act.state = state;
+                            act.doubtful = false;
+                            act.reload_fails = 0;
+                            act.saved(a.epoch, ctx);
+                        }
+                        Err(e) => {
+                            tracing::error!(session = %act.id, error = %e, "stored checkpoint is unreadable");
+                            act.close_conn(CloseCode::Internal, "session unreadable");
+                            act.gone(AttachError::Corrupt(e), ctx);
+                        }
+                    }
+                }
+                // Deleted or expired meanwhile.
+                Ok(None) => {
+                    act.close_conn(CloseCode::SessionNotFound, "session not found");
+                    act.gone(AttachError::NotFound, ctx);
+                }
+                Err(e) => {
+                    act.reload_fails += 1;
+                    let wait = Duration::from_millis(100 << act.reload_fails.min(6)).min(MAX_RELOAD);
+                    tracing::debug!(session = %act.id, error = %e, ?wait, "re-activation failed; trying again");
+                    ctx.run_later(wait, |act, ctx| act.reload(ctx));
+                }
+            }
+        }));
     }
 
     fn schedule_passivation(&mut self, ctx: &mut Context<Self>) {
@@ -999,6 +1076,12 @@ impl SessionActor {
                 self.unavailable(id, "checkpoint store unreachable: retry")
             )));
         }
+        if self.doubtful && result.as_ref().is_ok_and(|e| e.writes()) {
+            return Box::pin(actix::fut::ready(Ok(self.unavailable(
+                id,
+                "the session is reloading from the store: retry with the same id",
+            ))));
+        }
         let outcome = self.state.commit_op(&*self.rt, id, retry, result, limits);
         self.after_commit(outcome, ctx)
     }
@@ -1035,7 +1118,10 @@ impl SessionActor {
             }
             // Reads keep a session alive in the store too: refresh its time to
             // live now and then.
-            if !self.stored() || self.last_saved.elapsed() <= self.host.cfg.touch_after {
+            if !self.stored()
+                || self.doubtful
+                || self.last_saved.elapsed() <= self.host.cfg.touch_after
+            {
                 return answered(reply);
             }
             if interval {
@@ -1083,6 +1169,7 @@ impl SessionActor {
             }
             Err(e) => {
                 act.state.undo(undo);
+                act.doubt(&e, ctx);
                 Ok(act.unavailable(reply.id, format!("not applied, retry: {e}")))
             }
         }))
@@ -1148,7 +1235,10 @@ impl SessionActor {
                             act.state.undo(undo);
                             act.superseded(stored, ctx);
                         }
-                        Err(_) => act.state.undo(undo),
+                        Err(e) => {
+                            act.state.undo(undo);
+                            act.doubt(&e, ctx);
+                        }
                     }
                     act.timer_attempts = 0;
                     act.timer_backoff = Duration::ZERO;
@@ -1184,6 +1274,10 @@ impl Handler<FireTimer> for SessionActor {
         }
         if self.host.cfg.durability == Durability::Interval && self.flush_failing {
             self.timer_failed(&name, due, "checkpoint store unreachable", ctx);
+            return nothing();
+        }
+        if self.doubtful {
+            // Armed again when the reload is done.
             return nothing();
         }
         let limits = self.host.limits();
@@ -1242,6 +1336,7 @@ impl Handler<FireTimer> for SessionActor {
                     }
                     Err(e) => {
                         act.state.undo(undo);
+                        act.doubt(&e, ctx);
                         act.timer_failed(&name, due, &e.to_string(), ctx);
                     }
                 }))
@@ -1382,7 +1477,10 @@ impl SessionActor {
     /// its oldest messages (one batch in flight per destination).
     fn pump(&mut self, ctx: &mut Context<Self>) {
         // Called after every write: an actor that sends nothing pays one check.
-        if self.state.post.queued() == 0 || self.phase != Phase::Live || self.resend_timer.is_some()
+        if self.state.post.queued() == 0
+            || self.phase != Phase::Live
+            || self.resend_timer.is_some()
+            || self.doubtful
         {
             return;
         }
@@ -1396,7 +1494,11 @@ impl SessionActor {
     /// fan-out to many receivers costs one batch per acknowledgement, not a
     /// pass over every destination).
     fn pump_to(&mut self, to: Address, ctx: &mut Context<Self>) {
-        if self.phase != Phase::Live || self.resend_timer.is_some() || self.inflight.contains(&to) {
+        if self.phase != Phase::Live
+            || self.resend_timer.is_some()
+            || self.doubtful
+            || self.inflight.contains(&to)
+        {
             return;
         }
         let Some(postman) = self.host.postman() else {
@@ -1506,7 +1608,10 @@ impl Handler<RunBounce> for SessionActor {
 
     fn handle(&mut self, msg: RunBounce, _ctx: &mut Context<Self>) -> Self::Result {
         let nothing = || AtomicResponse::new(Box::pin(actix::fut::ready(())));
-        if self.phase != Phase::Live {
+        if self.phase != Phase::Live || self.doubtful {
+            // Doubtful: the message is sent again after the reload, and
+            // bounces again if it must.
+            self.bouncing.remove(&msg.seq);
             return nothing();
         }
         let Some(m) = self.state.post.queued_msg(msg.seq).cloned() else {
@@ -1557,8 +1662,9 @@ impl Handler<RunBounce> for SessionActor {
                             act.state.undo(undo);
                             act.superseded(stored, ctx);
                         }
-                        Err(_) => {
+                        Err(e) => {
                             act.state.undo(undo);
+                            act.doubt(&e, ctx);
                             let why = msg.why;
                             ctx.run_later(RETRY_SAVE, move |act, ctx| act.bounce(seq, why, ctx));
                         }
@@ -1586,6 +1692,9 @@ impl Handler<Deliver> for SessionActor {
             }
             Phase::Gone(r) => return now_r(Err(DeliverError::Retry(r.to_string()))),
             Phase::Loading => return now_r(Err(DeliverError::Retry("loading".into()))),
+        }
+        if self.doubtful {
+            return now_r(Err(DeliverError::Retry("reloading from the store".into())));
         }
         let Deliver { from, inc, msgs } = msg;
         let limits = self.host.limits();
@@ -1703,6 +1812,7 @@ impl SessionActor {
                 }
                 Err(e) => {
                     take_back(act, applied);
+                    act.doubt(&e, ctx);
                     ack.stalled = Some(format!("not applied: {e}"));
                     Ok(ack)
                 }

@@ -72,6 +72,38 @@ impl Redis {
         Self::start_inner(opts, None)
     }
 
+    /// A replica of `primary` (without persistence; [`Redis::restart`]
+    /// makes it a replica again), in sync when this returns; panics when it
+    /// cannot start or sync.
+    pub fn start_replica_of(primary: &Redis) -> Redis {
+        let replica = Self::start_inner(RedisOptions::default(), Some(primary.port))
+            .unwrap_or_else(|e| panic!("replica: {e}"));
+        primary.wait_replicas_online(1);
+        replica
+    }
+
+    /// Waits (up to 15 s) until `n` replicas are connected to this primary
+    /// and online; panics when they are not.
+    pub fn wait_replicas_online(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let info: String = ::redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut self.conn())
+                .unwrap();
+            if info.contains(&format!("connected_slaves:{n}"))
+                && info.matches("state=online").count() == n
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} replicas never came online: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn start_inner(opts: RedisOptions, replica_of: Option<u16>) -> io::Result<Redis> {
         let bin = find_bin("redis-server")?;
         for _ in 0..START_TRIES {
@@ -283,21 +315,7 @@ impl SentinelSet {
             set.sentinel_ports.push(port);
         }
         // Replicas in sync before anyone writes.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let info: String = ::redis::cmd("INFO")
-                .arg("replication")
-                .query(&mut set.primary.conn())
-                .unwrap();
-            if info.contains("connected_slaves:2") && info.matches("state=online").count() == 2 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replicas never came online: {info}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        set.primary.wait_replicas_online(2);
         set
     }
 

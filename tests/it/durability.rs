@@ -103,6 +103,103 @@ async fn redis_outage_answers_unavailable_and_loses_nothing() {
     assert_eq!(c.op("get", json!({"key":"n"})).await["value"], 2);
 }
 
+/// A resuming `hello` waits for the store (retried for `cluster.hold_ms`);
+/// its client gives up and closes the socket. The edge stops with it: the
+/// session is not activated for nobody once Redis is back, so a late attach
+/// can never take the session from the client's next connection (4000).
+#[tokio::test]
+async fn a_hello_whose_client_left_is_not_attached_later() {
+    let mut redis = Redis::start_persistent();
+    let env = env_with(&redis, &[("BERTH__CLUSTER__HOLD_MS", "20000")]);
+    let node = Berth::start_with(&env, &[]);
+    let mut c = Client::new_session(&node.ws_url()).await;
+    let (sid, tok) = (c.session.clone().unwrap(), c.token.clone().unwrap());
+    assert_eq!(c.op("incr", json!({"key":"n"})).await["value"], 1);
+    drop(c);
+    drop(node);
+    // A fresh node: the session is only in Redis.
+    let node = Berth::start_with(&env, &[]);
+    eventually("ready", || node.admin_get("/health/ready").0 == 200).await;
+
+    redis.stop();
+    let mut gone = Client::connect(&node.ws_url()).await;
+    gone.send(json!({"type":"hello","session":sid,"token":tok,"ack":0}))
+        .await;
+    // The attach is being retried (each try fails to load from Redis)...
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...when the client goes away.
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart();
+    eventually("ready again", || node.admin_get("/health/ready").0 == 200).await;
+    // Far more than the 50 ms between tries, far less than the hold time.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        node.metric("berth_activations_total"),
+        0.0,
+        "the abandoned hello went on and activated the session"
+    );
+    assert_eq!(node.metric("berth_sessions_live"), 0.0);
+
+    // The client's next connection resumes, and keeps the session.
+    let (mut c, w) = Client::resume(&node.ws_url(), &sid, &tok, 0).await;
+    assert_eq!(w["last_op"], 1, "{w}");
+    c.set_next_id(2);
+    assert_eq!(c.op("incr", json!({"key":"n"})).await["value"], 2);
+    assert_eq!(node.metric("berth_activations_total"), 1.0);
+}
+
+/// A checkpoint the primary applied but no replica confirmed (`WAIT`) is
+/// answered `unavailable`: the node cannot know whether it landed. Its actor
+/// re-activates itself from the store before it writes again, so a write
+/// that did land is never undone by the next one (nor can a late write of
+/// the old epoch land after it: the reload took a new epoch).
+#[tokio::test]
+async fn a_checkpoint_of_unknown_outcome_is_never_undone_by_the_next_write() {
+    let primary = Redis::start();
+    let mut replica = Redis::start_replica_of(&primary);
+    let env = env_with(
+        &primary,
+        &[
+            ("BERTH__STORE__WAIT_REPLICAS", "1"),
+            ("BERTH__STORE__OP_TIMEOUT_MS", "600"),
+        ],
+    );
+    let node = Berth::start_with(&env, &[]);
+    let mut c = Client::new_session(&node.ws_url()).await;
+    assert_eq!(
+        c.op_with_id(1, "incr", json!({"key":"n"})).await["value"],
+        1
+    );
+
+    replica.stop();
+    let r = c.op_with_id(2, "incr", json!({"key":"n"})).await;
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    eventually("the actor re-activated itself from the store", || {
+        node.metric("berth_reloads_total") >= 1.0
+    })
+    .await;
+    replica.restart();
+    primary.wait_replicas_online(1);
+
+    // The client moves on with a new op: it builds on op 2, which the
+    // primary holds (while the replica was away, any attempt may land on
+    // the primary only: retried with the same id, it is answered once).
+    let mut r = c.op_with_id(3, "incr", json!({"key":"n"})).await;
+    for _ in 0..30 {
+        if r["ok"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        r = c.op_with_id(3, "incr", json!({"key":"n"})).await;
+    }
+    assert_eq!(
+        r["value"], 3,
+        "op 2 reached the primary: the next write must build on it, not undo it: {r}"
+    );
+    assert_eq!(c.op_with_id(4, "get", json!({"key":"n"})).await["value"], 3);
+}
+
 #[tokio::test]
 async fn node_starts_while_redis_is_down_and_recovers() {
     let mut redis = Redis::start();

@@ -23,8 +23,10 @@ use crate::ids::SessionId;
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// The store could not be reached or did not answer in time; nothing was
-    /// written. Retryable.
+    /// The store could not be reached, or did not confirm in time: a write
+    /// may or may not have happened (no answer, a lost connection, too few
+    /// replicas confirmed it). Retryable; a session actor whose checkpoint
+    /// gets it re-activates itself from the store before it writes again.
     #[error("store unavailable: {0}")]
     Unavailable(String),
     /// A newer activation holds the session: this writer is stale and must stop.
