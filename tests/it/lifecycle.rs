@@ -136,7 +136,7 @@ async fn sighup_reloads_limits_and_log_filter() {
     node.wait_log("limits.max_state_bytes: 65536 -> 100");
     node.wait_log("log.filter");
     node.wait_log("session.detach_timeout_s: 120 -> 5");
-    assert!(node.log().contains("takes effect after a restart"));
+    node.wait_log("takes effect after a restart");
     let r = c
         .op("set", json!({"key":"b","value":"y".repeat(200)}))
         .await;
@@ -176,7 +176,7 @@ async fn sigterm_checkpoints_live_sessions_and_closes_1001() {
     }
     let status = node.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "{status:?}");
-    assert!(node.log().contains("checkpointed=20"), "{}", node.log());
+    node.wait_log("checkpointed=20");
 
     let fresh = Berth::start_redis(&redis.url());
     for (i, c) in clients.iter().enumerate() {
