@@ -89,6 +89,15 @@ else
   echo "install-deps: node $(node --version)"
 fi
 
+# --- tsc (tests/it/js_client.rs type-checks clients/js/berth.d.ts) ---------
+# Debian's node-typescript; it needs some `nodejs` (NodeSource's 20 does).
+if ! command -v tsc >/dev/null 2>&1; then
+  echo "install-deps: installing node-typescript (Debian package, for tsc)"
+  apt_update_once
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends node-typescript
+fi
+echo "install-deps: tsc $(tsc --version 2>/dev/null)"
+
 # --- consul 1.8.7 from Debian 11 -------------------------------------------
 if [ -x "$consul_bin" ] && "$consul_bin" version 2>/dev/null | grep -q "v$consul_version"; then
   echo "install-deps: consul $consul_version already in $consul_bin"

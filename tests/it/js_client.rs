@@ -105,6 +105,65 @@ fn the_javascript_clients_node_tests_pass_against_real_nodes() {
     assert!(text.contains("fail 0"), "{text}");
 }
 
+/// berth.d.ts as an app's TypeScript sees it (`tsc --noEmit --strict` on
+/// clients/js/test/types.ts: every use accepted, every misuse refused), and
+/// the same names exported by berth.js as declared there.
+#[test]
+fn the_typescript_declarations_type_check_and_match_the_module() {
+    let tsc = berth_testkit::find_bin("tsc").unwrap_or_else(|_| {
+        panic!(
+            "tsc is not installed: the declarations' check needs TypeScript \
+             (Debian: `apt-get install node-typescript`; scripts/install-deps.sh does)"
+        )
+    });
+    let dir = client_dir();
+    let out = Command::new(tsc)
+        .args([
+            "--noEmit", "--strict", "--target", "es2020", "--module", "es2020",
+        ])
+        .args(["--moduleResolution", "node", "--lib", "es2020,dom"])
+        .arg("test/types.ts")
+        .current_dir(&dir)
+        .output()
+        .expect("run tsc");
+    assert!(
+        out.status.success(),
+        "tsc refused clients/js/test/types.ts against berth.d.ts:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The values berth.js exports, and those berth.d.ts declares.
+    let out = Command::new(node())
+        .args([
+            "--input-type=module",
+            "-e",
+            "const m = await import('./berth.js'); console.log(Object.keys(m).sort().join(' '))",
+        ])
+        .current_dir(&dir)
+        .output()
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exported = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let dts = std::fs::read_to_string(dir.join("berth.d.ts")).unwrap();
+    let mut declared: Vec<&str> = dts
+        .lines()
+        .filter_map(|l| l.strip_prefix("export declare "))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|name| name.split(['(', ':', '<']).next().unwrap_or(name))
+        .collect();
+    declared.sort();
+    assert_eq!(
+        exported,
+        declared.join(" "),
+        "berth.js exports what berth.d.ts declares"
+    );
+}
+
 /// Serves `page` at `/` and clients/js/berth.js at `/berth.js` on a
 /// loopback port (the page's origin; berth's nodes are other origins).
 async fn serve_page(page: &'static str) -> String {
