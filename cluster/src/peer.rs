@@ -400,13 +400,46 @@ fn framed(s: Io) -> Transport {
     Framed::new(s, codec())
 }
 
+/// How long data sent on a link may stay unacknowledged by the peer's
+/// kernel before the connection fails (`TCP_USER_TIMEOUT`). A peer that
+/// vanished without a close (its address gone, a cut network, a container
+/// moved to a new address) otherwise leaves an open-looking link on which
+/// every request times out, one after another, for the ~15 minutes of the
+/// kernel's retransmissions: the pool kept using it. A live peer's kernel
+/// acknowledges at once, however slow its handler, so this never closes a
+/// link to a live peer.
+const LINK_USER_TIMEOUT: Duration = Duration::from_secs(5);
+/// An idle link is probed after this long without traffic (TCP keepalive)...
+const LINK_KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// ...every this long, and fails after this many unanswered probes.
+const LINK_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const LINK_KEEPALIVE_PROBES: u32 = 3;
+
+/// Sets a link's TCP options: no Nagle delay, and the kernel finds a dead
+/// peer ([`LINK_USER_TIMEOUT`], keepalive). A failure to set them is
+/// logged: the link works, only slower to notice a dead peer.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(LINK_KEEPALIVE_IDLE)
+        .with_interval(LINK_KEEPALIVE_INTERVAL)
+        .with_retries(LINK_KEEPALIVE_PROBES);
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::warn!(error = %e, "peer link: TCP keepalive could not be set");
+    }
+    if let Err(e) = sock.set_tcp_user_timeout(Some(LINK_USER_TIMEOUT)) {
+        tracing::warn!(error = %e, "peer link: TCP_USER_TIMEOUT could not be set");
+    }
+}
+
 /// The dialer's side of the transport: TCP, then TLS if configured.
 async fn dial_io(addr: &str, auth: &PeerAuth) -> Result<Io, PeerError> {
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| PeerError::Connect(format!("{addr}: timed out")))?
         .map_err(|e| PeerError::Connect(format!("{addr}: {e}")))?;
-    let _ = stream.set_nodelay(true);
+    tune(&stream);
     let Some(tls) = &auth.tls else {
         return Ok(Either::Left(stream));
     };
@@ -420,7 +453,7 @@ async fn dial_io(addr: &str, auth: &PeerAuth) -> Result<Io, PeerError> {
 
 /// The listener's side of the transport: TLS if configured.
 async fn accept_io(stream: TcpStream, auth: &PeerAuth) -> Result<Io, PeerError> {
-    let _ = stream.set_nodelay(true);
+    tune(&stream);
     let Some(tls) = &auth.tls else {
         return Ok(Either::Left(stream));
     };
@@ -1582,6 +1615,25 @@ mod tests {
         assert_eq!(links.recv().await.unwrap().peer().as_str(), "c");
         link.close();
         l.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn link_sockets_let_the_kernel_find_a_dead_peer() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(server.local_addr().unwrap())
+            .await
+            .unwrap();
+        tune(&client);
+        let sock = socket2::SockRef::from(&client);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(LINK_USER_TIMEOUT));
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), LINK_KEEPALIVE_IDLE);
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            LINK_KEEPALIVE_INTERVAL
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), LINK_KEEPALIVE_PROBES);
+        assert!(client.nodelay().unwrap());
     }
 
     #[tokio::test]
