@@ -59,6 +59,16 @@ pub async fn ws_route(
                 .body("too many new connections from this address: retry later"));
         }
     }
+    if node.is_stopping() {
+        // Draining or shutting down: the listener keeps accepting (a paused
+        // one would leave connections in its backlog unanswered until it
+        // closes, and a proxy waiting on them), and the upgrade gets a 503,
+        // which a proxy takes for "try the next upstream".
+        metrics::counter!("berth_connections_refused_total", "reason" => "stopping").increment(1);
+        return Ok(HttpResponse::ServiceUnavailable()
+            .insert_header((header::RETRY_AFTER, "1"))
+            .body("this node is going away: connect to another node"));
+    }
     if node.is_isolated() {
         // Before the upgrade: a proxy takes a 503 for "try the next upstream".
         metrics::counter!("berth_connections_refused_total", "reason" => "isolated").increment(1);
@@ -377,7 +387,7 @@ impl Conn {
                             let why = fail_text(&fail);
                             let now = tokio::time::Instant::now();
                             if self.reroute_deadline.is_some_and(|d| now >= d) {
-                                tracing::debug!(%why, held = self.pending.len(), "session unreachable for the hold time; answering held ops `unavailable`");
+                                tracing::debug!(%why, held = self.pending.len(), session = %self.bound.as_ref().map_or("", |b| b.id.as_str()), "session unreachable for the hold time; answering held ops `unavailable`");
                                 self.give_up_held();
                             } else {
                                 retry_at = Some(now + REROUTE_RETRY);

@@ -552,13 +552,10 @@ pub(crate) async fn run<A: Session>(
         close_code
     };
     node.set_shutdown_code(close_code);
+    // New WebSocket upgrades are answered 503 from here on (src/edge.rs);
+    // the listener is not paused: a paused one leaves connections in its
+    // backlog unanswered until it closes, and a proxy's resume waits on them.
     node.stopping.send_replace(true);
-    if tokio::time::timeout(left(), public_handle.pause())
-        .await
-        .is_err()
-    {
-        tracing::warn!("the public listener did not pause within the shutdown deadline");
-    }
     if clustered {
         membership.leave();
         if tokio::time::timeout(deadline / 2, router.leave())

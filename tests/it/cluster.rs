@@ -825,15 +825,6 @@ async fn write_until_closed(
     }
 }
 
-/// The HTTP status a WebSocket upgrade at `url` gets (101 when it upgrades).
-async fn upgrade_status(url: &str) -> u16 {
-    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await {
-        Ok(Ok((_, resp))) => resp.status().as_u16(),
-        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => resp.status().as_u16(),
-        Ok(Err(_)) | Err(_) => 0,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_consul_isolates_itself_sends_its_clients_away_and_rejoins() {
     let (consul, redis) = (Consul::start(), Redis::start());

@@ -68,6 +68,16 @@ impl StartBerth for Berth {
     }
 }
 
+/// The HTTP status a WebSocket upgrade at `url` gets (101 when it upgrades;
+/// 0 when nothing answers within [`WAIT`]).
+pub async fn upgrade_status(url: &str) -> u16 {
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url)).await {
+        Ok(Ok((_, resp))) => resp.status().as_u16(),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => resp.status().as_u16(),
+        Ok(Err(_)) | Err(_) => 0,
+    }
+}
+
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 

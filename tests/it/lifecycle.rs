@@ -213,6 +213,49 @@ async fn drain_checkpoints_closes_1012_and_exits() {
     assert_eq!(r.op("get", json!({"key":"k"})).await["value"], "v");
 }
 
+/// While a node drains, a new WebSocket upgrade is answered 503 at once (a
+/// proxy then tries its next upstream): the listener is not paused, which
+/// would leave the connection unanswered in its backlog until the node
+/// exits. Redis is stopped (SIGSTOP) so that the drain's final checkpoint
+/// keeps the node draining for a while.
+#[tokio::test]
+async fn a_draining_node_answers_new_upgrades_503_at_once() {
+    let redis = Redis::start();
+    let mut node = Berth::start_with(
+        &env_with(&redis, &[("BERTH__STORE__OP_TIMEOUT_MS", "3000")]),
+        &[],
+    );
+    let mut c = Client::new_session(&node.ws_url()).await;
+    c.op("incr", json!({"key":"n"})).await;
+    let redis_pid = redis.pid().expect("redis runs").to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &redis_pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} redis");
+    };
+    signal("-STOP");
+    let (status, _) = http(node.admin, "POST", "/drain", &[]);
+    assert_eq!(status, 202);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let answer = upgrade_status(&node.ws_url()).await;
+    let waited = started.elapsed();
+    let refused = metric_labeled(
+        &node.admin_get("/metrics").1,
+        "berth_connections_refused_total",
+        "reason=\"stopping\"",
+    );
+    signal("-CONT");
+    assert_eq!(
+        answer, 503,
+        "an upgrade during the drain (after {waited:?})"
+    );
+    assert_eq!(refused, 1.0);
+    assert!(node.wait_exit(Duration::from_secs(15)).success());
+}
+
 #[tokio::test]
 async fn drain_with_a_token_needs_the_token_and_refuses_everything_else() {
     let mut env = base_env();
