@@ -18,10 +18,18 @@
 //!    servers and the other berth containers only (iptables in its network
 //!    namespace), still reaching Redis and nginx: it isolates itself;
 //! 6. `docker stop` of a berth container (drain on SIGTERM as PID 1);
-//! 7. one Consul server killed.
+//! 7. one Consul server killed;
+//! 8. every Consul server killed.
+//!
+//! The edges route to the passing members in Consul (blocking queries): a
+//! killed node leaves them, new nodes join them, and with Consul gone they
+//! keep their last upstreams.
 //!
 //! Every phase checks that nothing acknowledged was lost or applied twice,
-//! and prints the sessions its event affected and how long they waited.
+//! and prints the sessions its event affected and how long they waited; a
+//! phase that finds a problem prints every log line naming its sessions
+//! (`BERTH_DEPLOY_LOG=info,berth=debug` sets the nodes' log filter;
+//! `BERTH_DEPLOY_KEEP_LOGS=DIR` keeps every container's log in DIR).
 
 #[path = "../it/common.rs"]
 mod common;
@@ -131,6 +139,8 @@ struct Deployment {
     compose: PathBuf,
     https: [u16; 2],
     http: [u16; 2],
+    /// Prometheus's published port (the compose profile "monitoring").
+    prometheus: u16,
     /// Variables every docker-compose call gets (the compose file reads them).
     env: Mutex<Vec<(String, String)>>,
     trust: Mutex<TlsTrust>,
@@ -168,6 +178,7 @@ impl Deployment {
         std::fs::copy(&ca.cert, tls_dir.join("cert.pem")).unwrap();
         std::fs::copy(&ca.key, tls_dir.join("key.pem")).unwrap();
         let (https, http) = ([free_port(), free_port()], [free_port(), free_port()]);
+        let prometheus = free_port();
         // berth's cluster.secret, by environment (a fresh one per run).
         let secret = berth_actors::ids::new_token().0;
         // Peer links over TLS, as docker/up.sh sets them up: a cluster CA and
@@ -195,13 +206,17 @@ impl Deployment {
             ("NGINX2_HTTPS".into(), https[1].to_string()),
             ("NGINX1_HTTP".into(), http[0].to_string()),
             ("NGINX2_HTTP".into(), http[1].to_string()),
+            ("PROMETHEUS_PORT".into(), prometheus.to_string()),
             ("TLS_DIR".into(), tls_dir.display().to_string()),
             ("BERTH_SECRET".into(), secret),
             // A whole config file by base64 environment (under the BERTH__*
             // variables the compose file sets).
             (
                 "BERTH_CONFIG_BASE64".into(),
-                base64_text("[session]\ndetach_timeout_s = 300\n"),
+                base64_text(format!(
+                    "[session]\ndetach_timeout_s = 300\n[log]\nfilter = \"{}\"\n",
+                    std::env::var("BERTH_DEPLOY_LOG").unwrap_or_else(|_| "info".into())
+                )),
             ),
         ];
         let d = Deployment {
@@ -209,6 +224,7 @@ impl Deployment {
             compose: root.join("docker/compose.yml"),
             https,
             http,
+            prometheus,
             env: Mutex::new(env),
             trust: Mutex::new(ca.trust()),
             _tls_dir: TempDir(tls_dir),
@@ -324,6 +340,70 @@ impl Deployment {
                 .unwrap_or(0)
             })
             .sum()
+    }
+
+    /// The lines of every berth container's log (stopped ones too) and of
+    /// both edges' that mention one of `needles`: what a failed phase prints
+    /// about its problem sessions.
+    fn lines_mentioning(&self, needles: &[String]) -> String {
+        let mut cmd = Command::new("docker");
+        cmd.args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
+            .arg(format!("label=com.docker.compose.project={}", self.project));
+        let mut out = String::new();
+        for c in run_ok(&mut cmd).lines() {
+            let Ok(o) = Command::new("docker").args(["logs", "-t", c]).output() else {
+                continue;
+            };
+            for b in [o.stdout, o.stderr] {
+                for l in String::from_utf8_lossy(&b).lines() {
+                    if needles.iter().any(|n| l.contains(n.as_str())) {
+                        out.push_str(&format!("{c}: {l}\n"));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// GET `path` on Prometheus's HTTP API (published on loopback): its
+    /// `data`, or `None` while it does not answer.
+    fn prometheus_api(&self, path: &str) -> Option<Value> {
+        let out = Command::new("curl")
+            .args(["-fsS", "--max-time", "2"])
+            .arg(format!("http://127.0.0.1:{}{path}", self.prometheus))
+            .output()
+            .ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["status"] == "success").then(|| v["data"].clone())
+    }
+
+    /// The members each edge routes to now (node ids, sorted), as its
+    /// entrypoint last wrote them from Consul.
+    fn edge_members(&self) -> Vec<Vec<String>> {
+        ["nginx1", "nginx2"]
+            .iter()
+            .map(|e| {
+                let out = Command::new("docker")
+                    .args(["exec", &self.container(e, 1), "cat", "/tmp/members"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                let mut ids: Vec<String> = out
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+                    .collect();
+                ids.sort();
+                ids
+            })
+            .collect()
+    }
+
+    /// Node ids of the berth containers running now (each one's
+    /// `/health/live` says its node id).
+    fn node_id(&self, container: &str) -> String {
+        let live: Value = serde_json::from_str(&self.admin(container, "/health/live"))
+            .unwrap_or_else(|e| panic!("{container}: /health/live is not JSON: {e}"));
+        live["node"].as_str().expect("node id").to_owned()
     }
 
     /// The addresses of `container` on its networks.
@@ -471,8 +551,35 @@ impl PartialCut {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
+        // BERTH_DEPLOY_KEEP_LOGS=DIR keeps every container's log there.
+        if let Some(dir) = std::env::var_os("BERTH_DEPLOY_KEEP_LOGS") {
+            let dir = PathBuf::from(dir);
+            let _ = std::fs::create_dir_all(&dir);
+            let mut ps = Command::new("docker");
+            ps.args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
+                .arg(format!("label=com.docker.compose.project={}", self.project));
+            let names = ps
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for c in names.lines() {
+                if let Ok(o) = Command::new("docker").args(["logs", "-t", c]).output() {
+                    let _ =
+                        std::fs::write(dir.join(format!("{c}.log")), [o.stdout, o.stderr].concat());
+                }
+            }
+        }
+        // With the profile, or its Prometheus would be left behind.
         let _ = self
-            .compose(&["down", "-v", "--remove-orphans", "-t", "5"])
+            .compose(&[
+                "--profile",
+                "monitoring",
+                "down",
+                "-v",
+                "--remove-orphans",
+                "-t",
+                "5",
+            ])
             .output();
     }
 }
@@ -531,6 +638,29 @@ async fn under_load(
     // The chaos runs docker commands and sleeps: keep the clients' worker free.
     tokio::task::block_in_place(chaos);
     let r = runner.await.unwrap();
+    // A phase where some client waited over 3 s: what the nodes said of
+    // sessions they could not reach, and their warnings.
+    if r.failover.iter().any(|f| f.window_ms.max > 3000.0) {
+        eprintln!(
+            "{what}: a client waited over 3 s; the nodes said:\n{}",
+            d.lines_mentioning(&[
+                "for the hold time".into(),
+                "\"WARN\"".into(),
+                "\"ERROR\"".into()
+            ])
+        );
+    }
+    if !r.problems.is_empty() {
+        let ids: Vec<String> = r
+            .problems
+            .iter()
+            .filter_map(|p| p.session.clone())
+            .collect();
+        eprintln!(
+            "{what}: log lines about the problem sessions {ids:?}:\n{}",
+            d.lines_mentioning(&ids)
+        );
+    }
     assert_clean(what, &r);
     r
 }
@@ -716,7 +846,86 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
     std::fs::write(&bundle, pem).unwrap();
     *d.trust.lock().unwrap() = TlsTrust::ca_file(&bundle).unwrap();
 
-    // 2. A berth container killed under load.
+    // Prometheus (compose profile "monitoring") is off by default; started,
+    // it scrapes every node through the compose DNS and loads berth's alert
+    // rules.
+    let prometheus_containers = || {
+        run_ok(
+            Command::new("docker")
+                .args(["ps", "-q", "--filter"])
+                .arg(format!("label=com.docker.compose.project={}", d.project))
+                .args(["--filter", "label=com.docker.compose.service=prometheus"]),
+        )
+    };
+    assert!(
+        prometheus_containers().trim().is_empty(),
+        "Prometheus is off by default"
+    );
+    d.compose_cmd(&[
+        "--profile",
+        "monitoring",
+        "up",
+        "-d",
+        "--no-deps",
+        "prometheus",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let up = loop {
+        let up = d
+            .prometheus_api("/api/v1/targets")
+            .and_then(|t| t["activeTargets"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|t| t["health"] == "up")
+            .count();
+        if up == 3 {
+            break up;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped the 3 nodes ({up} up): {:?}",
+            d.prometheus_api("/api/v1/targets")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let rules = d
+        .prometheus_api("/api/v1/rules")
+        .expect("Prometheus's rules");
+    let alerts: Vec<String> = rules["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .filter(|r| r["type"] == "alerting")
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .collect();
+    eprintln!("Prometheus: {up} nodes scraped, alert rules loaded: {alerts:?}");
+    assert!(
+        alerts.iter().any(|a| a == "BerthNodeDown") && alerts.len() >= 10,
+        "berth's alert rules are loaded: {alerts:?}"
+    );
+
+    // The edges route to the passing members in Consul.
+    let running = |d: &Deployment| {
+        let mut ids: Vec<String> = d
+            .berth_containers(false)
+            .iter()
+            .map(|c| d.node_id(c))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let all = running(&d);
+    assert_eq!(
+        d.edge_members(),
+        [all.clone(), all.clone()],
+        "edges route to every node"
+    );
+
+    // 2. A berth container killed under load: it leaves both edges'
+    // upstreams once its TTL check lapses in Consul.
+    let killed = d.node_id(&d.container("berth", 2));
+    let mut left_edges = None;
     let r = under_load(
         &d,
         "docker kill of a berth container",
@@ -724,10 +933,29 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
         Duration::from_secs(4),
         || {
             d.docker(&["kill", &d.container("berth", 2)]);
+            let at = Instant::now();
+            while at.elapsed() < Duration::from_secs(7) {
+                if d.edge_members().iter().all(|m| !m.contains(&killed)) {
+                    left_edges = Some(at.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         },
     )
     .await;
     assert!(r.failover[0].sessions_affected > 0, "the kill hit sessions");
+    let left_edges = left_edges.unwrap_or_else(|| {
+        panic!(
+            "the killed node was still an upstream 7 s later: {:?}\n{}",
+            d.edge_members(),
+            d.logs()
+        )
+    });
+    eprintln!(
+        "the killed node left both edges' upstreams {:.2} s after the kill (cluster.ttl_ms 1000)",
+        left_edges.as_secs_f64()
+    );
     let left = d.converged(None, "after the kill").await;
     eprintln!("after the kill: {left} berth nodes serve");
 
@@ -742,6 +970,33 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
     let moved = d.metric("berth_handoffs_total") - handoffs;
     eprintln!("scale berth to 4: {moved} sessions handed off to the new nodes");
     assert!(moved > 0.0, "sessions moved to the new nodes");
+    // Both edges route to all four, and new sessions reach every node
+    // (nginx round-robins a connection without a session id).
+    let all = running(&d);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while d.edge_members() != [all.clone(), all.clone()] {
+        assert!(
+            Instant::now() < deadline,
+            "the edges never routed to the 4 nodes {all:?}: {:?}",
+            d.edge_members()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let served = |d: &Deployment| -> Vec<f64> {
+        d.berth_containers(false)
+            .iter()
+            .map(|c| metric_sum(&d.admin(c, "/metrics"), "berth_ops_total"))
+            .collect()
+    };
+    let before = served(&d);
+    let r = run::run(d.load(40, 3), run::live()).await;
+    assert_clean("new sessions after scaling", &r);
+    let per_node: Vec<f64> = served(&d).iter().zip(&before).map(|(a, b)| a - b).collect();
+    eprintln!("new sessions after scaling: ops served per node {per_node:?}");
+    assert!(
+        per_node.iter().all(|n| *n > 0.0),
+        "every node, the new ones too, serves new sessions: {per_node:?}"
+    );
 
     // 4. The Redis primary killed: Sentinel promotes a replica, berth follows.
     under_load(
@@ -841,7 +1096,10 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
     assert_eq!(exit.trim(), "0", "berth drained and exited by itself");
     d.converged(Some(3), "after the drain").await;
 
-    // 7. One Consul server killed.
+    // 7. One Consul server killed: nothing changes at the edges (they ask
+    // the next server; the nodes registered with it register again).
+    let routed = d.edge_members();
+    let mut changed = Vec::new();
     under_load(
         &d,
         "one Consul server killed",
@@ -849,7 +1107,39 @@ async fn reference_deployment_survives_nodes_redis_consul_and_a_partition() {
         Duration::from_secs(4),
         || {
             d.docker(&["kill", &d.container("consul1", 1)]);
+            let at = Instant::now();
+            while at.elapsed() < Duration::from_secs(7) {
+                let now = d.edge_members();
+                if now != routed {
+                    changed.push((at.elapsed(), now));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
         },
     )
     .await;
+    assert!(
+        changed.is_empty(),
+        "the edges' upstreams changed after a Consul server was killed (before: {routed:?}): {changed:?}"
+    );
+
+    // 8. Consul gone entirely: the edges keep their last upstreams and the
+    // cluster serves on.
+    // (`docker stop`: a killed container is restarted by its policy.)
+    d.docker(&[
+        "stop",
+        "-t",
+        "1",
+        &d.container("consul1", 1),
+        &d.container("consul2", 1),
+        &d.container("consul3", 1),
+    ]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = run::run(d.load(20, 4), run::live()).await;
+    assert_clean("every Consul server killed", &r);
+    assert_eq!(
+        d.edge_members(),
+        routed,
+        "the edges keep their last upstreams while Consul is unreachable"
+    );
 }
