@@ -367,6 +367,11 @@ pub struct SessionActor {
     doubtful: bool,
     /// Failed reloads in a row (their backoff).
     reload_fails: u32,
+    /// A reload's store call is in flight.
+    reloading: bool,
+    /// The next reload after a failed one (cancelled when a write asks for
+    /// one at once: see [`SessionActor::reload_now`]).
+    reload_timer: Option<SpawnHandle>,
     last_saved: Instant,
     /// When the store last confirmed this activation's epoch (a write, the
     /// activation, or an explicit check).
@@ -413,6 +418,8 @@ impl SessionActor {
             flush_inflight: false,
             doubtful: false,
             reload_fails: 0,
+            reloading: false,
+            reload_timer: None,
             last_saved: Instant::now(),
             last_confirmed: Instant::now(),
             indexed_user: None,
@@ -542,12 +549,29 @@ impl SessionActor {
         self.reload(ctx);
     }
 
+    /// A write (a client's retry, a delivery) finds the actor doubtful:
+    /// reload now rather than at the end of the backoff, so the retry after
+    /// next finds the store's state as soon as the store answers again (the
+    /// backoff alone added up to its 5 s to a Redis failover).
+    fn reload_now(&mut self, ctx: &mut Context<Self>) {
+        if !self.doubtful || self.reloading {
+            return;
+        }
+        if let Some(h) = self.reload_timer.take() {
+            ctx.cancel_future(h);
+        }
+        self.reload(ctx);
+    }
+
     /// Re-activates this actor from the store: a new epoch and the stored
     /// state, then what that state has to send goes out. Retried with
     /// backoff (100 ms doubling to 5 s) while the store does not answer.
     fn reload(&mut self, ctx: &mut Context<Self>) {
+        self.reload_timer = None;
+        self.reloading = true;
         let fut = self.host.store.activate(&self.id);
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+            act.reloading = false;
             if act.phase != Phase::Live || !act.doubtful {
                 return;
             }
@@ -580,7 +604,7 @@ impl SessionActor {
                     act.reload_fails += 1;
                     let wait = Duration::from_millis(100 << act.reload_fails.min(6)).min(MAX_RELOAD);
                     tracing::debug!(session = %act.id, error = %e, ?wait, "re-activation failed; trying again");
-                    ctx.run_later(wait, |act, ctx| act.reload(ctx));
+                    act.reload_timer = Some(ctx.run_later(wait, |act, ctx| act.reload(ctx)));
                 }
             }
         }));
@@ -1077,6 +1101,7 @@ impl SessionActor {
             )));
         }
         if self.doubtful && result.as_ref().is_ok_and(|e| e.writes()) {
+            self.reload_now(ctx);
             return Box::pin(actix::fut::ready(Ok(self.unavailable(
                 id,
                 "the session is reloading from the store: retry with the same id",
@@ -1694,6 +1719,7 @@ impl Handler<Deliver> for SessionActor {
             Phase::Loading => return now_r(Err(DeliverError::Retry("loading".into()))),
         }
         if self.doubtful {
+            self.reload_now(ctx);
             return now_r(Err(DeliverError::Retry("reloading from the store".into())));
         }
         let Deliver { from, inc, msgs } = msg;
