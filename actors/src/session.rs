@@ -37,7 +37,7 @@ use crate::runtime::Runtime;
 use crate::runtime::{Effects, HandlerFuture};
 use crate::shared::{Durability, HostShared};
 use crate::state::{Begin, Delivered, Limits, MsgId, Outcome, SessionState};
-use crate::store::{StoreError, Wake};
+use crate::store::{Activation, StoreError, Wake};
 
 /// Largest number of messages queued for one session before senders wait.
 const MAILBOX: usize = 256;
@@ -570,44 +570,50 @@ impl SessionActor {
         self.reload_timer = None;
         self.reloading = true;
         let fut = self.host.store.activate(&self.id);
-        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
-            act.reloading = false;
-            if act.phase != Phase::Live || !act.doubtful {
-                return;
-            }
-            match res {
-                Ok(Some(a)) => {
-                    let decoded = codec::decode(&a.checkpoint)
-                        .map_err(|e| e.to_string())
-                        .and_then(|ck| SessionState::from_checkpoint(&*act.rt, ck));
-                    match decoded {
-                        Ok(state) => {
-                            tracing::info!(session = %act.id, epoch = a.epoch, version = state.version, "re-activated from the store");
-                            act.state = state;
-                            act.doubtful = false;
-                            act.reload_fails = 0;
-                            act.saved(a.epoch, ctx);
-                        }
-                        Err(e) => {
-                            tracing::error!(session = %act.id, error = %e, "stored checkpoint is unreadable");
-                            act.close_conn(CloseCode::Internal, "session unreadable");
-                            act.gone(AttachError::Corrupt(e), ctx);
-                        }
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|res, act, ctx| act.reloaded(res, ctx)),
+        );
+    }
+
+    /// What came of a reload's activation (see [`SessionActor::reload`]).
+    fn reloaded(&mut self, res: Result<Option<Activation>, StoreError>, ctx: &mut Context<Self>) {
+        self.reloading = false;
+        if self.phase != Phase::Live || !self.doubtful {
+            return;
+        }
+        match res {
+            Ok(Some(a)) => {
+                let decoded = codec::decode(&a.checkpoint)
+                    .map_err(|e| e.to_string())
+                    .and_then(|ck| SessionState::from_checkpoint(&*self.rt, ck));
+                match decoded {
+                    Ok(state) => {
+                        tracing::info!(session = %self.id, epoch = a.epoch, version = state.version, "re-activated from the store");
+                        self.state = state;
+                        self.doubtful = false;
+                        self.reload_fails = 0;
+                        self.saved(a.epoch, ctx);
+                    }
+                    Err(e) => {
+                        tracing::error!(session = %self.id, error = %e, "stored checkpoint is unreadable");
+                        self.close_conn(CloseCode::Internal, "session unreadable");
+                        self.gone(AttachError::Corrupt(e), ctx);
                     }
                 }
-                // Deleted or expired meanwhile.
-                Ok(None) => {
-                    act.close_conn(CloseCode::SessionNotFound, "session not found");
-                    act.gone(AttachError::NotFound, ctx);
-                }
-                Err(e) => {
-                    act.reload_fails += 1;
-                    let wait = Duration::from_millis(100 << act.reload_fails.min(6)).min(MAX_RELOAD);
-                    tracing::debug!(session = %act.id, error = %e, ?wait, "re-activation failed; trying again");
-                    act.reload_timer = Some(ctx.run_later(wait, |act, ctx| act.reload(ctx)));
-                }
             }
-        }));
+            // Deleted or expired meanwhile.
+            Ok(None) => {
+                self.close_conn(CloseCode::SessionNotFound, "session not found");
+                self.gone(AttachError::NotFound, ctx);
+            }
+            Err(e) => {
+                self.reload_fails += 1;
+                let wait = Duration::from_millis(100 << self.reload_fails.min(6)).min(MAX_RELOAD);
+                tracing::debug!(session = %self.id, error = %e, ?wait, "re-activation failed; trying again");
+                self.reload_timer = Some(ctx.run_later(wait, |act, ctx| act.reload(ctx)));
+            }
+        }
     }
 
     fn schedule_passivation(&mut self, ctx: &mut Context<Self>) {
@@ -1042,6 +1048,33 @@ impl SessionActor {
     /// the mailbox while the handler runs and until the op's checkpoint is
     /// confirmed.
     fn run_op(
+        &mut self,
+        msg: Op,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<OpReply, NotHere>> {
+        if self.phase != Phase::Live {
+            return Box::pin(actix::fut::ready(Err(NotHere)));
+        }
+        if self.doubtful && !self.reloading {
+            // Doubtful (see `doubtful`): the op first tries the reload, so
+            // the first one after the store is back is served, not answered
+            // `unavailable` and left to the client's backoff. If the reload
+            // fails, a read is answered from memory and a write `unavailable`.
+            if let Some(h) = self.reload_timer.take() {
+                ctx.cancel_future(h);
+            }
+            self.reloading = true;
+            let fut = self.host.store.activate(&self.id);
+            return Box::pin(fut.into_actor(self).then(move |res, act, ctx| {
+                act.reloaded(res, ctx);
+                act.run_op_now(msg, ctx)
+            }));
+        }
+        self.run_op_now(msg, ctx)
+    }
+
+    /// [`SessionActor::run_op`] without the reload.
+    fn run_op_now(
         &mut self,
         msg: Op,
         ctx: &mut Context<Self>,
