@@ -43,6 +43,10 @@ use crate::store::{Activation, StoreError, Wake};
 const MAILBOX: usize = 256;
 /// How long a gone actor lingers to answer messages that were already queued.
 const GONE_LINGER: Duration = Duration::from_millis(500);
+/// A reload's answer: the activation (`None`: the session is gone from the
+/// store), or the newer epoch another activation holds.
+type Reloaded = Result<Result<Option<Activation>, u64>, StoreError>;
+
 /// Longest wait between re-activations of a doubtful actor (see `doubtful`).
 const MAX_RELOAD: Duration = Duration::from_secs(5);
 /// Retry delay of a passivation or interval flush whose checkpoint failed.
@@ -568,22 +572,44 @@ impl SessionActor {
     /// backoff (100 ms doubling to 5 s) while the store does not answer.
     fn reload(&mut self, ctx: &mut Context<Self>) {
         self.reload_timer = None;
-        self.reloading = true;
-        let fut = self.host.store.activate(&self.id);
+        let fut = self.reactivation();
         ctx.spawn(
             fut.into_actor(self)
                 .map(|res, act, ctx| act.reloaded(res, ctx)),
         );
     }
 
-    /// What came of a reload's activation (see [`SessionActor::reload`]).
-    fn reloaded(&mut self, res: Result<Option<Activation>, StoreError>, ctx: &mut Context<Self>) {
+    /// The store call of a reload: first the stored epoch, unchanged (a
+    /// newer activation elsewhere, say a handoff that raced the failed
+    /// write, must not be fenced by this actor's reload), then the
+    /// activation.
+    fn reactivation(&mut self) -> futures_util::future::BoxFuture<'static, Reloaded> {
+        use futures_util::FutureExt;
+        self.reloading = true;
+        let (store, id, ours) = (self.host.store.clone(), self.id.clone(), self.epoch);
+        async move {
+            match store.epoch(&id).await {
+                Ok(stored) if stored > ours => Ok(Err(stored)),
+                Ok(_) => store.activate(&id).await.map(Ok),
+                Err(e) => Err(e),
+            }
+        }
+        .boxed()
+    }
+
+    /// What came of a reload (see [`SessionActor::reload`]).
+    fn reloaded(&mut self, res: Reloaded, ctx: &mut Context<Self>) {
         self.reloading = false;
         if self.phase != Phase::Live || !self.doubtful {
             return;
         }
+        let ours = self.epoch;
         match res {
-            Ok(Some(a)) => {
+            // Another activation came first: this actor is stale.
+            Ok(Err(stored)) => self.superseded(stored, ctx),
+            // One came between the epoch check and the activation.
+            Ok(Ok(Some(a))) if a.epoch > ours + 1 => self.superseded(a.epoch - 1, ctx),
+            Ok(Ok(Some(a))) => {
                 let decoded = codec::decode(&a.checkpoint)
                     .map_err(|e| e.to_string())
                     .and_then(|ck| SessionState::from_checkpoint(&*self.rt, ck));
@@ -603,7 +629,7 @@ impl SessionActor {
                 }
             }
             // Deleted or expired meanwhile.
-            Ok(None) => {
+            Ok(Ok(None)) => {
                 self.close_conn(CloseCode::SessionNotFound, "session not found");
                 self.gone(AttachError::NotFound, ctx);
             }
@@ -1063,8 +1089,7 @@ impl SessionActor {
             if let Some(h) = self.reload_timer.take() {
                 ctx.cancel_future(h);
             }
-            self.reloading = true;
-            let fut = self.host.store.activate(&self.id);
+            let fut = self.reactivation();
             return Box::pin(fut.into_actor(self).then(move |res, act, ctx| {
                 act.reloaded(res, ctx);
                 act.run_op_now(msg, ctx)

@@ -200,6 +200,57 @@ async fn a_checkpoint_of_unknown_outcome_is_never_undone_by_the_next_write() {
     assert_eq!(c.op_with_id(4, "get", json!({"key":"n"})).await["value"], 3);
 }
 
+/// A doubtful actor (its checkpoint's outcome unknown, Redis down) whose
+/// session another activation took meanwhile does not take it back by
+/// reloading: it reads the epoch first, stops as superseded, and the client
+/// resumes on the newer activation with nothing lost or applied twice.
+#[tokio::test]
+async fn a_doubtful_actor_never_reloads_over_a_newer_activation() {
+    let mut redis = Redis::start_persistent();
+    let node = Berth::start_redis(&redis.url());
+    let mut c = Client::new_session(&node.ws_url()).await;
+    let (sid, tok) = (c.session.clone().unwrap(), c.token.clone().unwrap());
+    assert_eq!(
+        c.op_with_id(1, "incr", json!({"key":"n"})).await["value"],
+        1
+    );
+    redis.stop();
+    let r = c.op_with_id(2, "incr", json!({"key":"n"})).await;
+    assert_eq!(r["error"]["code"], "unavailable", "{r}");
+    // Its reloads fail meanwhile; their backoff grows.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    // Another activation takes the session (as a handoff that raced the
+    // failed write would): its epoch is newer than the actor's.
+    let key = format!("berth:{{{sid}}}:ep");
+    let newer: u64 = ::redis::cmd("INCR")
+        .arg(&key)
+        .query(&mut redis.conn())
+        .unwrap();
+    // The client retries: the actor checks the epoch, finds the newer one
+    // and stops (1012); it neither takes the epoch back nor serves.
+    let r = c.op_with_id(2, "incr", json!({"key":"n"})).await;
+    assert_ne!(r["ok"], true, "the stale actor served: {r}");
+    node.wait_log("a newer activation owns this session");
+    let stored: u64 = ::redis::cmd("GET")
+        .arg(&key)
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(stored, newer, "the stale actor did not take an epoch");
+    // The client resumes: a new activation, op 2 applied once.
+    let (mut c, w) = Client::resume(&node.ws_url(), &sid, &tok, 0).await;
+    assert_eq!(w["last_op"], 1, "{w}");
+    let mut r = c.op_with_id(2, "incr", json!({"key":"n"})).await;
+    for _ in 0..20 {
+        if r["ok"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        r = c.op_with_id(2, "incr", json!({"key":"n"})).await;
+    }
+    assert_eq!(r["value"], 2, "{r}");
+}
+
 #[tokio::test]
 async fn node_starts_while_redis_is_down_and_recovers() {
     let mut redis = Redis::start();
