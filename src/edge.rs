@@ -412,7 +412,9 @@ impl Conn {
                         Some(Ok(AggregatedMessage::Binary(_))) => {
                             if self.error(ErrorCode::BadFrame, "binary frames are not accepted: send JSON text frames").boxed_local().await.is_err() { break Exit::Gone; }
                         }
-                        Some(Ok(AggregatedMessage::Text(text))) if self.greeting.is_some() => {
+                        // A `ping` is answered at once, even while a hello
+                        // attaches; other frames wait for its answer.
+                        Some(Ok(AggregatedMessage::Text(text))) if self.greeting.is_some() && !is_ping(&text) => {
                             self.early.push_back(text.to_string());
                         }
                         Some(Ok(AggregatedMessage::Text(text))) => {
@@ -781,6 +783,14 @@ impl Conn {
         self.error(code, msg.clone()).await?;
         Ok(Some(Exit::Close(close, msg)))
     }
+}
+
+/// Whether a text frame is a `ping` (which `on_text` answers at once).
+fn is_ping(text: &str) -> bool {
+    matches!(
+        serde_json::from_str::<ClientMsg>(text),
+        Ok(ClientMsg::Ping { .. })
+    )
 }
 
 /// A `hello`'s attach, finished.

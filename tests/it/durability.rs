@@ -127,6 +127,9 @@ async fn a_hello_whose_client_left_is_not_attached_later() {
         .await;
     // The attach is being retried (each try fails to load from Redis)...
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...and a `ping` is answered meanwhile.
+    gone.send(json!({"type":"ping","id":5})).await;
+    assert_eq!(gone.recv_json().await, json!({"type":"pong","id":5}));
     // ...when the client goes away.
     drop(gone);
     tokio::time::sleep(Duration::from_millis(300)).await;
