@@ -226,6 +226,21 @@ impl Client {
         }
     }
 
+    /// Op `id`, sent again with the same id every 100 ms (up to `tries`
+    /// times) while it is answered with an error (`unavailable` while the
+    /// store comes back): the answer that was not an error, or the last one.
+    pub async fn op_until_ok(&mut self, id: u64, name: &str, args: Value, tries: u32) -> Value {
+        let mut r = self.op_with_id(id, name, args.clone()).await;
+        for _ in 1..tries {
+            if r["ok"] == true {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            r = self.op_with_id(id, name, args.clone()).await;
+        }
+        r
+    }
+
     /// After an immediate `emit`: its event and its result, which may arrive in
     /// either order, as `[event, result]`.
     pub async fn recv_event_and_result(&mut self) -> [Value; 2] {

@@ -83,14 +83,7 @@ async fn redis_outage_answers_unavailable_and_loses_nothing() {
     redis.restart();
     eventually("ready again", || node.admin_get("/health/ready").0 == 200).await;
     // The same id, retried, is applied exactly once.
-    let mut r = c.op_with_id(4, "incr", json!({"key":"n"})).await;
-    for _ in 0..20 {
-        if r["ok"] == true {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        r = c.op_with_id(4, "incr", json!({"key":"n"})).await;
-    }
+    let r = c.op_until_ok(4, "incr", json!({"key":"n"}), 21).await;
     assert_eq!(r["value"], 2, "{r}");
     drop(c);
     drop(node);
@@ -188,14 +181,7 @@ async fn a_checkpoint_of_unknown_outcome_is_never_undone_by_the_next_write() {
     // The client moves on with a new op: it builds on op 2, which the
     // primary holds (while the replica was away, any attempt may land on
     // the primary only: retried with the same id, it is answered once).
-    let mut r = c.op_with_id(3, "incr", json!({"key":"n"})).await;
-    for _ in 0..30 {
-        if r["ok"] == true {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        r = c.op_with_id(3, "incr", json!({"key":"n"})).await;
-    }
+    let r = c.op_until_ok(3, "incr", json!({"key":"n"}), 31).await;
     assert_eq!(
         r["value"], 3,
         "op 2 reached the primary: the next write must build on it, not undo it: {r}"
@@ -243,14 +229,7 @@ async fn a_doubtful_actor_never_reloads_over_a_newer_activation() {
     // The client resumes: a new activation, op 2 applied once.
     let (mut c, w) = Client::resume(&node.ws_url(), &sid, &tok, 0).await;
     assert_eq!(w["last_op"], 1, "{w}");
-    let mut r = c.op_with_id(2, "incr", json!({"key":"n"})).await;
-    for _ in 0..20 {
-        if r["ok"] == true {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        r = c.op_with_id(2, "incr", json!({"key":"n"})).await;
-    }
+    let r = c.op_until_ok(2, "incr", json!({"key":"n"}), 21).await;
     assert_eq!(r["value"], 2, "{r}");
 }
 
