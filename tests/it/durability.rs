@@ -158,15 +158,16 @@ async fn a_checkpoint_of_unknown_outcome_is_never_undone_by_the_next_write() {
         &primary,
         &[
             ("BERTH__STORE__WAIT_REPLICAS", "1"),
-            ("BERTH__STORE__OP_TIMEOUT_MS", "600"),
+            // WAIT gets half of it: room for a replica on a loaded machine.
+            ("BERTH__STORE__OP_TIMEOUT_MS", "2000"),
         ],
     );
     let node = Berth::start_with(&env, &[]);
     let mut c = Client::new_session(&node.ws_url()).await;
-    assert_eq!(
-        c.op_with_id(1, "incr", json!({"key":"n"})).await["value"],
-        1
-    );
+    // With the replica there (retried: under load even its WAIT may fall
+    // short, which is this test's subject, answered `unavailable`).
+    let r = c.op_until_ok(1, "incr", json!({"key":"n"}), 20).await;
+    assert_eq!(r["value"], 1, "{r}");
 
     replica.stop();
     let r = c.op_with_id(2, "incr", json!({"key":"n"})).await;
